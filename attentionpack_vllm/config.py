@@ -1,0 +1,151 @@
+"""AttentionPack settings: one validated, immutable object built from a plain dict.
+
+The dict is what `--additional-config '{"attentionpack": {...}}'` hands over. Every
+invalid value raises `AttentionPackConfigError` naming the key, the value and what
+is accepted. Defaults are the paper's: rank 64 for every matrix and modality, two
+partial-rank groups (top 25 % of tokens at full rank, the rest at a quarter of the
+rank) applied to values only, EMA weight 0.25.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+RANK_KEYS = ("rank_vision_key", "rank_vision_value", "rank_text_key", "rank_text_value")
+SVD_METHODS = ("exact", "randomized")
+DECODE_KERNELS = ("auto", "torch", "triton")
+
+
+class AttentionPackConfigError(ValueError):
+    """An AttentionPack setting has a value outside what is accepted."""
+
+    def __init__(self, key: str, value: Any, accepted: str):
+        self.key, self.value, self.accepted = key, value, accepted
+        super().__init__(
+            f"attentionpack setting {key!r} = {value!r} is invalid: expected {accepted}")
+
+
+@dataclass(frozen=True)
+class AttentionPackConfig:
+    """Validated AttentionPack settings (see README's settings table).
+
+    Ranks are upper bounds: a layer whose concatenated KV width (num_kv_heads *
+    head_size) is smaller uses that width, and a segment with fewer tokens than
+    its rank is stored exactly.
+    """
+
+    rank_vision_key: int = 64
+    rank_vision_value: int = 64
+    rank_text_key: int = 64
+    rank_text_value: int = 64
+    # Partial rank: tokens ranked by importance fill the groups in order; group f
+    # covers `group_fractions[f]` of the tokens and keeps `group_rank_scales[f]` of
+    # the rank. The first group must keep the full rank.
+    group_fractions: tuple[float, ...] = (0.25, 0.75)
+    group_rank_scales: tuple[float, ...] = (1.0, 0.25)
+    partial_rank_keys: bool = False
+    partial_rank_values: bool = True
+    # importance <- ema_weight * importance + (1 - ema_weight) * new_score
+    ema_weight: float = 0.25
+    # Newest decode tokens kept at full rank before they are folded into the text basis.
+    window_size: int = 32
+    svd: str = "exact"
+    # Extra columns and power iterations of the randomized SVD.
+    svd_oversample: int = 8
+    svd_power_iters: int = 2
+    # Decode attention implementation: Triton on CUDA and PyTorch on CPU ("auto"),
+    # or forced ("triton" on CPU runs under TRITON_INTERPRET=1).
+    decode_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in RANK_KEYS + ("window_size",):
+            _check_int(key, getattr(self, key), minimum=1)
+        for key in ("svd_oversample", "svd_power_iters"):
+            _check_int(key, getattr(self, key), minimum=0)
+        for key in ("partial_rank_keys", "partial_rank_values"):
+            if not isinstance(getattr(self, key), bool):
+                raise AttentionPackConfigError(key, getattr(self, key), "true or false")
+        _check_groups(self.group_fractions, self.group_rank_scales)
+        w = self.ema_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < 1.0:
+            raise AttentionPackConfigError("ema_weight", w, "a number in [0, 1)")
+        if self.svd not in SVD_METHODS:
+            raise AttentionPackConfigError("svd", self.svd, f"one of {list(SVD_METHODS)}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise AttentionPackConfigError(
+                "decode_kernel", self.decode_kernel, f"one of {list(DECODE_KERNELS)}")
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any] | None) -> "AttentionPackConfig":
+        """Build from a plain dict; `rank` is a shorthand that sets all four ranks."""
+        if settings is None:
+            return cls()
+        if not isinstance(settings, Mapping):
+            raise AttentionPackConfigError(
+                "attentionpack", settings, "a JSON object of settings")
+        values = dict(settings)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known - {"rank"})
+        if unknown:
+            raise AttentionPackConfigError(
+                unknown[0], values[unknown[0]], f"a known setting, one of {sorted(known | {'rank'})}")
+        if "rank" in values:
+            rank = values.pop("rank")
+            for key in RANK_KEYS:
+                values.setdefault(key, rank)
+        for key in ("group_fractions", "group_rank_scales"):
+            if key in values:
+                if not isinstance(values[key], (list, tuple)):
+                    raise AttentionPackConfigError(key, values[key], "a list of numbers")
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_fractions)
+
+    def effective_ranks(self, kv_width: int) -> dict[str, int]:
+        """Ranks clamped to the concatenated KV width of a layer."""
+        return {key: min(getattr(self, key), kv_width) for key in RANK_KEYS}
+
+    def group_ranks(self, rank: int, partial: bool) -> tuple[int, ...]:
+        """Columns each group reads out of `rank` (all of them when `partial` is off)."""
+        if not partial:
+            return (rank,) * self.num_groups
+        return tuple(max(1, math.ceil(rank * scale)) for scale in self.group_rank_scales)
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AttentionPackConfigError(key, value, f"an integer >= {minimum}")
+
+
+def _check_groups(fractions: tuple, scales: tuple) -> None:
+    def numbers(key, values, lo, hi, lo_open):
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise AttentionPackConfigError(key, list(values), "a non-empty list of numbers")
+        for v in values:
+            if (v <= lo if lo_open else v < lo) or v > hi:
+                bound = "(0, 1]" if lo_open else "[0, 1]"
+                raise AttentionPackConfigError(key, list(values), f"numbers in {bound}")
+
+    numbers("group_fractions", fractions, 0.0, 1.0, lo_open=False)
+    numbers("group_rank_scales", scales, 0.0, 1.0, lo_open=True)
+    if len(fractions) != len(scales):
+        raise AttentionPackConfigError(
+            "group_rank_scales", list(scales),
+            f"one scale per group ({len(fractions)} groups in group_fractions)")
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise AttentionPackConfigError("group_fractions", list(fractions), "fractions summing to 1")
+    if scales[0] != 1.0:
+        raise AttentionPackConfigError(
+            "group_rank_scales", list(scales), "a list whose first scale is 1.0 (full rank)")
+    if list(scales) != sorted(scales, reverse=True):
+        raise AttentionPackConfigError(
+            "group_rank_scales", list(scales), "scales in non-increasing order")

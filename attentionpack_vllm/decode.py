@@ -1,0 +1,89 @@
+"""One AttentionPack decode step for a batch of requests, and prefill helpers.
+
+The order within a decode step: the new token joins its request's full-rank window,
+attention runs in latent space over factors plus window, the importance EMA and
+partial-rank groups are updated from that step's probabilities, and full windows
+are folded into the text basis. The vLLM backend calls these with its metadata;
+they are plain functions of tensors, testable without vLLM.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .importance import update_importance
+from .kernels.latent_decode_torch import latent_decode_attention
+from .kernels.layout import IMAGE, TEXT
+from .paged_store import append_to_window, fold_window, page_slots, read_records
+from .plan import CompressionPlan
+from .slot_pool import SlotPool
+
+DecodeAttention = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def decode_step(
+    query: torch.Tensor,        # [batch, num_heads, head_size]
+    key: torch.Tensor,          # [batch, kv_width] (after RoPE)
+    value: torch.Tensor,        # [batch, kv_width]
+    pages: torch.Tensor,        # [num_blocks, block_size, width]
+    pool: SlotPool,
+    plan: CompressionPlan,
+    block_table: torch.Tensor,  # [batch, max_blocks]
+    seq_lens: torch.Tensor,     # [batch] int, including the new token
+    slot_ids: torch.Tensor,     # [batch] int
+    scale: float,
+    attention: DecodeAttention = latent_decode_attention,
+) -> torch.Tensor:
+    """Append, attend, update importance, fold; returns [batch, num_heads, head_size]."""
+    block_size = pages.shape[1]
+    seq = seq_lens.long()
+    new_pos = seq - 1
+    new_slots = block_table.long().gather(1, (new_pos // block_size)[:, None])[:, 0] * block_size \
+        + new_pos % block_size
+    append_to_window(pages, pool, slot_ids, new_slots, key, value, plan)
+    window_lens = pool.window_lens[slot_ids.long()]
+    compressed_lens = seq - window_lens.long()
+    group_cols_k, group_cols_v = plan.group_cols_tensors(query.device)
+    out, p_c, p_w = attention(
+        query, pages, block_table, compressed_lens, slot_ids,
+        pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, window_lens,
+        group_cols_k, group_cols_v, plan.layout, scale,
+        max_compressed_len=int(compressed_lens.max()))
+    update_importance(pages, block_table, compressed_lens, window_lens, p_c, p_w, plan)
+    full = (window_lens >= plan.window_size).nonzero().flatten().tolist()
+    for b in full:
+        fold_window(pages, pool, int(slot_ids[b]), block_table[b], int(compressed_lens[b]), plan)
+    return out
+
+
+def last_token_importance(query_last: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Initial importance of prompt tokens from the prompt's last query.
+
+    query_last: [num_heads, head_size]; keys: [seq_len, kv_width].
+    Returns [seq_len] = seq_len * head-averaged softmax probability (the EMA's scale).
+    """
+    num_heads, head_size = query_last.shape
+    seq_len = keys.shape[0]
+    k = keys.float().view(seq_len, -1, head_size)
+    k = k.repeat_interleave(num_heads // k.shape[1], dim=1)
+    probs = torch.softmax(torch.einsum("hd,thd->ht", query_last.float(), k) * scale, dim=-1)
+    return probs.mean(0) * seq_len
+
+
+def reconstruct_prefix(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_row: torch.Tensor,
+                       compressed_len: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense keys and values of a request's factor tokens, [compressed_len, kv_width] float32.
+
+    Used by later prefill chunks, which attend to earlier chunks at full width.
+    """
+    layout = plan.layout
+    records = read_records(pages, page_slots(block_table_row, 0, compressed_len, pages.shape[1])).float()
+    is_image = (records[:, layout.flags_offset].round().long() % 2) == IMAGE
+    k_fac = records[:, layout.k_offset:layout.k_offset + layout.rank_k]
+    v_fac = records[:, layout.v_offset:layout.v_offset + layout.rank_v]
+    keys = torch.where(is_image[:, None], k_fac @ pool.basis_k[slot, IMAGE].float(),
+                       k_fac @ pool.basis_k[slot, TEXT].float())
+    values = torch.where(is_image[:, None], v_fac @ pool.basis_v[slot, IMAGE].float(),
+                         v_fac @ pool.basis_v[slot, TEXT].float())
+    return keys, values

@@ -1,0 +1,59 @@
+"""Byte accounting, per token and per request, against vLLM's dense cache.
+
+Dense: every token of every layer stores K and V, `2 * num_kv_heads * head_size`
+elements. AttentionPack: every token stores one record (`layout.width` elements)
+and every request holds one slot per layer (bases of both modalities and the
+full-rank window). Both parts are reported; the fixed part dominates short requests.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.layout import NUM_MODALITIES
+from .plan import CompressionPlan
+
+SLOT_COUNTER_BYTES = 4  # window_lens: one int32 per slot
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Per-layer figures for one plan and cache dtype."""
+
+    dense_token_bytes: int    # K and V of one token, one layer
+    record_bytes: int         # one AttentionPack record, one layer
+    slot_bytes: int           # one request's slot (bases + window + counter), one layer
+
+    @classmethod
+    def of(cls, plan: CompressionPlan, dtype: torch.dtype) -> "MemoryReport":
+        item = dtype_bytes(dtype)
+        layout, width = plan.layout, plan.kv_width
+        slot_elements = (NUM_MODALITIES * (layout.rank_k + layout.rank_v) * width
+                         + 2 * plan.window_size * width)
+        return cls(dense_token_bytes=2 * width * item,
+                   record_bytes=layout.width * item,
+                   slot_bytes=slot_elements * item + SLOT_COUNTER_BYTES)
+
+    @property
+    def token_ratio(self) -> float:
+        """How many AttentionPack tokens fit in the bytes of one dense token."""
+        return self.dense_token_bytes / self.record_bytes
+
+    def request_bytes(self, num_tokens: int, num_layers: int = 1) -> tuple[int, int]:
+        """(dense, attentionpack) bytes of one request of `num_tokens` over `num_layers`."""
+        dense = num_tokens * self.dense_token_bytes * num_layers
+        packed = (num_tokens * self.record_bytes + self.slot_bytes) * num_layers
+        return dense, packed
+
+    def crossover_tokens(self) -> int:
+        """Smallest request length at which AttentionPack uses fewer bytes than dense."""
+        saved_per_token = self.dense_token_bytes - self.record_bytes
+        if saved_per_token <= 0:
+            raise ValueError("records are not smaller than dense tokens: compression never pays")
+        return math.floor(self.slot_bytes / saved_per_token) + 1

@@ -1,0 +1,1 @@
+"""Engine-independent attention kernels (torch and triton only, never vLLM)."""

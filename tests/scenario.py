@@ -1,0 +1,105 @@
+"""Build paged AttentionPack caches for tests: random requests, their original K/V, and
+the dense oracle over that history."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attentionpack_vllm.config import AttentionPackConfig
+from attentionpack_vllm.decode import decode_step
+from attentionpack_vllm.paged_store import compress_tokens
+from attentionpack_vllm.plan import CompressionPlan
+from attentionpack_vllm.slot_pool import SlotPool
+from attentionpack_vllm.kernels.reference import dense_attention
+
+
+def low_rank_rows(num_tokens: int, width: int, rank: int, gen: torch.Generator, noise: float = 0.0):
+    """Rows of rank `rank` (plus optional noise): what cached K/V look like."""
+    basis = torch.randn(rank, width, generator=gen)
+    rows = torch.randn(num_tokens, rank, generator=gen) @ basis / rank ** 0.5
+    return rows + noise * torch.randn(num_tokens, width, generator=gen)
+
+
+@dataclass
+class Scenario:
+    plan: CompressionPlan
+    pages: torch.Tensor
+    pool: SlotPool
+    block_table: torch.Tensor      # [batch, max_blocks] int32
+    slot_ids: torch.Tensor         # [batch] int32
+    seq_lens: list[int]
+    keys: list[torch.Tensor] = field(default_factory=list)    # original K per request
+    values: list[torch.Tensor] = field(default_factory=list)
+    is_image: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return len(self.seq_lens)
+
+
+def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size: int,
+                   prompt_lens: list[int], image_spans: list[list[tuple[int, int]]] | None = None,
+                   block_size: int = 16, max_new_tokens: int = 32, dtype=torch.float32,
+                   num_slots: int | None = None, seed: int = 0, data_rank: int | None = None,
+                   pages_fill: float = 0.0) -> Scenario:
+    """Prefill-compress `prompt_lens` requests into fresh pages (blocks shuffled)."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = CompressionPlan.build(config, num_kv_heads, head_size)
+    width = plan.kv_width
+    batch = len(prompt_lens)
+    max_blocks = -(-(max(prompt_lens) + max_new_tokens) // block_size)
+    num_blocks = batch * max_blocks + 3
+    pages = torch.full((num_blocks, block_size, plan.layout.width), pages_fill, dtype=dtype)
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_table = perm[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+    num_slots = num_slots or batch + 1
+    slot_ids = torch.randperm(num_slots, generator=gen)[:batch].to(torch.int32)
+    pool = SlotPool.allocate(plan, num_slots, dtype)
+    sc = Scenario(plan, pages, pool, block_table, slot_ids, list(prompt_lens))
+    image_spans = image_spans or [[] for _ in prompt_lens]
+    for b, (length, spans) in enumerate(zip(prompt_lens, image_spans)):
+        is_image = torch.zeros(length, dtype=torch.bool)
+        for start, end in spans:
+            is_image[start:end + 1] = True
+        rank = data_rank or width
+        keys = low_rank_rows(length, width, rank, gen)
+        values = low_rank_rows(length, width, rank, gen)
+        importance = torch.rand(length, generator=gen)
+        pool.reset(int(slot_ids[b]))
+        compress_tokens(pages, pool, int(slot_ids[b]), block_table[b], plan, 0,
+                        keys.to(dtype), values.to(dtype), is_image, importance)
+        sc.keys.append(keys.to(dtype).float())
+        sc.values.append(values.to(dtype).float())
+        sc.is_image.append(is_image)
+    return sc
+
+
+def run_decode(sc: Scenario, num_heads: int, steps: int, *, seed: int = 1, attention=None,
+               oracle: bool = True):
+    """Run `steps` decode steps on every request; yields (latent_out, dense_out) per step.
+
+    The dense oracle attends over the original (uncompressed) history.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    head_size, width = sc.plan.head_size, sc.plan.kv_width
+    scale = head_size ** -0.5
+    dtype = sc.pages.dtype
+    kwargs = {} if attention is None else {"attention": attention}
+    for _ in range(steps):
+        q = torch.randn(sc.batch, num_heads, head_size, generator=gen).to(dtype)
+        k = torch.randn(sc.batch, width, generator=gen).to(dtype)
+        v = torch.randn(sc.batch, width, generator=gen).to(dtype)
+        for b in range(sc.batch):
+            sc.keys[b] = torch.cat([sc.keys[b], k[b:b + 1].float()])
+            sc.values[b] = torch.cat([sc.values[b], v[b:b + 1].float()])
+            sc.is_image[b] = torch.cat([sc.is_image[b], torch.zeros(1, dtype=torch.bool)])
+            sc.seq_lens[b] += 1
+        seq_lens = torch.tensor(sc.seq_lens, dtype=torch.int32)
+        out = decode_step(q, k, v, sc.pages, sc.pool, sc.plan, sc.block_table, seq_lens,
+                          sc.slot_ids, scale, **kwargs)
+        dense = None
+        if oracle:
+            dense = torch.stack([dense_attention(q[b:b + 1], sc.keys[b], sc.values[b], scale)[0][0]
+                                 for b in range(sc.batch)])
+        yield out, dense

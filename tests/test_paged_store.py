@@ -1,0 +1,111 @@
+"""Paged storage: slot reuse, importance EMA and grouping, byte accounting."""
+import math
+
+import pytest
+import torch
+
+from attentionpack_vllm.config import AttentionPackConfig
+from attentionpack_vllm.importance import group_of_rank, update_importance
+from attentionpack_vllm.kernels.layout import IMAGE, TEXT, decode_flags
+from attentionpack_vllm.memory import MemoryReport
+from attentionpack_vllm.paged_store import append_to_window, compress_tokens, page_slots, read_records
+from attentionpack_vllm.plan import CompressionPlan
+from attentionpack_vllm.slot_pool import SlotPool
+from scenario import build_scenario, run_decode
+
+
+def test_reused_slot_and_pages_carry_nothing_of_the_old_request():
+    config = AttentionPackConfig.from_dict({"rank": 16, "window_size": 5})
+    fresh = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[30], seed=11)
+    # A dirty store: another request ran (with images, decode steps, a fold) in the
+    # same slot and pages before the new request starts there.
+    dirty = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[45],
+                           image_spans=[[(0, 20)]], seed=12)
+    for _ in run_decode(dirty, 4, steps=7, oracle=False):
+        pass
+    assert int(dirty.pool.window_lens[dirty.slot_ids[0]]) == 2
+    dirty.pages.view(-1)[:] = dirty.pages.view(-1)[torch.randperm(dirty.pages.numel())]  # stale bytes
+    new = fresh.keys[0], fresh.values[0]
+    slot = int(dirty.slot_ids[0])
+    dirty.pool.reset(slot)
+    compress_tokens(dirty.pages, dirty.pool, slot, dirty.block_table[0], dirty.plan, 0, *new,
+                    torch.zeros(30, dtype=torch.bool), read_records(fresh.pages, page_slots(
+                        fresh.block_table[0], 0, 30, 16))[:, fresh.plan.layout.importance_offset])
+    dirty.keys, dirty.values, dirty.is_image, dirty.seq_lens = (
+        [new[0].clone()], [new[1].clone()], [torch.zeros(30, dtype=torch.bool)], [30])
+    for (a, _), (b, _) in zip(run_decode(fresh, 4, 9, oracle=False), run_decode(dirty, 4, 9, oracle=False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_window_overflow_is_an_error_not_a_silent_overwrite():
+    plan = CompressionPlan.build(AttentionPackConfig.from_dict({"window_size": 1}), 2, 16)
+    pool = SlotPool.allocate(plan, 2, torch.float32)
+    pages = torch.zeros(4, 16, plan.layout.width)
+    args = (pages, pool, torch.tensor([0]), torch.tensor([3]), torch.ones(1, 32), torch.ones(1, 32), plan)
+    append_to_window(*args)
+    with pytest.raises(RuntimeError, match="window overflow"):
+        append_to_window(*args)
+
+
+def test_importance_ema_matches_hand_computation():
+    plan = CompressionPlan.build(AttentionPackConfig.from_dict({"ema_weight": 0.25, "rank": 8}), 1, 16)
+    pages = torch.zeros(2, 16, plan.layout.width)
+    block_table = torch.tensor([[1, 0]], dtype=torch.int32)
+    slots = page_slots(block_table[0], 0, 6, 16)
+    start = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    pages.view(-1, plan.layout.width)[slots, plan.layout.importance_offset] = start
+    p_c = torch.tensor([[0.1, 0.2, 0.3, 0.1]])       # 4 factor tokens
+    p_w = torch.tensor([[0.2, 0.1, 0.0]])            # 2 window tokens (3rd slot unused)
+    update_importance(pages, block_table, torch.tensor([4]), torch.tensor([2]), p_c, p_w, plan)
+    got = pages.view(-1, plan.layout.width)[slots, plan.layout.importance_offset]
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.1, 0.2, 0.1])
+    torch.testing.assert_close(got, 0.25 * start + 0.75 * 6 * probs)
+    # Groups: top ceil(25% of 4) = 1 factor token (position 2) is group 0, the rest group 1.
+    _, groups = decode_flags(pages.view(-1, plan.layout.width)[slots[:4], plan.layout.flags_offset].long())
+    assert groups.tolist() == [1, 1, 0, 1]
+
+
+def test_group_of_rank_follows_fractions_rounding_up():
+    order = torch.arange(10)[None, :]
+    groups = group_of_rank(order, torch.tensor([10]), (0.25, 0.5, 0.25))
+    assert groups.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 2, 2]]  # ends at ceil(2.5)=3, ceil(7.5)=8
+
+
+def test_images_and_text_get_separate_bases():
+    config = AttentionPackConfig.from_dict({"rank": 4})
+    sc = build_scenario(config, num_kv_heads=1, head_size=32, prompt_lens=[20],
+                        image_spans=[[(5, 14)]], data_rank=32)
+    slot = int(sc.slot_ids[0])
+    flags = read_records(sc.pages, page_slots(sc.block_table[0], 0, 20, 16))[:, sc.plan.layout.flags_offset]
+    modality, _ = decode_flags(flags.long())
+    assert modality.tolist() == [TEXT] * 5 + [IMAGE] * 10 + [TEXT] * 5
+    b_img, b_txt = sc.pool.basis_k[slot, IMAGE], sc.pool.basis_k[slot, TEXT]
+    assert b_img.abs().sum() > 0 and b_txt.abs().sum() > 0
+    assert not torch.allclose(b_img, b_txt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ranks", [{"rank": 64}, {"rank_vision_key": 32, "rank_text_value": 16}])
+def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
+    config = AttentionPackConfig.from_dict({**ranks, "window_size": 16})
+    plan = CompressionPlan.build(config, num_kv_heads=32, head_size=128)
+    report = MemoryReport.of(plan, dtype)
+    pool = SlotPool.allocate(plan, num_slots=3, dtype=dtype)
+    assert pool.nbytes() == 3 * report.slot_bytes
+    pages = torch.empty(5, 16, plan.layout.width, dtype=dtype)
+    assert pages.numel() * pages.element_size() == 5 * 16 * report.record_bytes
+    item = pages.element_size()
+    assert report.dense_token_bytes == 2 * 32 * 128 * item
+    dense, packed = report.request_bytes(1000, num_layers=32)
+    assert dense == 1000 * 2 * 4096 * item * 32
+    assert packed == (1000 * report.record_bytes + report.slot_bytes) * 32
+    n = report.crossover_tokens()
+    assert report.request_bytes(n)[1] < report.request_bytes(n)[0]
+    assert report.request_bytes(n - 1)[1] >= report.request_bytes(n - 1)[0]
+
+
+def test_llava_geometry_rank_64_record_is_over_60x_smaller():
+    plan = CompressionPlan.build(AttentionPackConfig(), num_kv_heads=32, head_size=128)
+    report = MemoryReport.of(plan, torch.float16)
+    assert plan.layout.width == 64 + 64 + 2
+    assert math.isclose(report.token_ratio, 8192 / 130)
