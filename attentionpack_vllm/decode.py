@@ -1,4 +1,4 @@
-"""One AttentionPack decode step for a batch of requests, and prefill helpers.
+"""One AttentionPack decode step for a batch of requests.
 
 The order within a decode step: the new token joins its request's full-rank window,
 attention runs in latent space over factors plus window, the importance EMA and
@@ -14,8 +14,7 @@ import torch
 
 from .importance import update_importance
 from .kernels.latent_decode_torch import latent_decode_attention
-from .kernels.layout import IMAGE, TEXT
-from .paged_store import append_to_window, fold_window, page_slots, read_records
+from .paged_store import append_to_window, fold_window
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -55,35 +54,3 @@ def decode_step(
     for b in full:
         fold_window(pages, pool, int(slot_ids[b]), block_table[b], int(compressed_lens[b]), plan)
     return out
-
-
-def last_token_importance(query_last: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """Initial importance of prompt tokens from the prompt's last query.
-
-    query_last: [num_heads, head_size]; keys: [seq_len, kv_width].
-    Returns [seq_len] = seq_len * head-averaged softmax probability (the EMA's scale).
-    """
-    num_heads, head_size = query_last.shape
-    seq_len = keys.shape[0]
-    k = keys.float().view(seq_len, -1, head_size)
-    k = k.repeat_interleave(num_heads // k.shape[1], dim=1)
-    probs = torch.softmax(torch.einsum("hd,thd->ht", query_last.float(), k) * scale, dim=-1)
-    return probs.mean(0) * seq_len
-
-
-def reconstruct_prefix(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_row: torch.Tensor,
-                       compressed_len: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense keys and values of a request's factor tokens, [compressed_len, kv_width] float32.
-
-    Used by later prefill chunks, which attend to earlier chunks at full width.
-    """
-    layout = plan.layout
-    records = read_records(pages, page_slots(block_table_row, 0, compressed_len, pages.shape[1])).float()
-    is_image = (records[:, layout.flags_offset].round().long() % 2) == IMAGE
-    k_fac = records[:, layout.k_offset:layout.k_offset + layout.rank_k]
-    v_fac = records[:, layout.v_offset:layout.v_offset + layout.rank_v]
-    keys = torch.where(is_image[:, None], k_fac @ pool.basis_k[slot, IMAGE].float(),
-                       k_fac @ pool.basis_k[slot, TEXT].float())
-    values = torch.where(is_image[:, None], v_fac @ pool.basis_v[slot, IMAGE].float(),
-                         v_fac @ pool.basis_v[slot, TEXT].float())
-    return keys, values

@@ -1,0 +1,89 @@
+"""Prefill of one request (or one chunk of it): exact attention, then compression.
+
+A first chunk attends causally over its own exact keys and values. A later chunk
+attends over the earlier chunks rebuilt from their factors plus its own exact rows.
+Then the chunk's keys and values are folded into the request's per-modality bases,
+and each new token's importance starts from the chunk's last query.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels.layout import IMAGE, TEXT
+from .paged_store import compress_tokens, fold_window, page_slots, read_records
+from .plan import CompressionPlan
+from .slot_pool import SlotPool
+
+
+def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """query: [n, num_heads, head_size]; keys, values: [ctx + n, kv_width].
+
+    Query i sits at position ctx + i. Returns [n, num_heads, head_size] in query dtype.
+    """
+    n, num_heads, head_size = query.shape
+    total = keys.shape[0]
+    num_kv_heads = keys.shape[1] // head_size
+    q = query.float().transpose(0, 1)                                  # [H, n, D]
+    k = keys.float().view(total, num_kv_heads, head_size).transpose(0, 1)
+    v = values.float().view(total, num_kv_heads, head_size).transpose(0, 1)
+    visible = torch.arange(total, device=query.device)[None, :] <= \
+        torch.arange(n, device=query.device)[:, None] + (total - n)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=visible, scale=scale, enable_gqa=num_heads != num_kv_heads)
+    return out.transpose(0, 1).to(query.dtype)
+
+
+def last_token_importance(query_last: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Initial importance from the last query: [seq_len] = seq_len * head-averaged probability.
+
+    query_last: [num_heads, head_size]; keys: [seq_len, kv_width].
+    """
+    num_heads, head_size = query_last.shape
+    seq_len = keys.shape[0]
+    k = keys.float().view(seq_len, -1, head_size)
+    k = k.repeat_interleave(num_heads // k.shape[1], dim=1)
+    probs = torch.softmax(torch.einsum("hd,thd->ht", query_last.float(), k) * scale, dim=-1)
+    return probs.mean(0) * seq_len
+
+
+def reconstruct_prefix(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_row: torch.Tensor,
+                       compressed_len: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense keys and values of a request's factor tokens, [compressed_len, kv_width] float32."""
+    layout = plan.layout
+    records = read_records(pages, page_slots(block_table_row, 0, compressed_len, pages.shape[1])).float()
+    is_image = ((records[:, layout.flags_offset].round().long() % 2) == IMAGE)[:, None]
+    k_fac = records[:, layout.k_offset:layout.k_offset + layout.rank_k]
+    v_fac = records[:, layout.v_offset:layout.v_offset + layout.rank_v]
+    basis_k, basis_v = pool.basis_k[slot].float(), pool.basis_v[slot].float()
+    keys = torch.where(is_image, k_fac @ basis_k[IMAGE], k_fac @ basis_k[TEXT])
+    values = torch.where(is_image, v_fac @ basis_v[IMAGE], v_fac @ basis_v[TEXT])
+    return keys, values
+
+
+def prefill_request(
+    query: torch.Tensor,        # [num_tokens, num_heads, head_size]
+    keys: torch.Tensor,         # [num_tokens, kv_width] (after RoPE)
+    values: torch.Tensor,       # [num_tokens, kv_width]
+    is_image: torch.Tensor,     # [num_tokens] bool
+    pages: torch.Tensor,        # [num_blocks, block_size, width]
+    pool: SlotPool,
+    plan: CompressionPlan,
+    slot: int,
+    block_table_row: torch.Tensor,  # [max_blocks]
+    context_len: int,           # tokens of this request already cached
+    scale: float,
+) -> torch.Tensor:
+    """Attend, then compress the chunk; returns [num_tokens, num_heads, head_size]."""
+    if context_len == 0:
+        pool.reset(slot)  # a new request, or a preempted one starting over
+    else:
+        compressed = context_len - int(pool.window_lens[slot])
+        fold_window(pages, pool, slot, block_table_row, compressed, plan)
+    prefix_k, prefix_v = reconstruct_prefix(pages, pool, slot, block_table_row, context_len, plan)
+    all_k = torch.cat([prefix_k, keys.float()])
+    all_v = torch.cat([prefix_v, values.float()])
+    out = causal_attention(query, all_k, all_v, scale)
+    importance = last_token_importance(query[-1], all_k, scale)[context_len:]
+    compress_tokens(pages, pool, slot, block_table_row, plan, context_len, keys, values, is_image, importance)
+    return out
