@@ -51,9 +51,10 @@ class MemoryReport:
         packed = (num_tokens * self.record_bytes + self.slot_bytes) * num_layers
         return dense, packed
 
-    def crossover_tokens(self) -> int:
-        """Smallest request length at which AttentionPack uses fewer bytes than dense."""
+    def crossover_tokens(self) -> int | None:
+        """Smallest request length at which AttentionPack uses fewer bytes than dense
+        (None when a record is not smaller than a dense token: it never pays)."""
         saved_per_token = self.dense_token_bytes - self.record_bytes
         if saved_per_token <= 0:
-            raise ValueError("records are not smaller than dense tokens: compression never pays")
+            return None
         return math.floor(self.slot_bytes / saved_per_token) + 1

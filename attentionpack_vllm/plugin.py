@@ -1,9 +1,183 @@
-"""vLLM general-plugin entry point.
+"""vLLM general-plugin entry point: registers the backend and its few engine hooks.
 
 vLLM calls `register()` in every process (API server, engine core, workers), so it
-must be idempotent, cheap, and import nothing heavy at module import time.
+is idempotent, cheap, and imports vLLM only inside the call. Each hook is installed
+at most once per process, and only where its module is already loaded: a worker
+patches the model runner, the engine core patches capacity reporting, and every
+process patches the engine-args check.
+
+Hooks:
+- `--attention-backend attentionpack` (any case) or `CUSTOM` selects the backend;
+  on CPU the platform otherwise swaps any choice for CPU_ATTN.
+- Engine args: the settings are validated and conflicting features refused before
+  anything starts; prefix caching is switched off; multimodal models get their
+  image ranges into the attention metadata.
+- Model runner (installed in workers): the runner's request ids name the batch rows, and finished or
+  preempted requests give their slots back.
+- Capacity: the log states AttentionPack's bytes and capacity next to vLLM's own line.
 """
+from __future__ import annotations
+
+import functools
+import sys
+
+BACKEND_PATH = "attentionpack_vllm.backend.AttentionPackBackend"
+BACKEND_ALIAS = "ATTENTIONPACK"
+_PATCHED = "_attentionpack_patched"
 
 
 def register() -> None:
     """Register the AttentionPack attention backend with vLLM (idempotent)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    # An alias of CUSTOM (not a new member) survives pickling into spawned processes.
+    AttentionBackendEnum._member_map_.setdefault(BACKEND_ALIAS, AttentionBackendEnum.CUSTOM)
+    _patch_cpu_platform()
+    _patch_engine_args()
+    _patch_capacity_report()
+    if "vllm.v1.worker.gpu_model_runner" in sys.modules:
+        install_worker_hooks()
+
+
+def install_worker_hooks() -> None:
+    """Hooks on the model runner and CPU worker; also called when a layer is built, so
+    they are in place in worker processes whatever vLLM had imported at plugin load."""
+    import vllm.v1.worker.cpu_worker  # noqa: F401
+    import vllm.v1.worker.gpu_model_runner  # noqa: F401
+
+    _patch_model_runner()
+    _patch_cpu_worker()
+
+
+def is_selected(backend) -> bool:
+    """Whether an --attention-backend value selects AttentionPack."""
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if backend is None:
+        return False
+    member = AttentionConfig.validate_backend_before(backend)
+    return member is AttentionBackendEnum.CUSTOM and \
+        AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+
+
+def _patch_once(owner, name: str, make_wrapper) -> None:
+    original = getattr(owner, name)
+    if getattr(original, _PATCHED, False):
+        return
+    wrapper = make_wrapper(original)
+    setattr(wrapper, _PATCHED, True)
+    setattr(owner, name, wrapper)
+
+
+def _patch_cpu_platform() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    def make(original):
+        func = original.__func__
+
+        @functools.wraps(func)
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            if selected_backend is AttentionBackendEnum.CUSTOM and not attn_selector_config.use_mla:
+                return AttentionBackendEnum.CUSTOM.get_path()
+            return func(cls, selected_backend, attn_selector_config, num_heads)
+        return classmethod(get_attn_backend_cls)
+
+    _patch_once(CpuPlatform, "get_attn_backend_cls", make)
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def make(original):
+        @functools.wraps(original)
+        def create_model_config(self):
+            model_config = original(self)
+            backend = self.attention_backend or getattr(self.attention_config, "backend", None)
+            if is_selected(backend):
+                from .engine_setup import prepare_engine
+                prepare_engine(self, model_config)
+            return model_config
+        return create_model_config
+
+    _patch_once(EngineArgs, "create_model_config", make)
+
+
+def _patch_model_runner() -> None:
+    module = sys.modules.get("vllm.v1.worker.gpu_model_runner")
+    if module is None:
+        return
+    from . import runtime
+
+    runner_cls = module.GPUModelRunner
+
+    def make_init_builders(original):
+        @functools.wraps(original)
+        def initialize_metadata_builders(self, *args, **kwargs):
+            runtime.set_building_runner(self)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                runtime.set_building_runner(None)
+        return initialize_metadata_builders
+
+    def make_update_states(original):
+        @functools.wraps(original)
+        def _update_states(self, scheduler_output, *args, **kwargs):
+            gone = set(scheduler_output.finished_req_ids)
+            gone |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+            runtime.release_requests(self, gone)
+            return original(self, scheduler_output, *args, **kwargs)
+        return _update_states
+
+    _patch_once(runner_cls, "initialize_metadata_builders", make_init_builders)
+    _patch_once(runner_cls, "_update_states", make_update_states)
+
+
+def _patch_cpu_worker() -> None:
+    module = sys.modules.get("vllm.v1.worker.cpu_worker")
+    if module is None:
+        return
+    from . import runtime
+
+    def make(original):
+        @functools.wraps(original)
+        def determine_available_memory(self):
+            available = original(self)
+            pools = runtime.pool_bytes()
+            if pools:
+                # The CPU cache budget is set, not profiled: take the slot pools out of it
+                # so that AttentionPack and dense compare within the same bytes.
+                from vllm.logger import init_logger
+                init_logger("vllm.attentionpack").info(
+                    "AttentionPack slot pools take %d bytes of the %d-byte KV cache budget",
+                    pools, available)
+                if pools >= available:
+                    raise ValueError(
+                        f"AttentionPack's per-request slot pools ({pools} bytes for max_num_seqs "
+                        f"requests) do not fit the KV cache budget ({available} bytes); raise "
+                        "--kv-cache-memory-bytes or lower --max-num-seqs")
+                available -= pools
+            return available
+        return determine_available_memory
+
+    _patch_once(module.CPUWorker, "determine_available_memory", make)
+
+
+def _patch_capacity_report() -> None:
+    module = sys.modules.get("vllm.v1.engine.core")
+    if module is None or not hasattr(module, "update_kv_cache_capacity"):
+        return
+
+    def make(original):
+        @functools.wraps(original)
+        def update_kv_cache_capacity(vllm_config, kv_cache_config):
+            original(vllm_config, kv_cache_config)
+            if is_selected(vllm_config.attention_config.backend):
+                from .engine_setup import log_capacity
+                log_capacity(vllm_config)
+        return update_kv_cache_capacity
+
+    _patch_once(module, "update_kv_cache_capacity", make)

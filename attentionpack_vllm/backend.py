@@ -1,0 +1,220 @@
+"""The vLLM attention backend: declarations, per-step metadata, and the layer forward.
+
+Thin glue over the plain modules: the builder maps the batch's requests to slots and
+splits decode rows from prefill rows once per step; `forward` unpacks that and calls
+`prefill_request` / `decode_step` with the layer's pages and slot pool. The cache
+write happens inside `forward` (`forward_includes_kv_cache_update`), where the
+per-request boundaries that compression needs are known.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config, get_current_vllm_config_or_none
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionLayer,
+                                       AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata, MultipleOf)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from . import runtime
+from .config import AttentionPackConfig
+from .decode import decode_step
+from .memory import MemoryReport
+from .plan import CompressionPlan
+from .plugin import install_worker_hooks
+from .prefill import causal_attention, prefill_request
+from .slot_pool import SlotPool
+
+logger = init_logger("vllm.attentionpack")
+
+
+class AttentionPackBackend(AttentionBackend):
+    """AttentionPack: low-rank paged KV records, latent-space decode."""
+
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+
+    @staticmethod
+    def get_name() -> str:
+        # vLLM maps the name back to an enum member; ours is registered as CUSTOM.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["AttentionPackImpl"]:
+        return AttentionPackImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["AttentionPackMetadataBuilder"]:
+        return AttentionPackMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any head size
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype) -> bool:
+        return kv_cache_dtype in (None, "auto")
+
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        # We ask for vLLM's multimodal ranges to find image tokens; attention stays causal.
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Pages hold one record per token instead of K and V per KV head."""
+        if spec.state_content_bytes is not None:
+            return spec
+        plan = CompressionPlan.build(runtime.active_config(get_current_vllm_config_or_none()),
+                                     spec.num_kv_heads, spec.head_size)
+        record_bytes = MemoryReport.of(plan, spec.dtype).record_bytes
+        return dataclasses.replace(spec, num_head_slots=1, state_content_bytes=record_bytes)
+
+
+@dataclass
+class AttentionPackMetadata:
+    num_actual_tokens: int
+    query_start_loc: list[int]          # [num_reqs + 1], host
+    context_lens: list[int]             # [num_reqs] tokens cached before this step
+    seq_lens: torch.Tensor              # [num_reqs] int32, device
+    block_table: torch.Tensor           # [num_reqs, max_blocks] int32, device
+    slot_ids: torch.Tensor              # [num_reqs] int32, device (-1: profiling row)
+    decode_rows: torch.Tensor           # [num_decodes] int64: rows with one new token
+    decode_token_index: torch.Tensor    # [num_decodes] int64: their token in the batch
+    prefill_rows: list[int]
+    image_masks: dict[int, torch.Tensor]  # prefill row -> [query_len] bool
+    is_profiling: bool                  # rows that belong to no request (dummy runs)
+
+
+class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.device = device
+        self.request_ids = runtime.current_request_ids_source()
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> AttentionPackMetadata:
+        cm = common_attn_metadata
+        num_reqs = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        seq_lens_host = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
+                         else cm.seq_lens)[:num_reqs].cpu().tolist()
+        query_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
+        context_lens = [s - q for s, q in zip(seq_lens_host, query_lens)]
+        slots = runtime.slots_for_rows(self.request_ids, cm.req_idx, num_reqs)
+        is_profiling = slots is None
+        decode_rows = [i for i in range(num_reqs) if query_lens[i] == 1 and context_lens[i] > 0]
+        decode_set = set(decode_rows)
+        prefill_rows = [i for i in range(num_reqs) if query_lens[i] > 0 and i not in decode_set]
+        ranges = cm.mm_req_doc_ranges or {}
+        image_masks = {}
+        for row in prefill_rows:
+            spans = ranges.get(row)
+            if spans:
+                pos = torch.arange(context_lens[row], seq_lens_host[row])
+                mask = torch.zeros_like(pos, dtype=torch.bool)
+                for start, end in spans:
+                    mask |= (pos >= start) & (pos <= end)
+                image_masks[row] = mask.to(self.device)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
+        return AttentionPackMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            query_start_loc=qsl,
+            context_lens=context_lens,
+            seq_lens=cm.seq_lens[:num_reqs],
+            block_table=cm.block_table_tensor[:num_reqs],
+            slot_ids=torch.tensor(slots or [-1] * num_reqs, dtype=torch.int32, device=self.device),
+            decode_rows=as_long(decode_rows),
+            decode_token_index=as_long([qsl[i] for i in decode_rows]),
+            prefill_rows=prefill_rows,
+            image_masks=image_masks,
+            is_profiling=is_profiling,
+        )
+
+
+class AttentionPackImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None,
+                 **unused) -> None:
+        refused = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+                   "logits_soft_cap": logits_soft_cap, "sinks": sinks,
+                   "kv_sharing_target_layer_name": kv_sharing_target_layer_name}
+        refused = [name for name, value in refused.items() if value]
+        if attn_type != AttentionType.DECODER:
+            refused.append(f"attn_type={attn_type}")
+        if refused:
+            raise ValueError(f"AttentionPack does not support this layer's {', '.join(refused)}; "
+                             "serve this model with another --attention-backend")
+        self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
+        self.scale = float(scale)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = None
+        install_worker_hooks()
+        vllm_config = get_current_vllm_config()
+        self.config = runtime.active_config(vllm_config)
+        self.plan = CompressionPlan.build(self.config, num_kv_heads, head_size)
+        self.num_slots = runtime.num_request_slots(vllm_config)
+        self.device = vllm_config.device_config.device
+        self.pool: SlotPool | None = None
+        self.decode_attention = runtime.decode_attention_for(self.config, self.device)
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        # Allocated here, before vLLM sizes the KV cache, so the pools are counted.
+        if self.pool is None:
+            self.pool = SlotPool.allocate(self.plan, self.num_slots, act_dtype, self.device)
+            runtime.register_pool_bytes(self.pool.nbytes())
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: AttentionPackMetadata | None,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_size]; key, value: [num_tokens, num_kv_heads,
+        head_size]; kv_cache: [num_blocks, 1, block_size, record_width]; output:
+        [num_tokens, num_heads, head_size]."""
+        if output_scale is not None or output_block_scale is not None:
+            raise ValueError("AttentionPack does not support fused output quantization")
+        if attn_metadata is None:
+            return output  # warm-up
+        md = attn_metadata
+        if self.pool is None:
+            self.process_weights_after_loading(query.dtype)
+        width = self.plan.kv_width
+        pages = kv_cache.view(kv_cache.shape[0], kv_cache.shape[-2], kv_cache.shape[-1])
+        keys, values = key.reshape(-1, width), value.reshape(-1, width)
+        qsl = md.query_start_loc
+        if md.is_profiling:
+            for row in range(len(qsl) - 1):
+                tokens = slice(qsl[row], qsl[row + 1])
+                output[tokens] = causal_attention(query[tokens], keys[tokens], values[tokens], self.scale)
+            return output
+        if md.decode_rows.numel():
+            idx = md.decode_token_index
+            output[idx] = decode_step(
+                query[idx], keys[idx], values[idx], pages, self.pool, self.plan,
+                md.block_table[md.decode_rows], md.seq_lens[md.decode_rows], md.slot_ids[md.decode_rows],
+                self.scale, attention=self.decode_attention)
+        for row in md.prefill_rows:
+            tokens = slice(qsl[row], qsl[row + 1])
+            n = qsl[row + 1] - qsl[row]
+            is_image = md.image_masks.get(row)
+            if is_image is None:
+                is_image = torch.zeros(n, dtype=torch.bool, device=query.device)
+            output[tokens] = prefill_request(
+                query[tokens], keys[tokens], values[tokens], is_image, pages, self.pool, self.plan,
+                int(md.slot_ids[row]), md.block_table[row], md.context_lens[row], self.scale)
+        return output

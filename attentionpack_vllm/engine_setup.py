@@ -1,0 +1,77 @@
+"""Engine start-up with AttentionPack: validate, adjust the engine, and log what it gives."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from vllm.logger import init_logger
+
+from . import runtime
+from .engine_checks import EngineFeatures, raise_on_conflicts
+from .memory import MemoryReport
+from .plan import CompressionPlan
+
+logger = init_logger("vllm.attentionpack")  # under vllm's logger: same format and level
+
+
+def prepare_engine(args, model_config) -> None:
+    """Called with the EngineArgs once the model config exists, before anything starts."""
+    config = runtime.config_from_vllm(args)
+    runtime.set_active_config(config)
+    raise_on_conflicts(EngineFeatures(
+        speculative_decoding=args.speculative_config is not None,
+        kv_transfer=args.kv_transfer_config is not None,
+        kv_offloading=bool(args.kv_offloading_size),
+        decode_context_parallel_size=args.decode_context_parallel_size or 1,
+        prefill_context_parallel_size=args.prefill_context_parallel_size or 1,
+        kv_cache_dtype=args.kv_cache_dtype,
+        sliding_window=model_config.get_sliding_window() is not None,
+        encoder_decoder=model_config.is_encoder_decoder,
+        mla=model_config.use_mla,
+    ))
+    if args.enable_prefix_caching is not False:
+        logger.warning("AttentionPack: prefix caching switched off (pages hold factors in one "
+                       "request's private basis and cannot be shared)")
+    args.enable_prefix_caching = False
+    if model_config.is_multimodal_model and not model_config.is_mm_prefix_lm:
+        # vLLM passes image position ranges to attention backends only for prefix-LM
+        # models; AttentionPack uses them to find image tokens (attention stays causal).
+        model_config.model_arch_config = dataclasses.replace(
+            model_config.model_arch_config, is_mm_prefix_lm=True)
+    report, plan, layers = memory_report(config, model_config)
+    logger.info("Using AttentionPack attention backend (%s)", "attentionpack_vllm")
+    logger.info("AttentionPack settings: %s", json.dumps(config.to_dict(), sort_keys=True))
+    logger.info("AttentionPack bytes per token per layer: %d (dense %d, %.1fx smaller); "
+                "record = K' %d + V' %d + importance + flags", report.record_bytes,
+                report.dense_token_bytes, report.token_ratio, plan.layout.rank_k, plan.layout.rank_v)
+    logger.info("AttentionPack fixed bytes per request: %d over %d layers (bases and a %d-token "
+                "window); compression pays from %s tokens per request",
+                report.slot_bytes * layers, layers, plan.window_size,
+                report.crossover_tokens() or "no number of")
+
+
+def memory_report(config, model_config) -> tuple[MemoryReport, CompressionPlan, int]:
+    plan = CompressionPlan.build(config, model_config.get_total_num_kv_heads(),
+                                 model_config.get_head_size())
+    layers = int(model_config.hf_text_config.num_hidden_layers)
+    return MemoryReport.of(plan, model_config.dtype), plan, layers
+
+
+def log_capacity(vllm_config) -> None:
+    """One line next to vLLM's own 'KV cache size' line, in AttentionPack's terms."""
+    cache = vllm_config.cache_config
+    tokens = cache.kv_cache_size_tokens
+    if tokens is None:
+        return
+    report, _, layers = memory_report(runtime.active_config(vllm_config), vllm_config.model_config)
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    pool_bytes = report.slot_bytes * layers * max_num_seqs
+    budget = tokens * report.record_bytes * layers + pool_bytes
+    dense_tokens = budget // (report.dense_token_bytes * layers)
+    max_len = vllm_config.model_config.max_model_len
+    logger.info("AttentionPack KV cache: %d tokens in %d bytes of records plus %d bytes of slot "
+                "pools for %d requests; the dense cache would hold %d tokens (%.1fx); maximum "
+                "concurrency for %d tokens per request: %.2fx (slots: %d)",
+                tokens, tokens * report.record_bytes * layers, pool_bytes, max_num_seqs,
+                dense_tokens, tokens / max(dense_tokens, 1), max_len,
+                min(tokens / max_len, max_num_seqs), max_num_seqs)

@@ -1,0 +1,113 @@
+"""Process-wide AttentionPack state shared by the vLLM glue.
+
+vLLM builds the backend's pieces in several places (spec customisation, the layer
+impls, the metadata builder) without a common object to hang state on. What they
+share lives here: the validated settings, the model runner whose requests name the
+batch rows, each runner's request-to-slot map, and the bytes the slot pools took.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .config import AttentionPackConfig
+from .request_slots import RequestSlots
+
+SETTINGS_KEY = "attentionpack"
+
+_config: AttentionPackConfig | None = None
+_building_runner: Any = None
+_pool_bytes = 0
+
+
+def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
+    """Validated settings from `--additional-config '{"attentionpack": {...}}'`."""
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    return AttentionPackConfig.from_dict(additional.get(SETTINGS_KEY) if isinstance(additional, dict) else None)
+
+
+def set_active_config(config: AttentionPackConfig) -> None:
+    global _config
+    _config = config
+
+
+def active_config(vllm_config: Any | None) -> AttentionPackConfig:
+    """The settings in force: from the current vLLM config, else the ones seen last."""
+    if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
+        set_active_config(config_from_vllm(vllm_config))
+    if _config is None:
+        raise RuntimeError("AttentionPack settings are not known in this process yet: "
+                           "no vLLM config has been seen")
+    return _config
+
+
+def num_request_slots(vllm_config: Any) -> int:
+    """One slot per request the scheduler may run at once."""
+    return int(vllm_config.scheduler_config.max_num_seqs)
+
+
+# --- which request is in which batch row ------------------------------------
+
+def set_building_runner(runner: Any) -> None:
+    """Called by the glue while a model runner creates its metadata builders."""
+    global _building_runner
+    _building_runner = runner
+
+
+def current_request_ids_source() -> Any:
+    return _building_runner
+
+
+def runner_slots(runner: Any, num_slots: int) -> RequestSlots:
+    slots = getattr(runner, "_attentionpack_slots", None)
+    if slots is None:
+        slots = RequestSlots(num_slots)
+        runner._attentionpack_slots = slots
+    return slots
+
+
+def release_requests(runner: Any, request_ids) -> None:
+    slots = getattr(runner, "_attentionpack_slots", None)
+    if slots is not None and request_ids:
+        slots.release(request_ids)
+
+
+def slots_for_rows(runner: Any, req_idx: Any, num_reqs: int) -> list[int] | None:
+    """Slot of every batch row; None when the rows belong to no request (profiling runs).
+
+    Model Runner V2 gives a stable per-request index (`req_idx`); the legacy runner
+    names its rows in `input_batch.req_ids`.
+    """
+    if req_idx is not None:
+        return [int(i) for i in req_idx[:num_reqs]]
+    if runner is None:
+        raise RuntimeError("AttentionPack cannot name the batch's requests: its model-runner "
+                           "hook was not installed (is the attentionpack plugin registered?)")
+    req_ids = list(runner.input_batch.req_ids[:num_reqs])
+    if len(req_ids) < num_reqs or any(r is None for r in req_ids) or not num_reqs:
+        return None
+    slots = runner_slots(runner, int(runner.scheduler_config.max_num_seqs))
+    return [slots.slot_for(r) for r in req_ids]
+
+
+# --- memory -------------------------------------------------------------------
+
+def register_pool_bytes(nbytes: int) -> None:
+    global _pool_bytes
+    _pool_bytes += nbytes
+
+
+def pool_bytes() -> int:
+    return _pool_bytes
+
+
+# --- decode implementation ----------------------------------------------------
+
+def decode_attention_for(config: AttentionPackConfig, device: Any) -> Callable:
+    """The latent-space decode function: Triton on CUDA, PyTorch on CPU, unless forced."""
+    use_triton = config.decode_kernel == "triton" or (
+        config.decode_kernel == "auto" and str(device).startswith("cuda"))
+    if use_triton:
+        from .kernels.latent_decode_triton import latent_decode_attention_triton
+        return latent_decode_attention_triton
+    from .kernels.latent_decode_torch import latent_decode_attention
+    return latent_decode_attention
