@@ -214,6 +214,9 @@ class AttentionPackImpl(AttentionImpl):
             is_image = md.image_masks.get(row)
             if is_image is None:
                 is_image = torch.zeros(n, dtype=torch.bool, device=query.device)
+            else:
+                logger.info_once("AttentionPack: image tokens found in a prompt; they get "
+                                 "their own key and value bases")
             output[tokens] = prefill_request(
                 query[tokens], keys[tokens], values[tokens], is_image, pages, self.pool, self.plan,
                 int(md.slot_ids[row]), md.block_table[row], md.context_lens[row], self.scale)

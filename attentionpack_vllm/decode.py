@@ -34,7 +34,10 @@ def decode_step(
     scale: float,
     attention: DecodeAttention = latent_decode_attention,
 ) -> torch.Tensor:
-    """Append, attend, update importance, fold; returns [batch, num_heads, head_size]."""
+    """Append, attend, update importance, fold; returns [batch, num_heads, head_size].
+
+    The importance EMA is kept only while partial rank is on (it decides nothing otherwise).
+    """
     block_size = pages.shape[1]
     seq = seq_lens.long()
     new_pos = seq - 1
@@ -48,8 +51,9 @@ def decode_step(
         query, pages, block_table, compressed_lens, slot_ids,
         pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, window_lens,
         group_cols_k, group_cols_v, plan.layout, scale,
-        max_compressed_len=int(compressed_lens.max()))
-    update_importance(pages, block_table, compressed_lens, window_lens, p_c, p_w, plan)
+        max_compressed_len=int(compressed_lens.max()), need_probs=plan.tracks_importance)
+    if plan.tracks_importance:
+        update_importance(pages, block_table, compressed_lens, window_lens, p_c, p_w, plan)
     full = (window_lens >= plan.window_size).nonzero().flatten().tolist()
     for b in full:
         fold_window(pages, pool, int(slot_ids[b]), block_table[b], int(compressed_lens[b]), plan)

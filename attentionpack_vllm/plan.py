@@ -57,6 +57,13 @@ class CompressionPlan:
     def num_groups(self) -> int:
         return len(self.group_fractions)
 
+    @property
+    def tracks_importance(self) -> bool:
+        """Whether any group reads fewer columns than the full rank (else grouping is moot)."""
+        full = (self.ranks_k, self.ranks_v)
+        cols = (self.group_cols_k, self.group_cols_v)
+        return any(c < r for ranks, groups in zip(full, cols) for r, g in zip(ranks, groups) for c in g)
+
     def group_cols_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """[2, num_groups] int32 tensors of columns read per (modality, group)."""
         return (torch.tensor(self.group_cols_k, dtype=torch.int32, device=device),

@@ -59,13 +59,14 @@ def latent_decode_attention(
     layout: RecordLayout,
     scale: float,
     max_compressed_len: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decode step for a batch of requests (one query token each).
 
     Returns (output [batch, num_heads, head_size] in query dtype,
              compressed_probs [batch, max_compressed_len] float32,
              window_probs [batch, window] float32), the probabilities averaged over
-    heads, zero at padded positions.
+    heads, zero at padded positions (None, None without `need_probs`).
     """
     batch, num_heads, head_size = query.shape
     num_kv_heads = basis_k.shape[-1] // head_size
@@ -124,4 +125,6 @@ def latent_decode_attention(
            + torch.einsum("bkgr,brkd->bkgd", acc_text, bv[:, TEXT])
            + torch.einsum("bkgw,bwkd->bkgd", p_w.view(batch, num_kv_heads, group, window), wv))
     out = out.reshape(batch, num_heads, head_size).to(query.dtype)
+    if not need_probs:
+        return out, None, None
     return out, p_c.mean(dim=1), p_w.mean(dim=1)

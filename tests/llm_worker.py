@@ -1,0 +1,45 @@
+"""Run vllm.LLM once in a fresh process: `python llm_worker.py SPEC.json RESULT.json`.
+
+SPEC: {"model": dir, "engine": {LLM kwargs}, "requests": [{"prompt": str,
+"images": [seed, ...], "max_tokens": n}], "env": {...}}. RESULT: {"token_ids": [[...]],
+"texts": [...]}. vLLM starts its workers with spawn, so this must be a script.
+"""
+import json
+import os
+import sys
+
+
+def test_image(seed: int, size: int = 56):
+    """A deterministic picture: a coloured gradient with a seed-dependent pattern."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = [np.sin((x * a + y * b) * np.pi * 4) for a, b in rng.uniform(0.2, 2.0, (3, 2))]
+    pixels = ((np.stack(channels, -1) + 1) * 127.5).astype("uint8")
+    return Image.fromarray(pixels)
+
+
+def main(spec_path: str, result_path: str) -> None:
+    spec = json.load(open(spec_path))
+    os.environ.update({"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1", **spec.get("env", {})})
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    prompts, params = [], []
+    for request in spec["requests"]:
+        prompt = {"prompt": request["prompt"]}
+        if request.get("images"):
+            prompt["multi_modal_data"] = {"image": [test_image(s) for s in request["images"]]}
+        prompts.append(prompt)
+        params.append(SamplingParams(max_tokens=request["max_tokens"], temperature=0.0,
+                                     ignore_eos=request.get("ignore_eos", True)))
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    json.dump({"token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+               "texts": [o.outputs[0].text for o in outputs]}, open(result_path, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,73 @@
+"""vLLM in-process (vllm.LLM) with --attention-backend attentionpack, against vLLM's own CPU backend."""
+import pytest
+
+from vllm_harness import attentionpack_engine, dense_engine, run_llm
+
+pytestmark = pytest.mark.vllm
+
+FULL_RANK = {"rank": 100_000, "partial_rank_values": False}  # clamped to each layer's KV width
+TEXT = ("The quick brown fox jumps over the lazy dog. A large language model reads a prompt one "
+        "token at a time and keeps the keys and values of every token it has seen in a cache. ")
+
+
+def text_requests(max_tokens: int = 40):
+    # Mixed prompt lengths; generations long enough to cross several window folds.
+    return [{"prompt": TEXT[:n], "max_tokens": max_tokens} for n in (12, 90, len(TEXT))] + \
+        [{"prompt": TEXT * 4, "max_tokens": max_tokens}]
+
+
+def test_full_rank_matches_dense_token_for_token_with_chunked_prefill(tiny_llama):
+    engine = dict(max_num_batched_tokens=64)  # long prompts are prefilled in several chunks
+    dense = run_llm(tiny_llama, dense_engine(**engine), text_requests())
+    packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 8}, **engine),
+                     text_requests())
+    assert "Using AttentionPack attention backend" in packed.log
+    assert packed.token_ids == dense.token_ids
+
+
+def test_full_rank_matches_dense_with_spawned_workers(tiny_llama):
+    requests = text_requests(24)[:2]
+    env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    dense = run_llm(tiny_llama, dense_engine(), requests, env=env)
+    packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 5}), requests, env=env)
+    assert packed.token_ids == dense.token_ids
+
+
+LLAVA_PROMPT = "USER: {images}\nDescribe the picture. ASSISTANT:"
+
+
+def llava_requests(max_tokens: int = 32):
+    return [
+        {"prompt": LLAVA_PROMPT.format(images="<image>"), "images": [1], "max_tokens": max_tokens},
+        {"prompt": LLAVA_PROMPT.format(images="<image><image>"), "images": [2, 3], "max_tokens": max_tokens},
+        {"prompt": "USER: How many animals are there? ASSISTANT:", "max_tokens": max_tokens},
+        {"prompt": LLAVA_PROMPT.format(images="<image>") + " " + TEXT, "images": [4], "max_tokens": max_tokens},
+    ]
+
+
+def test_llava_with_images_full_rank_matches_dense(tiny_llava):
+    dense = run_llm(tiny_llava, dense_engine(), llava_requests())
+    packed = run_llm(tiny_llava, attentionpack_engine({**FULL_RANK, "window_size": 6}), llava_requests())
+    assert "image tokens found in a prompt" in packed.log
+    assert packed.token_ids == dense.token_ids
+
+
+def test_llava_image_tokens_use_the_vision_ranks(tiny_llava):
+    """Vision ranks cut to 1 change the image prompts' outputs and leave the text-only
+    prompt's alone: image spans reach the backend and select the vision bases."""
+    requests = llava_requests(16)[:3]
+    full = run_llm(tiny_llava, attentionpack_engine(FULL_RANK), requests)
+    starved = run_llm(tiny_llava, attentionpack_engine(
+        {**FULL_RANK, "rank_vision_key": 1, "rank_vision_value": 1}), requests)
+    assert starved.token_ids[0] != full.token_ids[0] and starved.token_ids[1] != full.token_ids[1]
+    assert starved.token_ids[2] == full.token_ids[2]
+
+
+def test_preemption_and_slot_reuse_keep_full_rank_outputs_equal_to_dense(tiny_llama):
+    # A cache too small for all requests at once: requests wait, get preempted and
+    # restart, and slots are reused by later requests.
+    requests = [{"prompt": TEXT[: 40 + 17 * i], "max_tokens": 48} for i in range(12)]
+    engine = dict(kv_cache_memory_bytes=3 * 1024 * 1024 // 4, max_num_seqs=6, block_size=16)
+    dense = run_llm(tiny_llama, dense_engine(**engine), requests)
+    packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 8}, **engine), requests)
+    assert packed.token_ids == dense.token_ids
