@@ -36,8 +36,12 @@ def prepare_engine(args, model_config) -> None:
     if model_config.is_multimodal_model and not model_config.is_mm_prefix_lm:
         # vLLM passes image position ranges to attention backends only for prefix-LM
         # models; AttentionPack uses them to find image tokens (attention stays causal).
+        # Set where the arch config is regenerated from, in the arch config itself, and
+        # drop the cached property that may already hold the old answer.
+        model_config.hf_config.is_mm_prefix_lm = True
         model_config.model_arch_config = dataclasses.replace(
             model_config.model_arch_config, is_mm_prefix_lm=True)
+        model_config.__dict__.pop("is_mm_prefix_lm", None)
     report, plan, layers = memory_report(config, model_config)
     logger.info("Using AttentionPack attention backend (%s)", "attentionpack_vllm")
     logger.info("AttentionPack settings: %s", json.dumps(config.to_dict(), sort_keys=True))

@@ -2,7 +2,7 @@
 
 SPEC: {"model": dir, "engine": {LLM kwargs}, "requests": [{"prompt": str,
 "images": [seed, ...], "max_tokens": n}], "env": {...}}. RESULT: {"token_ids": [[...]],
-"texts": [...]}. vLLM starts its workers with spawn, so this must be a script.
+"texts": [...], "preemptions": n}. vLLM starts its workers with spawn, so this must be a script.
 """
 import json
 import os
@@ -37,8 +37,11 @@ def main(spec_path: str, result_path: str) -> None:
         params.append(SamplingParams(max_tokens=request["max_tokens"], temperature=0.0,
                                      ignore_eos=request.get("ignore_eos", True)))
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics()
+                      if m.name == "vllm:num_preemptions")
     json.dump({"token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-               "texts": [o.outputs[0].text for o in outputs]}, open(result_path, "w"))
+               "texts": [o.outputs[0].text for o in outputs],
+               "preemptions": preemptions}, open(result_path, "w"))
 
 
 if __name__ == "__main__":

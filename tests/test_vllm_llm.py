@@ -66,8 +66,10 @@ def test_llava_image_tokens_use_the_vision_ranks(tiny_llava):
 def test_preemption_and_slot_reuse_keep_full_rank_outputs_equal_to_dense(tiny_llama):
     # A cache too small for all requests at once: requests wait, get preempted and
     # restart, and slots are reused by later requests.
-    requests = [{"prompt": TEXT[: 40 + 17 * i], "max_tokens": 48} for i in range(12)]
-    engine = dict(kv_cache_memory_bytes=3 * 1024 * 1024 // 4, max_num_seqs=6, block_size=16)
+    requests = [{"prompt": TEXT[: 60 + 17 * i] * 2, "max_tokens": 120} for i in range(12)]
+    engine = dict(kv_cache_memory_bytes=2 * 1024 * 1024, max_num_seqs=6, block_size=16,
+                  max_model_len=512, disable_log_stats=False)
     dense = run_llm(tiny_llama, dense_engine(**engine), requests)
     packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 8}, **engine), requests)
+    assert packed.preemptions > 0, "the cache was meant to be too small: no request was preempted"
     assert packed.token_ids == dense.token_ids

@@ -20,6 +20,7 @@ BASE_ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, max_
 class LLMRun:
     token_ids: list[list[int]]
     texts: list[str]
+    preemptions: int
     log: str
     returncode: int
 
@@ -50,5 +51,6 @@ def run_llm(model: str | Path, engine: dict, requests: list[dict], env: dict | N
         log = proc.stdout + proc.stderr
         if check and proc.returncode != 0:
             raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{log[-6000:]}")
-        data = json.loads(result.read_text()) if result.exists() else {"token_ids": [], "texts": []}
-        return LLMRun(data["token_ids"], data["texts"], log, proc.returncode)
+        data = json.loads(result.read_text()) if result.exists() else {}
+        return LLMRun(data.get("token_ids", []), data.get("texts", []), data.get("preemptions", 0),
+                      log, proc.returncode)

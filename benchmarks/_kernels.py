@@ -1,0 +1,60 @@
+"""Import the repository's kernels for the benchmarks, with or without the package installed.
+
+The kernels import only torch and triton, so a GPU machine needs neither vLLM nor
+this project installed: when `attentionpack_vllm.kernels` cannot be imported, the
+repository's `kernels/` folder is loaded as a package under another name.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+FALLBACK_NAME = "_attentionpack_kernels"
+INSTALLED_NAME = "attentionpack_vllm.kernels"
+MODULES = ("layout", "latent_decode_torch", "latent_decode_triton", "dense_paged_triton")
+
+
+def load_from_path(kernels_dir: Path = KERNELS_DIR, name: str = FALLBACK_NAME):
+    """Load `kernels_dir` as the package `name` (its relative imports work as usual)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, kernels_dir / "__init__.py", submodule_search_locations=[str(kernels_dir)])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the kernels package from {kernels_dir}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    try:
+        spec.loader.exec_module(package)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return package
+
+
+def _import_all(package_name: str) -> dict:
+    return {m: importlib.import_module(f"{package_name}.{m}") for m in MODULES}
+
+
+def load_kernels(from_path: bool = False) -> SimpleNamespace:
+    """The kernel modules (`layout`, `latent_decode_torch`, `latent_decode_triton`,
+    `dense_paged_triton`) and `source`, where they came from.
+
+    Installed package first; the repository's folder when it is missing (or lacks a
+    module, e.g. an older install) or when `from_path` is set.
+    """
+    if not from_path:
+        try:
+            modules = _import_all(INSTALLED_NAME)
+            where = Path(modules["layout"].__file__).resolve().parent
+            return SimpleNamespace(source=f"{INSTALLED_NAME} ({where})", **modules)
+        except ModuleNotFoundError as error:
+            if not (error.name or "").startswith("attentionpack_vllm"):
+                raise  # torch or triton missing: the fallback would fail the same way
+    package = load_from_path()
+    modules = _import_all(package.__name__)
+    return SimpleNamespace(source=f"{package.__name__} ({KERNELS_DIR})", **modules)

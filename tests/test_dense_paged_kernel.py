@@ -1,0 +1,90 @@
+"""The dense paged Triton baseline against plain softmax over gathered K/V (interpreter on CPU)."""
+import pytest
+import torch
+
+from attentionpack_vllm.kernels.dense_paged_triton import dense_paged_decode_attention
+
+pytestmark = pytest.mark.triton
+
+
+def reference(query, pages, block_table, seq_lens, scale):
+    """Gather each request's K/V from its pages, then softmax attention in float32."""
+    batch, num_heads, head_size = query.shape
+    block_size, num_kv_heads = pages.shape[1], pages.shape[3]
+    group = num_heads // num_kv_heads
+    outs = []
+    for b in range(batch):
+        length = int(seq_lens[b])
+        num_blocks = -(-length // block_size)
+        kv = pages[block_table[b, :num_blocks].long()].reshape(-1, 2, num_kv_heads, head_size)[:length]
+        k, v = kv[:, 0].float(), kv[:, 1].float()                      # [T, kvh, D]
+        q = query[b].float().view(num_kv_heads, group, head_size)
+        probs = torch.softmax(torch.einsum("kgd,tkd->kgt", q, k) * scale, dim=-1)
+        outs.append(torch.einsum("kgt,tkd->kgd", probs, v).reshape(num_heads, head_size))
+    return torch.stack(outs)
+
+
+def paged_scenario(num_heads, num_kv_heads, head_size, block_size, seq_lens, dtype, seed=0):
+    """Random K/V in shuffled pages; every row past a request's length holds NaN (stale bytes)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(seq_lens)
+    max_blocks = -(-max(seq_lens) // block_size) + 1
+    num_blocks = batch * max_blocks + 2
+    pages = torch.full((num_blocks, block_size, 2, num_kv_heads, head_size), float("nan"))
+    block_table = torch.randperm(num_blocks, generator=gen)[:batch * max_blocks].view(batch, max_blocks)
+    for b, length in enumerate(seq_lens):
+        kv = torch.randn(length, 2, num_kv_heads, head_size, generator=gen)
+        rows = torch.arange(length)
+        pages[block_table[b, rows // block_size], rows % block_size] = kv
+    query = torch.randn(batch, num_heads, head_size, generator=gen)
+    return (query.to(dtype), pages.to(dtype), block_table.to(torch.int32),
+            torch.tensor(seq_lens, dtype=torch.int32))
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def check(num_heads, num_kv_heads, head_size, block_size, seq_lens, dtype, **kwargs):
+    query, pages, block_table, lens = paged_scenario(
+        num_heads, num_kv_heads, head_size, block_size, seq_lens, dtype)
+    scale = head_size ** -0.5
+    got = dense_paged_decode_attention(query, pages, block_table, lens, scale, **kwargs)
+    assert got.shape == query.shape and got.dtype == dtype
+    ref = reference(query, pages, block_table, lens, scale)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (6, 3), (4, 1)],
+                         ids=["mha", "gqa4", "gqa2-odd", "mqa"])
+@pytest.mark.parametrize("head_size", [32, 64])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matches_reference(num_heads, num_kv_heads, head_size, block_size, dtype):
+    # Ragged: one token, mid-block, exactly one block, several blocks plus a partial one.
+    seq_lens = [1, 7, block_size, 2 * block_size + 5]
+    check(num_heads, num_kv_heads, head_size, block_size, seq_lens, dtype)
+
+
+@pytest.mark.parametrize("pages_per_split", [1, 2, 100])
+def test_splits_including_empty_ones(pages_per_split):
+    # Short requests next to a long one: most of their splits have no page at all.
+    check(8, 2, 32, 16, [1, 3, 90, 17], torch.float32, pages_per_split=pages_per_split)
+
+
+def test_max_seq_len_bounds_the_grid():
+    check(4, 2, 32, 16, [20, 33], torch.float32, max_seq_len=33, pages_per_split=1)
+
+
+def test_bfloat16_storage():
+    check(8, 2, 64, 16, [5, 40], torch.bfloat16)
+
+
+def test_layout_is_checked():
+    query, pages, block_table, lens = paged_scenario(4, 2, 32, 16, [5], torch.float32)
+    with pytest.raises(AssertionError, match="head_size"):
+        dense_paged_decode_attention(query[..., :16].contiguous(), pages, block_table, lens, 1.0)
+    with pytest.raises(AssertionError, match="multiple"):
+        dense_paged_decode_attention(query[:, :3].contiguous(), pages, block_table, lens, 1.0)
+    with pytest.raises(AssertionError, match="pages"):
+        dense_paged_decode_attention(query, pages[:, :, 0], block_table, lens, 1.0)
