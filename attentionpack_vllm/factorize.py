@@ -17,9 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Relative size below which a new row's component outside the basis is round-off.
-OUTSIDE_TOLERANCE = 1e-5
-
 
 @dataclass(frozen=True)
 class SvdSettings:
@@ -74,29 +71,25 @@ def fold(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
     new_rows: [m, d]. The old tokens' new factors are `old_factors @ rotation`;
     their reconstruction changes only by the truncation to `rank`.
 
-    The work happens in the span of the basis and the new rows' component outside
-    it, so the old factors are never multiplied back to kv_width. That span is
-    exact when m <= rank (a re-compression window); for a longer chunk the outside
-    component is first truncated to its own top `rank` directions.
+    The work happens in an orthonormal frame Q spanning the basis rows and the new
+    rows (a QR factorisation, so the frame is orthonormal even when the stored basis
+    has drifted or the new rows add nothing), and the old factors are never multiplied
+    back to width d. The frame is exact when m <= rank (a re-compression window); for
+    a longer chunk the new rows first give up all but their top `rank` directions.
     """
     basis, new_rows = basis.float(), new_rows.float()
-    in_span = new_rows @ basis.T                                    # [m, rank]
-    us, outside = truncated_svd(new_rows - in_span @ basis, rank, svd)  # [r_out, d]
-    # Directions carrying only round-off are not orthogonal to the basis: drop them.
-    strength = us.norm(dim=0)
-    outside = outside[strength > OUTSIDE_TOLERANCE * new_rows.norm().clamp_min(1e-30)]
-    # Coordinates of every row in the orthonormal frame [basis; outside].
-    coords = torch.cat([
-        torch.nn.functional.pad(old_factors.float(), (0, outside.shape[0])),
-        torch.cat([in_span, new_rows @ outside.T], dim=1),
-    ])                                                              # [n + m, rank + r_out]
-    _, vh = truncated_svd(coords, rank, svd)                        # [r, rank + r_out]
+    directions = new_rows
+    if new_rows.shape[0] > rank:
+        _, directions = truncated_svd(new_rows, rank, svd)
+    frame, _ = torch.linalg.qr(torch.cat([basis, directions]).T)   # [d, k], orthonormal columns
+    basis_in_frame = basis @ frame                                   # [rank, k]
+    coords = torch.cat([old_factors.float() @ basis_in_frame, new_rows @ frame])  # [n + m, k]
+    _, vh = truncated_svd(coords, rank, svd)                         # [r, k]
     v = vh.T
-    frame = torch.cat([basis, outside])                             # [rank + r_out, d]
     return Fold(
-        rotation=_pad(v[:rank], rank, rank),
+        rotation=_pad(basis_in_frame @ v, rank, rank),
         new_factors=_pad(coords[old_factors.shape[0]:] @ v, new_rows.shape[0], rank),
-        basis=_pad(vh @ frame, rank, basis.shape[1]),
+        basis=_pad(vh @ frame.T, rank, basis.shape[1]),
     )
 
 

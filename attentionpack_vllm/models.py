@@ -31,6 +31,13 @@ from pathlib import Path
 from typing import Callable
 
 MARKER = ".build-complete"
+# Bumped whenever a builder's output changes, so that old folders are rebuilt.
+MODELS_VERSION = 2
+# Weight scale of the tiny random models: large enough that attention is peaked and
+# greedy choices win by clear margins. With the usual 0.02 every logit is nearly
+# equal, and round-off of 1e-6 flips argmax ties, which would hide real differences
+# between attention backends behind noise.
+DECISIVE_INIT = 0.2
 MODELS_DIR_ENV = "ATTENTIONPACK_MODELS_DIR"
 
 BOS, EOS, PAD, IMAGE = "<s>", "</s>", "<pad>", "<image>"
@@ -120,12 +127,17 @@ def default_models_dir() -> Path:
 # ---------------------------------------------------------------------------
 
 def _is_built(out: Path) -> bool:
-    return (out / MARKER).is_file()
+    """A complete folder made by this version of the builders."""
+    marker = out / MARKER
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()).get("version") == MODELS_VERSION
 
 
 def _mark_built(out: Path, builder: str, **params) -> None:
     """Write the marker last: its presence means every other file is complete."""
-    (out / MARKER).write_text(json.dumps({"builder": builder, **params}, indent=2) + "\n")
+    record = {"builder": builder, "version": MODELS_VERSION, **params}
+    (out / MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
@@ -223,7 +235,7 @@ def _save_companions(out: Path, tokenizer, text_config) -> None:
 
 def _llama_config(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int,
                   num_kv_heads: int, head_dim: int, intermediate_size: int,
-                  max_position_embeddings: int = 2048):
+                  max_position_embeddings: int = 2048, initializer_range: float = 0.02):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -231,12 +243,14 @@ def _llama_config(tokenizer, *, hidden_size: int, num_layers: int, num_heads: in
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
         intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, dtype="float32")
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, dtype="float32",
+        initializer_range=initializer_range)
 
 
 def _tiny_llama_config(tokenizer):
     return _llama_config(tokenizer, hidden_size=128, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=32, intermediate_size=256)
+                         num_kv_heads=2, head_dim=32, intermediate_size=256,
+                         initializer_range=DECISIVE_INIT)
 
 
 def _random_model(model_class, config, seed: int):

@@ -44,9 +44,11 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,7 +289,8 @@ def probe_sdpa_backends(torch, geom: Geometry, dtype, device, has_gqa: bool) -> 
         if backend is None:
             continue
         try:
-            with sdpa_kernel(backend):
+            with warnings.catch_warnings(), sdpa_kernel(backend):
+                warnings.simplefilter("ignore")  # each refusing backend warns why
                 torch.nn.functional.scaled_dot_product_attention(q, k, k, **gqa)
             names.append(name.lower())
         except RuntimeError:
@@ -373,7 +376,7 @@ def run(args) -> int:
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
 
     header = dict(
-        command=" ".join(getattr(sys, "orig_argv", [sys.executable] + sys.argv)),
+        command=shlex.join(getattr(sys, "orig_argv", [sys.executable] + sys.argv)),
         argv=sys.argv, cwd=os.getcwd(), card=card, smoke=args.smoke,
         note=("SMOKE RUN: CPU, Triton interpreter, tiny shapes; the times are NOT meaningful"
               if args.smoke else "decode attention time per step, one layer; median of do_bench, L2 flushed"),
@@ -399,8 +402,8 @@ def run(args) -> int:
               "works end to end and times NOTHING meaningful.", flush=True)
     else:
         print(f"card: {card}; peak {peak if peak else '?'} GB/s ({peak_source}); {header['dtype']}, "
-              f"block_size {args.block_size}; torch {torch.__version__}, triton {triton.__version__}",
-              flush=True)
+              f"block_size {args.block_size}; torch {torch.__version__}, triton {triton.__version__}; "
+              f"SDPA backends accepting the inputs: {header['sdpa_backends_accepting']}", flush=True)
 
     def pct(bw):
         return None if not peak else 100.0 * bw / peak

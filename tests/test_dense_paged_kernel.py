@@ -88,3 +88,11 @@ def test_layout_is_checked():
         dense_paged_decode_attention(query[:, :3].contiguous(), pages, block_table, lens, 1.0)
     with pytest.raises(AssertionError, match="pages"):
         dense_paged_decode_attention(query, pages[:, :, 0], block_table, lens, 1.0)
+
+
+def test_native_half_dot_branch(monkeypatch):
+    """The GPU branch (fp16 operands, fp32 accumulation) run under the interpreter, whose fp16 dot is right."""
+    from attentionpack_vllm.kernels import dense_paged_triton
+    monkeypatch.setattr(dense_paged_triton, "_interpreted", lambda: False)
+    check(8, 2, 64, 16, [1, 7, 40], torch.float16)
+    check(4, 4, 32, 32, [33, 64], torch.float16)

@@ -127,3 +127,12 @@ def test_unequal_modality_ranks_over_stale_pages_match_oracle():
             sc.pool.window_k[slot], sc.pool.window_v[slot], int(w_lens[b]), sc.plan.layout)
         expected, _ = dense_attention(q[b:b + 1], keys, values, 0.25)
         torch.testing.assert_close(out[b], expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_full_rank_stays_exact_over_many_folds_past_the_layer_width():
+    """Text segments grow past kv_width (64) over 15 folds: the basis is full and every
+    fold must find no room outside it, without inventing directions from round-off."""
+    sc = build_scenario(full_rank_config(64, 8), num_kv_heads=2, head_size=32,
+                        prompt_lens=[30, 45, 60, 20], block_size=32, max_new_tokens=130)
+    for out, dense in run_decode(sc, 4, steps=120):
+        torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)

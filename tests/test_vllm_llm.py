@@ -67,7 +67,7 @@ def test_preemption_and_slot_reuse_keep_full_rank_outputs_equal_to_dense(tiny_ll
     # A cache too small for all requests at once: requests wait, get preempted and
     # restart, and slots are reused by later requests.
     requests = [{"prompt": TEXT[: 60 + 17 * i] * 2, "max_tokens": 120} for i in range(12)]
-    engine = dict(kv_cache_memory_bytes=2 * 1024 * 1024, max_num_seqs=6, block_size=16,
+    engine = dict(kv_cache_memory_bytes=2 * 1024 * 1024, max_num_seqs=6, block_size=32,
                   max_model_len=512, disable_log_stats=False)
     dense = run_llm(tiny_llama, dense_engine(**engine), requests)
     packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 8}, **engine), requests)

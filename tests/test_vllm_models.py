@@ -16,7 +16,7 @@ def test_capacity_at_llava_7b_geometry_rank_64(llava_geometry_model):
     from attentionpack_vllm.memory import MemoryReport
     from attentionpack_vllm.plan import CompressionPlan
 
-    engine = dict(kv_cache_memory_bytes=KV_BYTES, max_num_seqs=4, max_model_len=1024, block_size=16)
+    engine = dict(kv_cache_memory_bytes=KV_BYTES, max_num_seqs=4, max_model_len=1024, block_size=32)
     request = [{"prompt": "The capital of France is", "max_tokens": 4}]
     dense = run_llm(llava_geometry_model, dense_engine(**engine), request)
     packed = run_llm(llava_geometry_model, attentionpack_engine({}, **engine), request)
@@ -24,7 +24,7 @@ def test_capacity_at_llava_7b_geometry_rank_64(llava_geometry_model):
     assert packed_tokens >= 20 * dense_tokens, (packed_tokens, dense_tokens)
 
     report = MemoryReport.of(CompressionPlan.build(AttentionPackConfig(), 32, 128), __import__("torch").float32)
-    layers, block = 2, 16
+    layers, block = 2, 32
     pools = report.slot_bytes * layers * 4
     assert packed.log_int(r"AttentionPack slot pools take (\d+) bytes") == pools
     expected_blocks = (KV_BYTES - pools) // (report.record_bytes * layers * block)
