@@ -172,6 +172,9 @@ class AttentionPackImpl(AttentionImpl):
         self.device = vllm_config.device_config.device
         self.pool: SlotPool | None = None
         self.decode_attention = runtime.decode_attention_for(self.config, self.device)
+        logger.info_once("AttentionPack: decode with the %s",
+                         "Triton kernel" if "triton" in self.decode_attention.__module__
+                         else "PyTorch latent-space path")
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         # Allocated here, before vLLM sizes the KV cache, so the pools are counted.

@@ -221,10 +221,13 @@ def latent_decode_attention_triton(
 
     # 1. Project queries per modality: [batch, 2, num_heads, rank_k], padded.
     q = query.to(f32).view(batch, num_kv_heads, group, head_size)
-    bk = basis_k[slots].to(f32).view(batch, 2, rank_k, num_kv_heads, head_size)
+    # Bases stay in their storage dtype (no fp32 copies of the largest per-request
+    # tensors); products accumulate in fp32 and only their small results are upcast.
+    store = basis_k.dtype
+    bk = basis_k[slots].view(batch, 2, rank_k, num_kv_heads, head_size)
     q_lat = torch.zeros(batch, 2, hq, rk, dtype=f32, device=device)
-    q_lat[:, :, :num_heads, :rank_k] = torch.einsum("bmrkd,bkgd->bmkgr", bk, q).reshape(
-        batch, 2, num_heads, rank_k)
+    q_lat[:, :, :num_heads, :rank_k] = torch.einsum(
+        "bmrkd,bkgd->bmkgr", bk, q.to(store)).to(f32).reshape(batch, 2, num_heads, rank_k)
 
     # 2. One pass over the pages.
     max_pages = max(1, -(-max_compressed_len // block_size))
@@ -268,10 +271,10 @@ def latent_decode_attention_triton(
     acc_h = (acc[:, :, :, :num_heads, :rank_v] * split_scale[:, :, None, :, None]).sum(1)
     acc_h = acc_h * inv_total[:, None, :, None]                      # [batch, 2, H, rank_v]
     p_w = p_w * inv_total[..., None]
-    bv = basis_v[slots].to(f32).view(batch, 2, rank_v, num_kv_heads, head_size)
-    acc_h = acc_h.view(batch, 2, num_kv_heads, group, rank_v)
-    out = (torch.einsum("bkgr,brkd->bkgd", acc_h[:, IMAGE], bv[:, IMAGE])
-           + torch.einsum("bkgr,brkd->bkgd", acc_h[:, TEXT], bv[:, TEXT])
+    bv = basis_v[slots].view(batch, 2, rank_v, num_kv_heads, head_size)
+    acc_h = acc_h.view(batch, 2, num_kv_heads, group, rank_v).to(store)
+    out = (torch.einsum("bkgr,brkd->bkgd", acc_h[:, IMAGE], bv[:, IMAGE]).to(f32)
+           + torch.einsum("bkgr,brkd->bkgd", acc_h[:, TEXT], bv[:, TEXT]).to(f32)
            + torch.einsum("bkgw,bwkd->bkgd", p_w.view(batch, num_kv_heads, group, window), wv))
     out = out.reshape(batch, num_heads, head_size).to(query.dtype)
     if not need_probs:

@@ -1,7 +1,7 @@
 """Run vllm.LLM once in a fresh process: `python llm_worker.py SPEC.json RESULT.json`.
 
-SPEC: {"model": dir, "engine": {LLM kwargs}, "requests": [{"prompt": str,
-"images": [seed, ...], "max_tokens": n}], "env": {...}}. RESULT: {"token_ids": [[...]],
+SPEC: {"model": dir, "engine": {LLM kwargs}, "requests": [{"prompt": str (or "chat":
+[messages]), "images": [seed, ...], "max_tokens": n}], "env": {...}}. RESULT: {"token_ids": [[...]],
 "texts": [...], "preemptions": n}. vLLM starts its workers with spawn, so this must be a script.
 """
 import json
@@ -29,16 +29,23 @@ def main(spec_path: str, result_path: str) -> None:
 
     llm = LLM(model=spec["model"], **spec["engine"])
     prompts, params = [], []
+    tokenizer = llm.get_tokenizer()
     for request in spec["requests"]:
-        prompt = {"prompt": request["prompt"]}
+        text = request.get("prompt")
+        if "chat" in request:  # messages, through the model's chat template
+            text = tokenizer.apply_chat_template(request["chat"], add_generation_prompt=True,
+                                                 tokenize=False)
+        prompt = {"prompt": text}
         if request.get("images"):
             prompt["multi_modal_data"] = {"image": [test_image(s) for s in request["images"]]}
         prompts.append(prompt)
         params.append(SamplingParams(max_tokens=request["max_tokens"], temperature=0.0,
                                      ignore_eos=request.get("ignore_eos", True)))
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics()
-                      if m.name == "vllm:num_preemptions")
+    preemptions = 0
+    if spec["engine"].get("disable_log_stats") is False:  # metrics exist only with stats on
+        preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics()
+                          if m.name == "vllm:num_preemptions")
     json.dump({"token_ids": [list(o.outputs[0].token_ids) for o in outputs],
                "texts": [o.outputs[0].text for o in outputs],
                "preemptions": preemptions}, open(result_path, "w"))

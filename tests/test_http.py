@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from llm_worker import test_image
-from server import vllm_server
+from attentionpack_vllm.local_server import vllm_server
 
 pytestmark = pytest.mark.vllm
 

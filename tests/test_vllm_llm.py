@@ -33,6 +33,23 @@ def test_full_rank_matches_dense_with_spawned_workers(tiny_llama):
     assert packed.token_ids == dense.token_ids
 
 
+def test_forced_triton_kernel_runs_inside_vllm_and_matches_dense(tiny_llama):
+    """The exact GPU decode path (the fused Triton kernel), run by vLLM on CPU under
+    Triton's interpreter; partial rank on, so the kernel's probabilities drive the groups."""
+    requests = text_requests(12)[:2]
+    env = {"TRITON_INTERPRET": "1"}
+    settings = {"window_size": 5, "rank": 100_000}
+    torch_path = run_llm(tiny_llama, attentionpack_engine({**settings, "decode_kernel": "torch"}), requests)
+    kernel = run_llm(tiny_llama, attentionpack_engine({**settings, "decode_kernel": "triton"}), requests,
+                     env=env)
+    assert "decode with the Triton kernel" in kernel.log
+    assert kernel.token_ids == torch_path.token_ids
+    full = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "decode_kernel": "triton"}), requests,
+                   env=env)
+    dense = run_llm(tiny_llama, dense_engine(), requests)
+    assert full.token_ids == dense.token_ids
+
+
 LLAVA_PROMPT = "USER: {images}\nDescribe the picture. ASSISTANT:"
 
 

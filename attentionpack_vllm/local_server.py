@@ -1,4 +1,7 @@
-"""`vllm serve` on 127.0.0.1 for tests: start, wait until healthy, stop; log kept in a file."""
+"""A local `vllm serve` on 127.0.0.1 for tests and benchmarks: start, wait until healthy, stop.
+
+The server's output goes to a log file; the process is stopped however the block exits.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -18,11 +21,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(model: Path, args: list[str], log_path: Path, startup_timeout: float = 420):
-    """Yields the base URL of a running server."""
+def vllm_server(model: Path, args: list[str], log_path: Path, startup_timeout: float = 420,
+                served_name: str = "test-model"):
+    """Yields (base URL, process) of a running server; stops it on exit."""
     port = free_port()
     vllm_cli = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_cli), "serve", str(model), "--served-model-name", "test-model",
+    cmd = [str(vllm_cli), "serve", str(model), "--served-model-name", served_name,
            "--host", "127.0.0.1", "--port", str(port), *args]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

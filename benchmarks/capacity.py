@@ -1,0 +1,157 @@
+"""Capacity and memory: per-request KV bytes, dense against AttentionPack, and the crossover.
+
+For LLaVA-1.5-7B's shapes (32 layers, 32 KV heads x 128, fp16; a sample is 576 image
+tokens plus text) and Qwen2-VL-7B's (28 layers, 4 KV heads x 128), across ranks and
+request lengths, from the project's own byte accounting (`MemoryReport`, which the
+tests check against the tensors actually allocated). Both parts are reported: the
+per-token records and the fixed per-request slot (bases of both modalities and the
+full-rank window). With `--check-vllm`, vLLM itself is started on a random-weight
+model of LLaVA's attention geometry (2 layers) dense and with AttentionPack, and the
+KV cache tokens it reports are set beside the accounting.
+
+    python benchmarks/capacity.py [--check-vllm]
+
+Takes a second without vLLM, about 3 minutes with it. Results and the plot go to
+benchmarks/results/capacity.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attentionpack_vllm.config import AttentionPackConfig
+from attentionpack_vllm.memory import MemoryReport
+from attentionpack_vllm.plan import CompressionPlan
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIB = 1024 * 1024
+
+MODELS = {
+    # name: (layers, kv heads, head size, tokens of one paper sample)
+    "llava-1.5-7b": (32, 32, 128, 576 + 50),
+    "qwen2-vl-7b": (28, 4, 128, 576 + 50),
+}
+RANKS = (16, 32, 64, 128)
+LENGTHS = (64, 128, 256, 626, 1024, 2048, 4096, 8192)
+
+
+def per_request(model: str, rank: int, tokens: int, window: int = 32) -> dict:
+    layers, kv_heads, head_size, _ = MODELS[model]
+    config = AttentionPackConfig.from_dict({"rank": rank, "window_size": window})
+    report = MemoryReport.of(CompressionPlan.build(config, kv_heads, head_size), torch.float16)
+    dense, packed = report.request_bytes(tokens, layers)
+    return {"model": model, "rank": rank, "tokens": tokens, "dense_bytes": dense,
+            "attentionpack_bytes": packed, "record_bytes_per_token_layer": report.record_bytes,
+            "dense_bytes_per_token_layer": report.dense_token_bytes,
+            "slot_bytes_per_request": report.slot_bytes * layers,
+            "token_ratio": report.token_ratio, "reduction": dense / packed,
+            "crossover_tokens": report.crossover_tokens()}
+
+
+def check_vllm(model_dir: Path, kv_bytes: int, ranks: tuple[int, ...]) -> list[dict]:
+    """KV cache tokens vLLM reports, dense and with AttentionPack, same cache bytes."""
+    worker = Path(__file__).resolve().parent.parent / "tests" / "llm_worker.py"
+    rows = []
+    for rank in (None, *ranks):
+        engine = dict(dtype="float16", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
+                      block_size=32, kv_cache_memory_bytes=kv_bytes)
+        if rank is not None:
+            engine.update(attention_backend="attentionpack",
+                          additional_config={"attentionpack": {"rank": rank}})
+        spec = {"model": str(model_dir), "engine": engine,
+                "requests": [{"prompt": "Hello", "max_tokens": 2}]}
+        spec_path = RESULTS / "_capacity_spec.json"
+        spec_path.write_text(json.dumps(spec))
+        print(f"[capacity] vLLM, {'dense' if rank is None else f'rank {rank}'} ...", flush=True)
+        proc = subprocess.run([sys.executable, str(worker), str(spec_path), str(RESULTS / "_out.json")],
+                              capture_output=True, text=True)
+        log = proc.stdout + proc.stderr
+        match = re.search(r"KV cache size: ([\d,]+) tokens", log)
+        if proc.returncode or not match:
+            raise SystemExit(f"vLLM run failed:\n{log[-3000:]}")
+        rows.append({"rank": rank, "kv_cache_tokens": int(match.group(1).replace(",", ""))})
+        spec_path.unlink()
+        (RESULTS / "_out.json").unlink(missing_ok=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(12, 4.5))
+    for ax, model in zip(axes, MODELS):
+        dense = [r for r in rows if r["model"] == model and r["rank"] == RANKS[0]]
+        ax.plot([r["tokens"] for r in dense], [r["dense_bytes"] / MIB for r in dense], "k-o", label="dense")
+        for rank in RANKS:
+            sel = [r for r in rows if r["model"] == model and r["rank"] == rank]
+            ax.plot([r["tokens"] for r in sel], [r["attentionpack_bytes"] / MIB for r in sel], "-o",
+                    label=f"AttentionPack rank {rank}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{model}: KV bytes per request (fp16, all layers)")
+        ax.set_xlabel("tokens in the request")
+        ax.set_ylabel("MiB")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check-vllm", action="store_true",
+                        help="also start vLLM on a LLaVA-geometry model (about 3 minutes)")
+    parser.add_argument("--kv-bytes", type=int, default=512 * MIB)
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    rows = [per_request(model, rank, tokens) for model in MODELS for rank in RANKS for tokens in LENGTHS]
+    print(f"{'model':14} {'rank':>4} {'tokens':>6} {'dense MiB':>10} {'AP MiB':>8} {'reduction':>9} "
+          f"{'crossover':>9}")
+    for r in rows:
+        print(f"{r['model']:14} {r['rank']:>4} {r['tokens']:>6} {r['dense_bytes'] / MIB:>10.1f} "
+              f"{r['attentionpack_bytes'] / MIB:>8.1f} {r['reduction']:>8.2f}x {r['crossover_tokens']:>9}")
+    samples = []
+    for model, (_, _, _, sample_tokens) in MODELS.items():
+        s = per_request(model, 64, sample_tokens)
+        samples.append(s)
+        print(f"[capacity] {model}, one paper sample ({sample_tokens} tokens), rank 64: dense "
+              f"{s['dense_bytes'] / 1e6:.1f} MB, AttentionPack {s['attentionpack_bytes'] / 1e6:.1f} MB "
+              f"(of which fixed {s['slot_bytes_per_request'] / 1e6:.1f} MB), {s['reduction']:.2f}x")
+
+    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": "float16", "window_size": 32,
+              "rows": rows, "paper_samples": samples}
+    if args.check_vllm:
+        from attentionpack_vllm.models import build_attention_geometry_model, default_models_dir
+        model_dir = build_attention_geometry_model(default_models_dir() / "llava7b-geometry")
+        checks = check_vllm(model_dir, args.kv_bytes, (32, 64, 128))
+        layers = 2
+        dense_tokens = checks[0]["kv_cache_tokens"]
+        for c in checks[1:]:
+            plan = CompressionPlan.build(AttentionPackConfig.from_dict({"rank": c["rank"]}), 32, 128)
+            report = MemoryReport.of(plan, torch.float16)
+            pools = report.slot_bytes * layers * 4
+            c["accounting_tokens"] = (args.kv_bytes - pools) // (report.record_bytes * layers * 32) * 32
+            c["ratio_to_dense"] = c["kv_cache_tokens"] / dense_tokens
+            print(f"[capacity] vLLM, rank {c['rank']}: {c['kv_cache_tokens']} KV tokens "
+                  f"(accounting {c['accounting_tokens']}), {c['ratio_to_dense']:.1f}x dense {dense_tokens}")
+        result["vllm_check"] = {"model": "LLaVA-1.5-7B attention geometry, 2 layers, random weights",
+                                "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": 4, "rows": checks}
+    (RESULTS / "capacity.json").write_text(json.dumps(result, indent=2))
+    plot(rows, RESULTS / "capacity.png")
+    print(f"[capacity] saved {RESULTS / 'capacity.json'} and capacity.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

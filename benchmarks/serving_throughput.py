@@ -1,0 +1,165 @@
+"""Serving throughput on this CPU: vLLM's own backend against AttentionPack, side by side.
+
+Same model, same KV cache bytes, same request mix, in a regime where the dense cache
+is the limit. For each backend a `vllm serve` is started on 127.0.0.1 and vLLM's own
+`vllm bench serve` is run against it `--reps` times (all requests at once); the
+engine's running-request count is read from /metrics while it runs. Reported per
+backend: requests/s, output tokens/s, mean time per output token and to first token,
+the most requests the engine ran at once, and the KV cache tokens it reported; then
+the AttentionPack/dense ratios of the medians.
+
+    python benchmarks/serving_throughput.py --mix text    # SmolLM2-135M-Instruct, text
+    python benchmarks/serving_throughput.py --mix image   # tiny LLaVA, image + text
+
+Each mix takes about 10-20 minutes here (two server starts, three repetitions each).
+Results: benchmarks/results/serving_<mix>.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from attentionpack_vllm import models
+from attentionpack_vllm.local_server import vllm_server
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIXES = {
+    # mix: (model builder, folder, bench dataset arguments)
+    "text": (models.convert_smollm2, "smollm2-135m-instruct",
+             ["--backend", "openai", "--endpoint", "/v1/completions", "--dataset-name", "random"]),
+    "image": (models.build_tiny_llava, "tiny-llava",
+              ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+               "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
+               "--random-mm-num-mm-items-range-ratio", "1.0",
+               "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+               "--random-mm-bucket-config", "{(56, 56, 1): 1.0}"]),
+}
+METRICS = ("request_throughput", "output_throughput", "mean_tpot_ms", "mean_ttft_ms")
+
+
+def poll_running(url: str, stop: threading.Event, peak: list[float]) -> None:
+    """Highest vllm:num_requests_running seen on /metrics until `stop`."""
+    pattern = re.compile(r"^vllm:num_requests_running\{[^}]*\} ([\d.]+)", re.M)
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=2) as r:
+                for value in pattern.findall(r.read().decode()):
+                    peak[0] = max(peak[0], float(value))
+        except OSError:
+            pass
+        stop.wait(0.5)
+
+
+def bench_once(url: str, args, mix_args: list[str], out: Path) -> dict:
+    vllm_cli = Path(sys.executable).with_name("vllm")
+    cmd = [str(vllm_cli), "bench", "serve", "--base-url", url, "--model", "bench-model",
+           "--tokenizer", str(args.model_dir), *mix_args,
+           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+           "--num-prompts", str(args.num_prompts), "--ignore-eos", "--seed", "0",
+           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    stop, peak = threading.Event(), [0.0]
+    poller = threading.Thread(target=poll_running, args=(url, stop, peak), daemon=True)
+    poller.start()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    stop.set()
+    poller.join()
+    if proc.returncode:
+        raise SystemExit(f"vllm bench serve failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(out.read_text())
+    out.unlink()
+    row = {k: data[k] for k in METRICS}
+    row["completed"] = data["completed"]
+    row["peak_running_requests"] = peak[0]
+    return row
+
+
+def run_backend(name: str, args, mix_args: list[str]) -> dict:
+    serve_args = ["--dtype", "float32", "--max-model-len", str(args.input_len + args.output_len + 64),
+                  "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory-bytes", str(args.kv_bytes),
+                  "--enforce-eager", "--seed", "0", "--block-size", "32"]
+    if name == "attentionpack":
+        serve_args += ["--attention-backend", "attentionpack", "--additional-config",
+                       json.dumps({"attentionpack": json.loads(args.settings)})]
+    else:
+        serve_args += ["--no-enable-prefix-caching"]  # same as AttentionPack, which turns it off
+    log = RESULTS / f"_serve_{name}.log"
+    print(f"[serving] starting vllm serve ({name}) ...", flush=True)
+    with vllm_server(args.model_dir, serve_args, log, served_name="bench-model") as (url, _):
+        kv_tokens = int(re.search(r"KV cache size: ([\d,]+) tokens", log.read_text()).group(1).replace(",", ""))
+        reps = []
+        for rep in range(args.reps):
+            row = bench_once(url, args, mix_args, RESULTS / f"_bench_{name}_{rep}.json")
+            print(f"[serving] {name} rep {rep + 1}/{args.reps}: {row['request_throughput']:.2f} req/s, "
+                  f"{row['output_throughput']:.1f} out tok/s, TPOT {row['mean_tpot_ms']:.1f} ms, "
+                  f"peak running {row['peak_running_requests']:.0f}", flush=True)
+            reps.append(row)
+    log.unlink()
+    median = {k: statistics.median(r[k] for r in reps) for k in (*METRICS, "peak_running_requests")}
+    return {"kv_cache_tokens": kv_tokens, "repetitions": reps, "median": median}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["requests/s", "output tok/s", "TPOT (ms)", "peak running"]
+    keys = ["request_throughput", "output_throughput", "mean_tpot_ms", "peak_running_requests"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.5))
+    for ax, key, label in zip(axes, keys, labels):
+        values = [result["backends"][b]["median"][key] for b in ("dense", "attentionpack")]
+        ax.bar(["vLLM CPU", "AttentionPack"], values, color=["0.5", "tab:blue"])
+        ax.set_title(label)
+    fig.suptitle(f"{result['mix']} mix, {result['model']}: medians of {result['reps']} runs, "
+                 f"same {result['kv_cache_memory_bytes'] // 2**20} MiB KV cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mix", choices=sorted(MIXES), default="text")
+    p.add_argument("--num-prompts", type=int, default=48)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--kv-bytes", type=int, default=None,
+                   help="KV cache bytes for both backends (default: a cache-bound size per mix)")
+    p.add_argument("--max-num-seqs", type=int, default=48)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--settings", default="{}", help="AttentionPack settings (JSON)")
+    args = p.parse_args(argv)
+    builder, folder, mix_args = MIXES[args.mix]
+    args.model_dir = builder(models.default_models_dir() / folder)
+    if args.kv_bytes is None:  # a few dense requests' worth: the dense cache is the limit
+        args.kv_bytes = {"text": 96, "image": 8}[args.mix] * 2**20
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"command": " ".join(["python", "benchmarks/serving_throughput.py", *sys.argv[1:]]),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "mix": args.mix, "model": folder,
+              "machine": "CPU, 2 cores (vLLM computes on one)", "reps": args.reps,
+              "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+              "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
+              "attentionpack_settings": json.loads(args.settings), "backends": {}}
+    for name in ("dense", "attentionpack"):
+        result["backends"][name] = run_backend(name, args, mix_args)
+    d, a = result["backends"]["dense"], result["backends"]["attentionpack"]
+    result["ratios_attentionpack_over_dense"] = {
+        k: a["median"][k] / d["median"][k] if d["median"][k] else None for k in d["median"]}
+    result["ratios_attentionpack_over_dense"]["kv_cache_tokens"] = a["kv_cache_tokens"] / d["kv_cache_tokens"]
+    for k, v in result["ratios_attentionpack_over_dense"].items():
+        print(f"[serving] AttentionPack / dense, {k}: {v:.2f}x" if v is not None else f"{k}: n/a")
+    (RESULTS / f"serving_{args.mix}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"serving_{args.mix}.png")
+    print(f"[serving] saved benchmarks/results/serving_{args.mix}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
