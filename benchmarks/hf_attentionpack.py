@@ -120,11 +120,11 @@ class PackedCache:
 
 
 @contextlib.contextmanager
-def active(cache):
-    """Route the model's decoder attention through `cache` inside the block."""
-    _active.append(cache)
+def active(caches):
+    """Route the model's decoder attention through `caches` (one per batch row) inside the block."""
+    _active.append(list(caches))
     try:
-        yield cache
+        yield caches
     finally:
         _active.pop()
 
@@ -140,15 +140,18 @@ def attention_function(module, query, key, value, attention_mask, scaling=None, 
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    if query.shape[0] != 1:
-        raise ValueError("the AttentionPack harness runs one request at a time (batch 1)")
+    caches = _active[-1]
+    if query.shape[0] != len(caches):
+        raise ValueError(f"batch of {query.shape[0]} rows for {len(caches)} caches")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     n = query.shape[2]
-    q = query[0].transpose(0, 1)                                   # [T, H, D]
-    k = key[0].transpose(0, 1).reshape(n, -1)                      # [T, Hkv * D]
-    v = value[0].transpose(0, 1).reshape(n, -1)
-    out = _active[-1].attend(layer, q, k, v, scale)
-    return out.unsqueeze(0).to(query.dtype), None
+    outs = []
+    for row, cache in enumerate(caches):  # each row is its own request with its own cache
+        q = query[row].transpose(0, 1)                             # [T, H, D]
+        k = key[row].transpose(0, 1).reshape(n, -1)                # [T, Hkv * D]
+        v = value[row].transpose(0, 1).reshape(n, -1)
+        outs.append(cache.attend(layer, q, k, v, scale))
+    return torch.stack(outs).to(query.dtype), None
 
 
 def register() -> str:
@@ -168,29 +171,33 @@ def load_causal_lm(path, dtype: torch.dtype = torch.float32):
 
 
 @torch.inference_mode()
-def teacher_forced_nll(model, ids: list[int], prefix: int, cache, progress=None) -> torch.Tensor:
-    """NLL of ids[prefix:], the prefix prefilled in one call, then one token per call.
+def teacher_forced_nll(model, ids: list[int], prefix: int, caches, progress=None) -> torch.Tensor:
+    """NLL of ids[prefix:] under each cache, the prefix prefilled in one call, then one
+    token per call.
 
-    Each later token is fed alone (no transformers cache, explicit position), so every
-    attention call after the prefill is a decode step through `cache`. Returns
-    [len(ids) - prefix] float64 NLLs (nats); the first is predicted by the prefill.
+    The same text runs as one batch row per cache (the weights are read once per step
+    for all of them; every row's attention goes through its own cache). Each later
+    token is fed alone (no transformers cache, explicit position), so every attention
+    call after the prefill is a decode step. Returns [len(caches), len(ids) - prefix]
+    float64 NLLs (nats); the first column is predicted by the prefill.
     """
-    ids_t = torch.tensor(ids)[None]
+    rows = len(caches)
+    ids_t = torch.tensor(ids)[None].expand(rows, -1)
+    target = torch.tensor(ids)
     nll = []
-    with active(cache):
-        out = model(input_ids=ids_t[:, :prefix], position_ids=torch.arange(prefix)[None],
+    with active(caches):
+        out = model(input_ids=ids_t[:, :prefix], position_ids=torch.arange(prefix)[None].expand(rows, -1),
                     use_cache=False, logits_to_keep=1)
-        logits = out.logits[0, -1]
         for t in range(prefix, len(ids)):
-            nll.append(float(torch.log_softmax(logits.double(), -1)[ids[t]].neg()))
+            logp = torch.log_softmax(out.logits[:, -1].double(), -1)
+            nll.append(logp[:, target[t]].neg())
             if t + 1 == len(ids):
                 break
-            out = model(input_ids=ids_t[:, t:t + 1], position_ids=torch.tensor([[t]]),
+            out = model(input_ids=ids_t[:, t:t + 1], position_ids=torch.full((rows, 1), t),
                         use_cache=False)
-            logits = out.logits[0, -1]
             if progress is not None:
                 progress(t + 1 - prefix, len(ids) - prefix)
-    return torch.tensor(nll, dtype=torch.float64)
+    return torch.stack(nll, dim=1)
 
 
 @torch.inference_mode()

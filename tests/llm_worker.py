@@ -9,7 +9,7 @@ import os
 import sys
 
 
-def test_image(seed: int, size: int = 56):
+def sample_image(seed: int, size: int = 56):
     """A deterministic picture: a coloured gradient with a seed-dependent pattern."""
     import numpy as np
     from PIL import Image
@@ -37,7 +37,7 @@ def main(spec_path: str, result_path: str) -> None:
                                                  tokenize=False)
         prompt = {"prompt": text}
         if request.get("images"):
-            prompt["multi_modal_data"] = {"image": [test_image(s) for s in request["images"]]}
+            prompt["multi_modal_data"] = {"image": [sample_image(s) for s in request["images"]]}
         prompts.append(prompt)
         params.append(SamplingParams(max_tokens=request["max_tokens"], temperature=0.0,
                                      ignore_eos=request.get("ignore_eos", True)))

@@ -8,7 +8,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from llm_worker import test_image
+from llm_worker import sample_image
 from attentionpack_vllm.local_server import vllm_server
 
 pytestmark = pytest.mark.vllm
@@ -21,7 +21,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. The capital of France is Pa
 
 def image_url(seed: int) -> str:
     buffer = io.BytesIO()
-    test_image(seed).save(buffer, format="PNG")
+    sample_image(seed).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
