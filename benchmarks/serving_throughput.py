@@ -127,19 +127,21 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mix", choices=sorted(MIXES), default="text")
-    p.add_argument("--num-prompts", type=int, default=48)
-    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--num-prompts", type=int, default=24)
+    p.add_argument("--input-len", type=int, default=768)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--kv-bytes", type=int, default=None,
                    help="KV cache bytes for both backends (default: a cache-bound size per mix)")
-    p.add_argument("--max-num-seqs", type=int, default=48)
+    # AttentionPack preallocates one slot (bases + window) per sequence, so this must
+    # leave room in the KV bytes for the records; the same value is used for both.
+    p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--settings", default="{}", help="AttentionPack settings (JSON)")
     args = p.parse_args(argv)
     builder, folder, mix_args = MIXES[args.mix]
     args.model_dir = builder(models.default_models_dir() / folder)
     if args.kv_bytes is None:  # a few dense requests' worth: the dense cache is the limit
-        args.kv_bytes = {"text": 96, "image": 8}[args.mix] * 2**20
+        args.kv_bytes = {"text": 192, "image": 8}[args.mix] * 2**20
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join(["python", "benchmarks/serving_throughput.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "mix": args.mix, "model": folder,

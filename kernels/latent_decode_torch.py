@@ -82,15 +82,14 @@ def latent_decode_attention(
     # Compressed tokens: scores in rank space.
     positions = torch.arange(max_compressed_len, device=query.device)
     valid = positions[None, :] < compressed_lens[:, None].long()          # [batch, T]
-    # Rows past a request's length hold stale bytes of other requests: zero them
-    # so that nothing (not even a NaN) leaks into the sums.
+    # Rows past a request's length hold stale bytes of other requests: `where` (not a
+    # product) keeps even a stale NaN out of the sums.
     records = gather_records(pages, block_table, max_compressed_len).to(f32)
-    records = records.masked_fill(~valid[..., None], 0.0)
-    flags = records[..., layout.flags_offset].round().long()
-    k_fac = records[..., layout.k_offset:layout.k_offset + rank_k]
-    v_fac = records[..., layout.v_offset:layout.v_offset + rank_v]
-    k_fac = k_fac * factor_column_mask(flags, group_cols_k, rank_k)
-    v_fac = v_fac * factor_column_mask(flags, group_cols_v, rank_v)
+    flags = torch.where(valid, records[..., layout.flags_offset], 0.0).round().long()
+    k_keep = factor_column_mask(flags, group_cols_k, rank_k) & valid[..., None]
+    v_keep = factor_column_mask(flags, group_cols_v, rank_v) & valid[..., None]
+    k_fac = torch.where(k_keep, records[..., layout.k_offset:layout.k_offset + rank_k], 0.0)
+    v_fac = torch.where(v_keep, records[..., layout.v_offset:layout.v_offset + rank_v], 0.0)
     is_image = (flags % 2) == IMAGE                                 # [batch, T]
 
     bk = basis_k[slots].to(f32).view(batch, 2, rank_k, num_kv_heads, head_size)
