@@ -73,10 +73,10 @@ MIB = 2 ** 20
 # (prompt, words any of which shows the key fact)
 CHAT_PROMPTS = [
     ("What is the capital of France? Tell me a little about the city.", ["Paris"]),
-    ("What is the largest planet in our solar system? Describe it.", ["Jupiter"]),
+    ("What is the capital of Japan? Tell me a little about the city.", ["Tokyo"]),
     ("Who wrote the play Romeo and Juliet? Tell me about the author.", ["Shakespeare"]),
     ("What is the chemical formula of water? Explain what it means.", ["H2O", "H₂O", "H 2 O"]),
-    ("How many days are there in a week? Name them.", ["seven", "7", "Seven"]),
+    ("What is the largest ocean on Earth? Describe it.", ["Pacific"]),
     ("At what temperature does water boil at sea level, in degrees Celsius? Explain why.",
      ["100"]),
 ]
