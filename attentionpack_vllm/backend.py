@@ -103,7 +103,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.device = device
-        self.request_ids = runtime.current_request_ids_source()
+        self.runner = runtime.current_runner()  # names the batch rows (legacy model runner)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttentionPackMetadata:
@@ -114,7 +114,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                          else cm.seq_lens)[:num_reqs].cpu().tolist()
         query_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
         context_lens = [s - q for s, q in zip(seq_lens_host, query_lens)]
-        slots = runtime.slots_for_rows(self.request_ids, cm.req_idx, num_reqs)
+        slots = runtime.slots_for_rows(self.runner, cm.req_idx, num_reqs)
         is_profiling = slots is None
         decode_rows = [i for i in range(num_reqs) if query_lens[i] == 1 and context_lens[i] > 0]
         decode_set = set(decode_rows)

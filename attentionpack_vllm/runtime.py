@@ -53,7 +53,7 @@ def set_building_runner(runner: Any) -> None:
     _building_runner = runner
 
 
-def current_request_ids_source() -> Any:
+def current_runner() -> Any:
     return _building_runner
 
 
