@@ -5,6 +5,7 @@ function reads ranks, record layout and partial-rank columns from here.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +66,16 @@ class CompressionPlan:
         return any(c < r for ranks, groups in zip(full, cols) for r, g in zip(ranks, groups) for c in g)
 
     def group_cols_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[2, num_groups] int32 tensors of columns read per (modality, group)."""
-        return (torch.tensor(self.group_cols_k, dtype=torch.int32, device=device),
-                torch.tensor(self.group_cols_v, dtype=torch.int32, device=device))
+        """[2, num_groups] int32 tensors of columns read per (modality, group).
+
+        Made once per plan and device: the decode step asks for them in every layer."""
+        return _group_cols_tensors(self, str(torch.device(device or "cpu")))
+
+
+@functools.cache
+def _group_cols_tensors(plan: CompressionPlan, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(plan.group_cols_k, dtype=torch.int32, device=device),
+            torch.tensor(plan.group_cols_v, dtype=torch.int32, device=device))
 
 
 def _by_modality(text: int, image: int) -> tuple[int, int]:
