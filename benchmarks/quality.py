@@ -16,7 +16,8 @@ top 25 % of tokens at full rank, the rest at a quarter; values only) and off:
 2. Greedy agreement through vLLM (`--attention-backend attentionpack`): six chat
    prompts (the model's chat template), 128 new tokens at most, dense vs each setting.
 3. Passkey retrieval through vLLM: a random 5-digit key hidden in 1k / 2k / 4k tokens
-   of filler, asked for at the end; ranks 32, 64, full.
+   of filler, asked for at the end; ranks 32, 64, full with the default partial rank
+   (on; off in --quick).
 4. The two design claims on real KV (post-RoPE, captured in the attention hook):
    (a) concatenated heads vs per-head factorisation at equal stored elements, on
    SmolLM2 layers 0, 15, 29; (b) modality-separated vs joint factorisation at equal
@@ -25,7 +26,8 @@ top 25 % of tokens at full rank, the rest at a quarter; values only) and off:
     python benchmarks/quality.py [--quick] [--parts ppl,vllm,claims] [--threads 1]
 
 `--quick`: ranks 32/64/full with partial rank off, 512 tokens of text, passkey at 1k
-only (a few minutes). The default full sweep takes about 25 minutes on two CPU cores.
+only: about 6 minutes. The full sweep: about 30 minutes (both measured on two CPU
+cores that other jobs were using too; the passkey prompts through vLLM are most of it).
 Results: benchmarks/results/quality.json and quality.png (either mode; `--out` to change).
 """
 from __future__ import annotations
@@ -246,7 +248,7 @@ def has_fact(text: str, words: list[str]) -> bool:
 
 
 def run_vllm_parts(model_dir: Path, configs: list[tuple[int, bool]], passkey_ranks: list[int],
-                   passkey_lengths: list[int]) -> dict:
+                   passkey_lengths: list[int], passkey_partial: bool) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -256,7 +258,7 @@ def run_vllm_parts(model_dir: Path, configs: list[tuple[int, bool]], passkey_ran
     t0 = time.time()
     runs = {}
     for rank, partial in [(None, False)] + configs:
-        with_passkey = rank is None or rank in passkey_ranks
+        with_passkey = rank is None or (rank in passkey_ranks and partial == passkey_partial)
         requests = greedy + (passkeys if with_passkey else [])
         name = "dense" if rank is None else label(rank, partial)
         say(f"vLLM {name}: {len(greedy)} chat prompts"
@@ -543,10 +545,11 @@ def expected_seconds(args, configs, passkey_ranks, lengths) -> float:
     rows = len(configs) + 1
     total = 0.0
     if "ppl" in args.parts:
-        total += 30 + (args.tokens - PREFIX) * (0.06 + 0.035 * rows)
+        total += 30 + (args.tokens - PREFIX) * (0.06 + 0.035 * rows) * args.tokens / 700
     if "vllm" in args.parts:
-        n_pass = sum(1 for r, _ in configs if r in passkey_ranks) + 1
-        total += (len(configs) + 1) * 75 + n_pass * sum(lengths) * len(PASSKEY_DEPTHS) / 700
+        n_pass = sum(1 for r, p in configs if r in passkey_ranks and p == (True in args.partials))
+        kilotokens = sum(lengths) * len(PASSKEY_DEPTHS) / 1000  # passkey prompt tokens, each run
+        total += (len(configs) + 1) * 45 + kilotokens * (3.5 + 8.0 * n_pass)
     if "claims" in args.parts:
         total += 40
     return total
@@ -581,15 +584,18 @@ def main(argv=None) -> int:
         ranks, partials, passkey_lengths = [16, 32, 64, 96, FULL], [True, False], [1024, 2048, 4096]
         args.tokens = args.tokens or 1024
     configs = [(r, p) for r in ranks for p in partials]
-    passkey_ranks = [32, 64, FULL]
+    # Passkeys (long prompts, the slow part through vLLM) at the default partial rank
+    # (on) in the full sweep, off in --quick, which runs partial rank off only.
+    passkey_ranks, passkey_partial = [32, 64, FULL], True in partials
     stem = args.out
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     say(f"mode {'quick' if args.quick else 'full'}: settings "
         f"{', '.join(label(r, p) for r, p in configs)}; parts {', '.join(args.parts)}; "
         f"torch threads {args.threads}")
+    args.partials = partials
     say(f"expected duration: about {expected_seconds(args, configs, passkey_ranks, passkey_lengths) / 60:.0f} "
-        "min on two CPU cores (longer when other jobs share them)")
+        "min (calibrated on two CPU cores shared with other jobs)")
     t_start = time.time()
     model_dir = convert_smollm2(default_models_dir() / "smollm2-135m-instruct", progress=say)
     result = {
@@ -600,6 +606,8 @@ def main(argv=None) -> int:
                   "description": describe_model(model_dir), "source": str(smollm2_gguf_path()),
                   "weights": "GGUF Q4_1 dequantised to float32"},
         "settings": {"ranks": ranks, "partial_rank": partials, "full_rank": FULL,
+                     "passkey": {"ranks": passkey_ranks, "partial_rank": passkey_partial,
+                                 "filler_tokens": passkey_lengths},
                      "defaults": AttentionPackConfig().to_dict(), "prefix_tokens": PREFIX,
                      "text_tokens": args.tokens, "memory_accounting": {
                          "tokens": MEMORY_TOKENS, "layers": NUM_LAYERS, "dtype": "float32",
@@ -614,10 +622,18 @@ def main(argv=None) -> int:
     import vllm
     result["environment"].update(transformers=transformers.__version__, vllm=vllm.__version__)
 
+    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+
+    def save(final: bool = False) -> None:
+        """Written after every part, so that a failure later keeps what was measured."""
+        result["complete"] = final
+        json_path.write_text(json.dumps(result, indent=1))
+
     if "ppl" in args.parts:
         t = time.time()
         result["perplexity"] = run_perplexity(model_dir, configs, args.tokens)
         result["timings_s"]["perplexity"] = time.time() - t
+        save()
         v = result["perplexity"]["verification"].get("full_rank_partial_off_vs_dense")
         if v:
             say(f"harness check: full rank, partial rank off vs dense perplexity: relative "
@@ -630,15 +646,16 @@ def main(argv=None) -> int:
         claims["modality_separation"] = modality_separation(default_models_dir() / "tiny-llava")
         result["claims"] = claims
         result["timings_s"]["claims"] = time.time() - t
+        save()
     if "vllm" in args.parts:
         t = time.time()
-        result["vllm"] = run_vllm_parts(model_dir, configs, passkey_ranks, passkey_lengths)
+        result["vllm"] = run_vllm_parts(model_dir, configs, passkey_ranks, passkey_lengths,
+                                        passkey_partial)
         result["timings_s"]["vllm"] = time.time() - t
     result["timings_s"]["total"] = time.time() - t_start
 
     summary(result)
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    json_path.write_text(json.dumps(result, indent=1))
+    save(final=True)
     plot(result, png_path)
     say(f"saved {json_path} and {png_path.name}; total {result['timings_s']['total'] / 60:.1f} min")
     return 0
