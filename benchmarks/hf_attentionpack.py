@@ -171,33 +171,36 @@ def load_causal_lm(path, dtype: torch.dtype = torch.float32):
 
 
 @torch.inference_mode()
-def teacher_forced_nll(model, ids: list[int], prefix: int, caches, progress=None) -> torch.Tensor:
-    """NLL of ids[prefix:] under each cache, the prefix prefilled in one call, then one
+def teacher_forced(model, ids: list[int], prefix: int, caches, progress=None):
+    """Score ids[prefix:] under each cache: the prefix prefilled in one call, then one
     token per call.
 
     The same text runs as one batch row per cache (the weights are read once per step
     for all of them; every row's attention goes through its own cache). Each later
     token is fed alone (no transformers cache, explicit position), so every attention
-    call after the prefill is a decode step. Returns [len(caches), len(ids) - prefix]
-    float64 NLLs (nats); the first column is predicted by the prefill.
+    call after the prefill is a decode step. Returns (nll, top1), both
+    [len(caches), len(ids) - prefix]: float64 NLL (nats) of each true next token, and
+    the token each row ranks first at that position (for next-token agreement). The
+    first column is predicted by the prefill.
     """
     rows = len(caches)
     ids_t = torch.tensor(ids)[None].expand(rows, -1)
     target = torch.tensor(ids)
-    nll = []
+    nll, top1 = [], []
     with active(caches):
         out = model(input_ids=ids_t[:, :prefix], position_ids=torch.arange(prefix)[None].expand(rows, -1),
                     use_cache=False, logits_to_keep=1)
         for t in range(prefix, len(ids)):
             logp = torch.log_softmax(out.logits[:, -1].double(), -1)
             nll.append(logp[:, target[t]].neg())
+            top1.append(logp.argmax(-1))
             if t + 1 == len(ids):
                 break
             out = model(input_ids=ids_t[:, t:t + 1], position_ids=torch.full((rows, 1), t),
                         use_cache=False)
             if progress is not None:
                 progress(t + 1 - prefix, len(ids) - prefix)
-    return torch.stack(nll, dim=1)
+    return torch.stack(nll, dim=1), torch.stack(top1, dim=1)
 
 
 @torch.inference_mode()

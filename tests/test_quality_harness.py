@@ -1,0 +1,61 @@
+"""The quality benchmark's transformers harness (benchmarks/hf_attentionpack.py).
+
+Its perplexity and next-token agreement are only worth something if the dense row is
+the model's own attention, the full-rank row goes through the AttentionPack core and
+equals dense, and a low-rank row really changes the logits.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import hf_attentionpack as hfap  # noqa: E402
+
+from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
+
+NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE = 2, 2, 32  # build_tiny_llama
+PREFIX, TOKENS = 40, 120  # 80 decode steps: two window folds of 32
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_llama):
+    model = hfap.load_causal_lm(tiny_llama)
+    ids = torch.randint(3, model.config.vocab_size, (TOKENS,),
+                        generator=torch.Generator().manual_seed(0)).tolist()
+
+    def packed(seed, **settings):
+        return hfap.PackedCache(AttentionPackConfig.from_dict(settings), NUM_LAYERS, NUM_KV_HEADS,
+                                HEAD_SIZE, TOKENS, seed=seed)
+
+    caches = [hfap.DenseCache(NUM_LAYERS),
+              packed(1, rank=NUM_KV_HEADS * HEAD_SIZE, partial_rank_values=False),
+              packed(2, rank=4, partial_rank_values=False)]
+    nll, top1 = hfap.teacher_forced(model, ids, PREFIX, caches)
+    return model, ids, nll, top1
+
+
+def test_shapes(scored):
+    _, _, nll, top1 = scored
+    assert nll.shape == top1.shape == (3, TOKENS - PREFIX)
+    assert nll.dtype == torch.float64 and top1.dtype == torch.int64
+
+
+def test_dense_row_is_the_models_own_attention(scored):
+    model, ids, nll, _ = scored
+    native = hfap.native_nll(model, ids, PREFIX)
+    torch.testing.assert_close(nll[0], native, rtol=0, atol=1e-4)
+
+
+def test_full_rank_through_the_cache_equals_dense(scored):
+    _, _, nll, top1 = scored
+    torch.testing.assert_close(nll[1], nll[0], rtol=0, atol=1e-4)
+    assert torch.equal(top1[1], top1[0])
+
+
+def test_low_rank_changes_the_predictions(scored):
+    _, _, nll, top1 = scored
+    assert (nll[2] - nll[0]).abs().max() > 1e-2
+    assert (top1[2] != top1[0]).any()
