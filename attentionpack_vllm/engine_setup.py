@@ -45,13 +45,26 @@ def prepare_engine(args, model_config) -> None:
     report, plan, layers = memory_report(config, model_config)
     logger.info("Using AttentionPack attention backend (%s)", "attentionpack_vllm")
     logger.info("AttentionPack settings: %s", json.dumps(config.to_dict(), sort_keys=True))
-    logger.info("AttentionPack bytes per token per layer: %d (dense %d, %.1fx smaller); "
+    logger.info("AttentionPack bytes per token per layer: %d (dense %d: %s); "
                 "record = K' %d + V' %d + importance + flags", report.record_bytes,
-                report.dense_token_bytes, report.token_ratio, plan.layout.rank_k, plan.layout.rank_v)
+                report.dense_token_bytes, size_change(report.token_ratio), plan.layout.rank_k,
+                plan.layout.rank_v)
+    if report.crossover_tokens() is None:
+        logger.warning("AttentionPack at these ranks stores at least as many bytes per token as "
+                       "the dense cache, plus the per-request bases: it will hold fewer tokens, "
+                       "not more. Lower rank_k/rank_v below %d to save memory.",
+                       min(plan.layout.rank_k, plan.layout.rank_v))
     logger.info("AttentionPack fixed bytes per request: %d over %d layers (bases and a %d-token "
                 "window); compression pays from %s tokens per request",
                 report.slot_bytes * layers, layers, plan.window_size,
                 report.crossover_tokens() or "no number of")
+
+
+def size_change(ratio: float) -> str:
+    """'3.20x smaller' / '1.01x larger' for a dense-over-packed byte ratio."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x smaller"
+    return f"{1 / ratio:.2f}x larger"
 
 
 def memory_report(config, model_config) -> tuple[MemoryReport, CompressionPlan, int]:

@@ -12,7 +12,14 @@ the AttentionPack/dense ratios of the medians.
     python benchmarks/serving_throughput.py --mix image   # tiny LLaVA, image + text
 
 Each mix takes about 10-20 minutes here (two server starts, three repetitions each).
-Results: benchmarks/results/serving_<mix>.{json,png}.
+Results: benchmarks/results/serving_<mix>.{json,png} (`--tag` adds a suffix).
+
+On a GPU machine with vLLM (CUDA) and this package installed, the paper's setting is
+LLaVA-1.5-7B with 336x336 images, in float16:
+
+    python benchmarks/serving_throughput.py --mix image --model llava-hf/llava-1.5-7b-hf \
+        --dtype float16 --image-size 336 --max-model-len 1024 --kv-bytes 4294967296 \
+        --max-num-seqs 64 --num-prompts 256 --input-len 64 --output-len 128 --tag llava7b
 """
 from __future__ import annotations
 
@@ -39,9 +46,9 @@ MIXES = {
               ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
                "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
                "--random-mm-num-mm-items-range-ratio", "1.0",
-               "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
-               "--random-mm-bucket-config", "{(56, 56, 1): 1.0}"]),
+               "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}']),
 }
+DEFAULT_IMAGE_SIZE = models.LLAVA_IMAGE_SIZE  # the tiny LLaVA's input size
 METRICS = ("request_throughput", "output_throughput", "mean_tpot_ms", "mean_ttft_ms")
 
 
@@ -82,7 +89,7 @@ def bench_once(url: str, args, mix_args: list[str], out: Path) -> dict:
 
 
 def run_backend(name: str, args, mix_args: list[str]) -> dict:
-    serve_args = ["--dtype", "float32", "--max-model-len", str(args.input_len + args.output_len + 64),
+    serve_args = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
                   "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory-bytes", str(args.kv_bytes),
                   "--enforce-eager", "--seed", "0", "--block-size", "32"]
     if name == "attentionpack":
@@ -116,12 +123,23 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.5))
     for ax, key, label in zip(axes, keys, labels):
         values = [result["backends"][b]["median"][key] for b in ("dense", "attentionpack")]
-        ax.bar(["vLLM CPU", "AttentionPack"], values, color=["0.5", "tab:blue"])
+        ax.bar(["vLLM's own backend", "AttentionPack"], values, color=["0.5", "tab:blue"])
         ax.set_title(label)
     fig.suptitle(f"{result['mix']} mix, {result['model']}: medians of {result['reps']} runs, "
                  f"same {result['kv_cache_memory_bytes'] // 2**20} MiB KV cache")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)}"
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def main(argv=None) -> int:
@@ -137,18 +155,43 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--settings", default="{}", help="AttentionPack settings (JSON)")
+    p.add_argument("--model", default=None,
+                   help="model folder or Hugging Face id (default: the mix's offline test model)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                   help=f"side of the square random images of the image mix (default {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's context limit (default: input + output + 64 tokens; "
+                        "an image mix on a real VLM needs room for its image tokens too)")
+    p.add_argument("--tag", default="", help="suffix of the results files (serving_<mix>[_<tag>])")
     args = p.parse_args(argv)
+    if args.max_model_len is None:
+        args.max_model_len = args.input_len + args.output_len + 64
+    if args.image_size < 1:
+        p.error(f"--image-size must be a positive number of pixels, got {args.image_size}")
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as e:
+        p.error(f"--settings must be a JSON object of AttentionPack settings: {e}")
+    if not isinstance(settings, dict):
+        p.error(f"--settings must be a JSON object of AttentionPack settings, got {args.settings!r}")
     builder, folder, mix_args = MIXES[args.mix]
-    args.model_dir = builder(models.default_models_dir() / folder)
+    if args.mix == "image":
+        mix_args = [*mix_args, "--random-mm-bucket-config",
+                    f"{{({args.image_size}, {args.image_size}, 1): 1.0}}"]
+    if args.model:
+        args.model_dir, folder = args.model, args.model
+    else:
+        args.model_dir = builder(models.default_models_dir() / folder)
     if args.kv_bytes is None:  # a few dense requests' worth: the dense cache is the limit
         args.kv_bytes = {"text": 192, "image": 8}[args.mix] * 2**20
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join(["python", "benchmarks/serving_throughput.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "mix": args.mix, "model": folder,
-              "machine": "CPU, 2 cores (vLLM computes on one)", "reps": args.reps,
+              "machine": machine(), "dtype": args.dtype, "reps": args.reps,
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
               "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
-              "attentionpack_settings": json.loads(args.settings), "backends": {}}
+              "attentionpack_settings": settings, "backends": {}}
     for name in ("dense", "attentionpack"):
         result["backends"][name] = run_backend(name, args, mix_args)
     d, a = result["backends"]["dense"], result["backends"]["attentionpack"]
@@ -157,9 +200,10 @@ def main(argv=None) -> int:
     result["ratios_attentionpack_over_dense"]["kv_cache_tokens"] = a["kv_cache_tokens"] / d["kv_cache_tokens"]
     for k, v in result["ratios_attentionpack_over_dense"].items():
         print(f"[serving] AttentionPack / dense, {k}: {v:.2f}x" if v is not None else f"{k}: n/a")
-    (RESULTS / f"serving_{args.mix}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"serving_{args.mix}.png")
-    print(f"[serving] saved benchmarks/results/serving_{args.mix}.json and .png")
+    stem = f"serving_{args.mix}" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{stem}.png")
+    print(f"[serving] saved benchmarks/results/{stem}.json and .png")
     return 0
 
 

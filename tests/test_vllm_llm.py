@@ -22,6 +22,9 @@ def test_full_rank_matches_dense_token_for_token_with_chunked_prefill(tiny_llama
     packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 8}, **engine),
                      text_requests())
     assert "Using AttentionPack attention backend" in packed.log
+    # Full rank saves nothing, and the log says so rather than rounding to "1.0x smaller".
+    assert "x larger); record = K' 64 + V' 64" in packed.log
+    assert "stores at least as many bytes per token as the dense cache" in packed.log
     assert packed.token_ids == dense.token_ids
 
 

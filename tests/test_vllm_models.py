@@ -31,6 +31,8 @@ def test_capacity_at_llava_7b_geometry_rank_64(llava_geometry_model):
     assert abs(packed_tokens - expected_blocks * block) <= block, (packed_tokens, expected_blocks * block)
     assert dense_tokens == KV_BYTES // (report.dense_token_bytes * layers * block) * block
     assert packed.log_int(r"the dense cache would hold (\d+) tokens") == pytest.approx(dense_tokens, rel=0.01)
+    assert "(dense 32768: 63.02x smaller)" in packed.log  # fp32: 8192 / 130 elements
+    assert "stores at least as many bytes" not in packed.log
 
 
 SMOLLM2_QUESTIONS = [

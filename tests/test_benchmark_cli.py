@@ -1,0 +1,23 @@
+"""Benchmark scripts refuse bad arguments with a message that names the option."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("serving_throughput.py", ["--image-size", "0"], "--image-size must be a positive"),
+    ("serving_throughput.py", ["--settings", "[1]"], "--settings must be a JSON object"),
+    ("serving_throughput.py", ["--settings", "{rank: 8"], "--settings must be a JSON object"),
+    ("serving_throughput.py", ["--mix", "audio"], "invalid choice: 'audio'"),
+    ("serving_throughput.py", ["--dtype", "int8"], "invalid choice: 'int8'"),
+    ("quality.py", ["--parts", "ppl,speed"], "unknown parts ['speed']"),
+])
+def test_bad_arguments_exit_with_a_named_error(script, args, message):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
