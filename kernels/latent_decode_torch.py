@@ -43,6 +43,11 @@ def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int)
     return torch.arange(rank, device=flags.device) < cols.unsqueeze(-1)
 
 
+def column_counts(group_cols: torch.Tensor) -> list[int]:
+    """The distinct numbers of factor columns the groups read (0, reading nothing, left out)."""
+    return sorted(c for c in set(group_cols.flatten().tolist()) if c > 0)
+
+
 def latent_decode_attention(
     query: torch.Tensor,          # [batch, num_heads, head_size]
     pages: torch.Tensor,          # [num_blocks, block_size, width]
@@ -82,24 +87,36 @@ def latent_decode_attention(
     # Compressed tokens: scores in rank space.
     positions = torch.arange(max_compressed_len, device=query.device)
     valid = positions[None, :] < compressed_lens[:, None].long()          # [batch, T]
-    # Rows past a request's length hold stale bytes of other requests: `where` (not a
-    # product) keeps even a stale NaN out of the sums.
+    # Rows past a request's length hold stale bytes of other requests: zeroing them (not
+    # a product with a mask) keeps even a stale NaN out of the sums. The gather made a
+    # copy, so this writes nothing back to the pages.
     records = gather_records(pages, block_table, max_compressed_len).to(f32)
-    flags = torch.where(valid, records[..., layout.flags_offset], 0.0).round().long()
-    k_keep = factor_column_mask(flags, group_cols_k, rank_k) & valid[..., None]
-    v_keep = factor_column_mask(flags, group_cols_v, rank_v) & valid[..., None]
-    k_fac = torch.where(k_keep, records[..., layout.k_offset:layout.k_offset + rank_k], 0.0)
-    v_fac = torch.where(v_keep, records[..., layout.v_offset:layout.v_offset + rank_v], 0.0)
-    is_image = (flags % 2) == IMAGE                                 # [batch, T]
+    records.masked_fill_(~valid[..., None], 0.0)
+    modality, group_index = decode_flags(records[..., layout.flags_offset].round().long())
+    is_image = modality == IMAGE                                    # [batch, T]
+    # The modalities present in this batch; the other's products are skipped.
+    present = [m for m, mask in ((IMAGE, is_image), (TEXT, ~is_image & valid)) if bool(mask.any())]
+    k_fac = records[..., layout.k_offset:layout.k_offset + rank_k]
+    v_fac = records[..., layout.v_offset:layout.v_offset + rank_v]
+    # Partial rank: a token reads the first cols[modality, group] columns of its factors.
+    # Rather than masking [batch, T, rank] factors, each distinct column count is one
+    # product over a prefix of the columns, selected per token ([batch, T] masks only).
+    k_cols = group_cols_k[modality, group_index]                     # [batch, T]
+    v_cols = group_cols_v[modality, group_index]
 
     bk = basis_k[slots].to(f32).view(batch, 2, rank_k, num_kv_heads, head_size)
     q_lat = torch.einsum("bmrkd,bkgd->bmkgr", bk, q).reshape(batch, 2, num_heads, rank_k)
-    scores = torch.where(
-        is_image[:, None, :],
-        torch.einsum("btr,bhr->bht", k_fac, q_lat[:, IMAGE]),
-        torch.einsum("btr,bhr->bht", k_fac, q_lat[:, TEXT]),
-    ) * scale
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    counts = column_counts(group_cols_k)
+    scores = torch.zeros(batch, num_heads, max_compressed_len, device=query.device)
+    for cols in counts:
+        per_modality = {m: torch.einsum("btr,bhr->bht", k_fac[..., :cols], q_lat[:, m, :, :cols])
+                        for m in present}
+        if len(per_modality) == 2:
+            part = torch.where(is_image[:, None, :], per_modality[IMAGE], per_modality[TEXT])
+        else:
+            part = next(iter(per_modality.values()), scores)
+        scores = part if counts == [rank_k] else torch.where((k_cols == cols)[:, None, :], part, scores)
+    scores = (scores * scale).masked_fill(~valid[:, None, :], float("-inf"))
 
     # Window tokens: ordinary full-rank K/V.
     window = window_k.shape[1]
@@ -117,12 +134,14 @@ def latent_decode_attention(
 
     # Values: accumulate in rank space per modality, one D_v product per head.
     bv = basis_v[slots].to(f32).view(batch, 2, rank_v, num_kv_heads, head_size)
-    img = is_image[:, None, :].to(f32)
-    acc_image = torch.einsum("bht,btr->bhr", p_c * img, v_fac).view(batch, num_kv_heads, group, rank_v)
-    acc_text = torch.einsum("bht,btr->bhr", p_c * (1 - img), v_fac).view(batch, num_kv_heads, group, rank_v)
-    out = (torch.einsum("bkgr,brkd->bkgd", acc_image, bv[:, IMAGE])
-           + torch.einsum("bkgr,brkd->bkgd", acc_text, bv[:, TEXT])
-           + torch.einsum("bkgw,bwkd->bkgd", p_w.view(batch, num_kv_heads, group, window), wv))
+    out = torch.einsum("bkgw,bwkd->bkgd", p_w.view(batch, num_kv_heads, group, window), wv)
+    for m in present:
+        acc = torch.zeros(batch, num_heads, rank_v, device=query.device)
+        for cols in column_counts(group_cols_v[m]):
+            chosen = ((modality == m) & (v_cols == cols)).to(f32)[:, None, :]   # [batch, 1, T]
+            acc[..., :cols] += torch.einsum("bht,btr->bhr", p_c * chosen, v_fac[..., :cols])
+        out = out + torch.einsum("bkgr,brkd->bkgd", acc.view(batch, num_kv_heads, group, rank_v),
+                                 bv[:, m])
     out = out.reshape(batch, num_heads, head_size).to(query.dtype)
     if not need_probs:
         return out, None, None
