@@ -41,13 +41,14 @@ def register() -> None:
 
 
 def install_worker_hooks() -> None:
-    """Hooks on the model runner and CPU worker; also called when a layer is built, so
+    """Hooks on the model runner and workers; also called when a layer is built, so
     they are in place in worker processes whatever vLLM had imported at plugin load."""
     import vllm.v1.worker.cpu_worker  # noqa: F401
     import vllm.v1.worker.gpu_model_runner  # noqa: F401
+    import vllm.v1.worker.gpu_worker  # noqa: F401
 
     _patch_model_runner()
-    _patch_cpu_worker()
+    _patch_worker_budgets()
 
 
 def is_selected(backend) -> bool:
@@ -136,34 +137,52 @@ def _patch_model_runner() -> None:
     _patch_once(runner_cls, "_update_states", make_update_states)
 
 
-def _patch_cpu_worker() -> None:
-    module = sys.modules.get("vllm.v1.worker.cpu_worker")
-    if module is None:
-        return
+def take_pools_out(available: int) -> int:
+    """The KV cache budget left for records once the slot pools are taken out of it."""
     from . import runtime
 
-    def make(original):
-        @functools.wraps(original)
-        def determine_available_memory(self):
-            available = original(self)
-            pools = runtime.pool_bytes()
-            if pools:
-                # The CPU cache budget is set, not profiled: take the slot pools out of it
-                # so that AttentionPack and dense compare within the same bytes.
-                from vllm.logger import init_logger
-                init_logger("vllm.attentionpack").info(
-                    "AttentionPack slot pools take %d bytes of the %d-byte KV cache budget",
-                    pools, available)
-                if pools >= available:
-                    raise ValueError(
-                        f"AttentionPack's per-request slot pools ({pools} bytes for max_num_seqs "
-                        f"requests) do not fit the KV cache budget ({available} bytes); raise "
-                        "--kv-cache-memory-bytes or lower --max-num-seqs")
-                available -= pools
-            return available
-        return determine_available_memory
+    pools = runtime.pool_bytes()
+    if not pools:
+        return available
+    from vllm.logger import init_logger
+    init_logger("vllm.attentionpack").info(
+        "AttentionPack slot pools take %d bytes of the %d-byte KV cache budget", pools, available)
+    if pools >= available:
+        raise ValueError(
+            f"AttentionPack's per-request slot pools ({pools} bytes for max_num_seqs "
+            f"requests) do not fit the KV cache budget ({available} bytes); raise "
+            "--kv-cache-memory-bytes or lower --max-num-seqs")
+    return available - pools
 
-    _patch_once(module.CPUWorker, "determine_available_memory", make)
+
+def gpu_budget(cache_config, available: int) -> int:
+    """A GPU worker's budget: pools out of a set one, a profiled one as it is."""
+    return take_pools_out(available) if cache_config.kv_cache_memory_bytes else available
+
+
+def _patch_worker_budgets() -> None:
+    """AttentionPack and dense compare within the same bytes: where the KV cache budget is
+    set rather than profiled (always on CPU; `--kv-cache-memory-bytes` on GPU), the slot
+    pools come out of it. A profiled GPU budget already counts them: they are allocated
+    with the weights, before the profile run."""
+    cpu = sys.modules.get("vllm.v1.worker.cpu_worker")
+    if cpu is not None:
+        def make_cpu(original):
+            @functools.wraps(original)
+            def determine_available_memory(self):
+                return take_pools_out(original(self))
+            return determine_available_memory
+
+        _patch_once(cpu.CPUWorker, "determine_available_memory", make_cpu)
+    gpu = sys.modules.get("vllm.v1.worker.gpu_worker")
+    if gpu is not None:
+        def make_gpu(original):
+            @functools.wraps(original)
+            def determine_available_memory(self):
+                return gpu_budget(self.cache_config, original(self))
+            return determine_available_memory
+
+        _patch_once(gpu.Worker, "determine_available_memory", make_gpu)
 
 
 def _patch_capacity_report() -> None:
