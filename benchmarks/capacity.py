@@ -5,13 +5,14 @@ tokens plus text) and Qwen2-VL-7B's (28 layers, 4 KV heads x 128), across ranks 
 request lengths, from the project's own byte accounting (`MemoryReport`, which the
 tests check against the tensors actually allocated). Both parts are reported: the
 per-token records and the fixed per-request slot (bases of both modalities and the
-full-rank window). With `--check-vllm`, vLLM itself is started on a random-weight
-model of LLaVA's attention geometry (2 layers) dense and with AttentionPack, and the
-KV cache tokens it reports are set beside the accounting.
+full-rank window). With `--check-vllm`, vLLM itself is started on random-weight
+models of LLaVA-1.5-7B's and Qwen2-VL-7B's attention geometry (2 layers each) dense
+and with AttentionPack, and the KV cache tokens it reports are set beside the
+accounting.
 
     python benchmarks/capacity.py [--check-vllm]
 
-Takes a second without vLLM, about 3 minutes with it. Results and the plot go to
+Takes a second without vLLM, about 6 minutes with it. Results and the plot go to
 benchmarks/results/capacity.{json,png}.
 """
 from __future__ import annotations
@@ -38,6 +39,11 @@ MODELS = {
     "llava-1.5-7b": (32, 32, 128, 576 + 50),
     "qwen2-vl-7b": (28, 4, 128, 576 + 50),
 }
+# Attention geometry of each model for the vLLM check: (query heads, KV heads, head size),
+# and the folder its random-weight stand-in is built in (the tests share LLaVA's).
+GEOMETRY = {"llava-1.5-7b": ((32, 32, 128), "llava7b-geometry"),
+            "qwen2-vl-7b": ((28, 4, 128), "qwen2vl7b-geometry")}
+CHECK_LAYERS, CHECK_SEQS, CHECK_BLOCK = 2, 4, 32
 RANKS = (16, 32, 64, 128)
 LENGTHS = (64, 128, 256, 626, 1024, 2048, 4096, 8192)
 
@@ -60,8 +66,8 @@ def check_vllm(model_dir: Path, kv_bytes: int, ranks: tuple[int, ...]) -> list[d
     worker = Path(__file__).resolve().parent.parent / "tests" / "llm_worker.py"
     rows = []
     for rank in (None, *ranks):
-        engine = dict(dtype="float16", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
-                      block_size=32, kv_cache_memory_bytes=kv_bytes)
+        engine = dict(dtype="float16", enforce_eager=True, max_model_len=1024,
+                      max_num_seqs=CHECK_SEQS, block_size=CHECK_BLOCK, kv_cache_memory_bytes=kv_bytes)
         if rank is not None:
             engine.update(attention_backend="attentionpack",
                           additional_config={"attentionpack": {"rank": rank}})
@@ -69,7 +75,8 @@ def check_vllm(model_dir: Path, kv_bytes: int, ranks: tuple[int, ...]) -> list[d
                 "requests": [{"prompt": "Hello", "max_tokens": 2}]}
         spec_path = RESULTS / "_capacity_spec.json"
         spec_path.write_text(json.dumps(spec))
-        print(f"[capacity] vLLM, {'dense' if rank is None else f'rank {rank}'} ...", flush=True)
+        print(f"[capacity] vLLM on {model_dir.name}, {'dense' if rank is None else f'rank {rank}'} ...",
+              flush=True)
         proc = subprocess.run([sys.executable, str(worker), str(spec_path), str(RESULTS / "_out.json")],
                               capture_output=True, text=True)
         log = proc.stdout + proc.stderr
@@ -80,6 +87,34 @@ def check_vllm(model_dir: Path, kv_bytes: int, ranks: tuple[int, ...]) -> list[d
         spec_path.unlink()
         (RESULTS / "_out.json").unlink(missing_ok=True)
     return rows
+
+
+def vllm_check_model(model: str, geometry: tuple[int, int, int], folder: str, kv_bytes: int) -> dict:
+    """vLLM's KV cache tokens at one model's attention geometry, beside the accounting."""
+    from attentionpack_vllm.models import build_attention_geometry_model, default_models_dir
+
+    num_heads, num_kv_heads, head_size = geometry
+    model_dir = build_attention_geometry_model(
+        default_models_dir() / folder, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_size=head_size, num_layers=CHECK_LAYERS)
+    checks = check_vllm(model_dir, kv_bytes, (32, 64, 128))
+    dense_tokens = checks[0]["kv_cache_tokens"]
+    dense_report = MemoryReport.of(CompressionPlan.build(AttentionPackConfig(), num_kv_heads, head_size),
+                                   torch.float16)
+    checks[0]["accounting_tokens"] = kv_bytes // (dense_report.dense_token_bytes * CHECK_LAYERS
+                                                  * CHECK_BLOCK) * CHECK_BLOCK
+    for c in checks[1:]:
+        plan = CompressionPlan.build(AttentionPackConfig.from_dict({"rank": c["rank"]}), num_kv_heads,
+                                     head_size)
+        report = MemoryReport.of(plan, torch.float16)
+        pools = report.slot_bytes * CHECK_LAYERS * CHECK_SEQS
+        c["accounting_tokens"] = (kv_bytes - pools) // (report.record_bytes * CHECK_LAYERS
+                                                        * CHECK_BLOCK) * CHECK_BLOCK
+        c["ratio_to_dense"] = c["kv_cache_tokens"] / dense_tokens
+        print(f"[capacity] vLLM at {model} geometry, rank {c['rank']}: {c['kv_cache_tokens']} KV tokens "
+              f"(accounting {c['accounting_tokens']}), {c['ratio_to_dense']:.1f}x dense {dense_tokens}")
+    return {"model": f"{model} attention geometry ({num_heads} query heads, {num_kv_heads} KV heads "
+                     f"x {head_size}), {CHECK_LAYERS} layers, random weights", "rows": checks}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -109,7 +144,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check-vllm", action="store_true",
-                        help="also start vLLM on a LLaVA-geometry model (about 3 minutes)")
+                        help="also start vLLM on models of LLaVA's and Qwen2-VL's attention "
+                             "geometry (about 6 minutes)")
     parser.add_argument("--kv-bytes", type=int, default=512 * MIB)
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -132,21 +168,11 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": "float16", "window_size": 32,
               "rows": rows, "paper_samples": samples}
     if args.check_vllm:
-        from attentionpack_vllm.models import build_attention_geometry_model, default_models_dir
-        model_dir = build_attention_geometry_model(default_models_dir() / "llava7b-geometry")
-        checks = check_vllm(model_dir, args.kv_bytes, (32, 64, 128))
-        layers = 2
-        dense_tokens = checks[0]["kv_cache_tokens"]
-        for c in checks[1:]:
-            plan = CompressionPlan.build(AttentionPackConfig.from_dict({"rank": c["rank"]}), 32, 128)
-            report = MemoryReport.of(plan, torch.float16)
-            pools = report.slot_bytes * layers * 4
-            c["accounting_tokens"] = (args.kv_bytes - pools) // (report.record_bytes * layers * 32) * 32
-            c["ratio_to_dense"] = c["kv_cache_tokens"] / dense_tokens
-            print(f"[capacity] vLLM, rank {c['rank']}: {c['kv_cache_tokens']} KV tokens "
-                  f"(accounting {c['accounting_tokens']}), {c['ratio_to_dense']:.1f}x dense {dense_tokens}")
-        result["vllm_check"] = {"model": "LLaVA-1.5-7B attention geometry, 2 layers, random weights",
-                                "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": 4, "rows": checks}
+        result["vllm_check"] = {"kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": CHECK_SEQS,
+                                "layers": CHECK_LAYERS, "models": {}}
+        for model, (geometry, folder) in GEOMETRY.items():
+            result["vllm_check"]["models"][model] = vllm_check_model(model, geometry, folder,
+                                                                     args.kv_bytes)
     (RESULTS / "capacity.json").write_text(json.dumps(result, indent=2))
     plot(rows, RESULTS / "capacity.png")
     print(f"[capacity] saved {RESULTS / 'capacity.json'} and capacity.png")
