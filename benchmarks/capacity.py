@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from _environment import environment
 from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.memory import MemoryReport
 from attentionpack_vllm.plan import CompressionPlan
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
               f"(of which fixed {s['slot_bytes_per_request'] / 1e6:.1f} MB), {s['reduction']:.2f}x")
 
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": "float16", "window_size": 32,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
+              "dtype": "float16", "window_size": 32,
               "rows": rows, "paper_samples": samples}
     if args.check_vllm:
         result["vllm_check"] = {"kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": CHECK_SEQS,

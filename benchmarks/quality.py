@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import hf_attentionpack as hfap  # noqa: E402
+from _environment import environment  # noqa: E402
 
 from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
 from attentionpack_vllm.factorize import (factorize, per_head_reconstruction,  # noqa: E402
@@ -636,13 +637,9 @@ def main(argv=None) -> int:
                          "source": "attentionpack_vllm.memory.MemoryReport.request_bytes "
                                    "(records + the per-request slot; partial rank stores the "
                                    "same bytes)"}},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpus": os.cpu_count(), "torch_threads": args.threads},
+        "environment": environment(),
         "timings_s": {},
     }
-    import transformers
-    import vllm
-    result["environment"].update(transformers=transformers.__version__, vllm=vllm.__version__)
 
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
 

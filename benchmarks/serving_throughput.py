@@ -34,6 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _environment import environment
 from attentionpack_vllm import models
 from attentionpack_vllm.local_server import vllm_server
 
@@ -131,17 +132,6 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def machine() -> str:
-    import os
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name(0)}"
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mix", choices=sorted(MIXES), default="text")
@@ -188,7 +178,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join(["python", "benchmarks/serving_throughput.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "mix": args.mix, "model": folder,
-              "machine": machine(), "dtype": args.dtype, "reps": args.reps,
+              "environment": environment(), "dtype": args.dtype, "reps": args.reps,
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
               "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
               "attentionpack_settings": settings, "backends": {}}
