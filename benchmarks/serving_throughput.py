@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,15 @@ MIXES = {
                "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}']),
 }
 DEFAULT_IMAGE_SIZE = models.LLAVA_IMAGE_SIZE  # the tiny LLaVA's input size
+# Per mix, a regime where the dense cache is the limit: a few dense requests' worth of
+# KV bytes, more requests than fit. The tiny LLaVA's KV width is 64, so it is
+# compressed at rank 16 (the default 64 would store it at full width).
+MIX_DEFAULTS = {
+    "text": dict(num_prompts=24, input_len=768, output_len=128, max_num_seqs=8,
+                 kv_bytes=192 * 2**20, settings="{}"),
+    "image": dict(num_prompts=48, input_len=256, output_len=128, max_num_seqs=48,
+                  kv_bytes=8 * 2**20, settings='{"rank": 16}'),
+}
 METRICS = ("request_throughput", "output_throughput", "mean_tpot_ms", "mean_ttft_ms")
 
 
@@ -132,19 +142,25 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def mix_help(key: str) -> str:
+    return "default " + ", ".join(f"{mix} {d[key]}" for mix, d in MIX_DEFAULTS.items())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mix", choices=sorted(MIXES), default="text")
-    p.add_argument("--num-prompts", type=int, default=24)
-    p.add_argument("--input-len", type=int, default=768)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=None, help=mix_help("num_prompts"))
+    p.add_argument("--input-len", type=int, default=None, help=mix_help("input_len"))
+    p.add_argument("--output-len", type=int, default=None, help=mix_help("output_len"))
     p.add_argument("--kv-bytes", type=int, default=None,
-                   help="KV cache bytes for both backends (default: a cache-bound size per mix)")
+                   help="KV cache bytes for both backends; " + mix_help("kv_bytes"))
     # AttentionPack preallocates one slot (bases + window) per sequence, so this must
     # leave room in the KV bytes for the records; the same value is used for both.
-    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=None, help=mix_help("max_num_seqs"))
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--settings", default="{}", help="AttentionPack settings (JSON)")
+    p.add_argument("--settings", default=None,
+                   help="AttentionPack settings (JSON); " + mix_help("settings")
+                        + " (with --model: {})")
     p.add_argument("--model", default=None,
                    help="model folder or Hugging Face id (default: the mix's offline test model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -155,6 +171,11 @@ def main(argv=None) -> int:
                         "an image mix on a real VLM needs room for its image tokens too)")
     p.add_argument("--tag", default="", help="suffix of the results files (serving_<mix>[_<tag>])")
     args = p.parse_args(argv)
+    if args.model and args.settings is None:
+        args.settings = "{}"  # rank 16 suits the tiny test model only; a real model gets the defaults
+    for key, value in MIX_DEFAULTS[args.mix].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.max_model_len is None:
         args.max_model_len = args.input_len + args.output_len + 64
     if args.image_size < 1:
@@ -173,10 +194,8 @@ def main(argv=None) -> int:
         args.model_dir, folder = args.model, args.model
     else:
         args.model_dir = builder(models.default_models_dir() / folder)
-    if args.kv_bytes is None:  # a few dense requests' worth: the dense cache is the limit
-        args.kv_bytes = {"text": 192, "image": 8}[args.mix] * 2**20
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join(["python", "benchmarks/serving_throughput.py", *sys.argv[1:]]),
+    result = {"command": shlex.join(["python", "benchmarks/serving_throughput.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "mix": args.mix, "model": folder,
               "environment": environment(), "dtype": args.dtype, "reps": args.reps,
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
