@@ -52,8 +52,9 @@ def prepare_engine(args, model_config) -> None:
     if report.crossover_tokens() is None:
         logger.warning("AttentionPack at these ranks stores at least as many bytes per token as "
                        "the dense cache, plus the per-request bases: it will hold fewer tokens, "
-                       "not more. Lower rank_k/rank_v below %d to save memory.",
-                       min(plan.layout.rank_k, plan.layout.rank_v))
+                       "not more. Set `rank` (or rank_text_key, rank_text_value, "
+                       "rank_vision_key, rank_vision_value) well below the KV width, %d, to "
+                       "save memory.", plan.kv_width)
     logger.info("AttentionPack fixed bytes per request: %d over %d layers (bases and a %d-token "
                 "window); compression pays from %s tokens per request",
                 report.slot_bytes * layers, layers, plan.window_size,

@@ -58,3 +58,12 @@ class MemoryReport:
         if saved_per_token <= 0:
             return None
         return math.floor(self.slot_bytes / saved_per_token) + 1
+
+    def cache_tokens(self, budget_bytes: int, num_layers: int, block_size: int,
+                     num_slots: int) -> tuple[int, int]:
+        """(dense, attentionpack) tokens a KV budget pages in whole blocks; AttentionPack's
+        `num_slots` slot pools come out of the budget first."""
+        dense_blocks = budget_bytes // (self.dense_token_bytes * num_layers * block_size)
+        records = budget_bytes - self.slot_bytes * num_layers * num_slots
+        packed_blocks = max(records, 0) // (self.record_bytes * num_layers * block_size)
+        return dense_blocks * block_size, packed_blocks * block_size

@@ -165,24 +165,22 @@ def _patch_worker_budgets() -> None:
     set rather than profiled (always on CPU; `--kv-cache-memory-bytes` on GPU), the slot
     pools come out of it. A profiled GPU budget already counts them: they are allocated
     with the weights, before the profile run."""
-    cpu = sys.modules.get("vllm.v1.worker.cpu_worker")
-    if cpu is not None:
-        def make_cpu(original):
+    def patch(module_name: str, class_name: str, budget) -> None:
+        module = sys.modules.get(module_name)
+        if module is None:
+            return
+
+        def make(original):
             @functools.wraps(original)
             def determine_available_memory(self):
-                return take_pools_out(original(self))
+                return budget(self, original(self))
             return determine_available_memory
 
-        _patch_once(cpu.CPUWorker, "determine_available_memory", make_cpu)
-    gpu = sys.modules.get("vllm.v1.worker.gpu_worker")
-    if gpu is not None:
-        def make_gpu(original):
-            @functools.wraps(original)
-            def determine_available_memory(self):
-                return gpu_budget(self.cache_config, original(self))
-            return determine_available_memory
+        _patch_once(getattr(module, class_name), "determine_available_memory", make)
 
-        _patch_once(gpu.Worker, "determine_available_memory", make_gpu)
+    patch("vllm.v1.worker.cpu_worker", "CPUWorker", lambda worker, available: take_pools_out(available))
+    patch("vllm.v1.worker.gpu_worker", "Worker",
+          lambda worker, available: gpu_budget(worker.cache_config, available))
 
 
 def _patch_capacity_report() -> None:

@@ -100,20 +100,17 @@ def vllm_check_model(model: str, geometry: tuple[int, int, int], folder: str, kv
         head_size=head_size, num_layers=CHECK_LAYERS)
     checks = check_vllm(model_dir, kv_bytes, (32, 64, 128))
     dense_tokens = checks[0]["kv_cache_tokens"]
-    dense_report = MemoryReport.of(CompressionPlan.build(AttentionPackConfig(), num_kv_heads, head_size),
-                                   torch.float16)
-    checks[0]["accounting_tokens"] = kv_bytes // (dense_report.dense_token_bytes * CHECK_LAYERS
-                                                  * CHECK_BLOCK) * CHECK_BLOCK
-    for c in checks[1:]:
-        plan = CompressionPlan.build(AttentionPackConfig.from_dict({"rank": c["rank"]}), num_kv_heads,
-                                     head_size)
-        report = MemoryReport.of(plan, torch.float16)
-        pools = report.slot_bytes * CHECK_LAYERS * CHECK_SEQS
-        c["accounting_tokens"] = (kv_bytes - pools) // (report.record_bytes * CHECK_LAYERS
-                                                        * CHECK_BLOCK) * CHECK_BLOCK
-        c["ratio_to_dense"] = c["kv_cache_tokens"] / dense_tokens
-        print(f"[capacity] vLLM at {model} geometry, rank {c['rank']}: {c['kv_cache_tokens']} KV tokens "
-              f"(accounting {c['accounting_tokens']}), {c['ratio_to_dense']:.1f}x dense {dense_tokens}")
+    for c in checks:
+        # The dense row's figure does not depend on the rank; any plan gives it.
+        config = AttentionPackConfig.from_dict({"rank": c["rank"] or 64})
+        report = MemoryReport.of(CompressionPlan.build(config, num_kv_heads, head_size), torch.float16)
+        dense, packed = report.cache_tokens(kv_bytes, CHECK_LAYERS, CHECK_BLOCK, CHECK_SEQS)
+        c["accounting_tokens"] = dense if c["rank"] is None else packed
+        if c["rank"] is not None:
+            c["ratio_to_dense"] = c["kv_cache_tokens"] / dense_tokens
+            print(f"[capacity] vLLM at {model} geometry, rank {c['rank']}: {c['kv_cache_tokens']} KV "
+                  f"tokens (accounting {c['accounting_tokens']}), {c['ratio_to_dense']:.1f}x dense "
+                  f"{dense_tokens}")
     return {"model": f"{model} attention geometry ({num_heads} query heads, {num_kv_heads} KV heads "
                      f"x {head_size}), {CHECK_LAYERS} layers, random weights", "rows": checks}
 

@@ -380,11 +380,8 @@ def concat_vs_per_head(model_dir: Path, num_tokens: int) -> dict:
 
 
 def modality_separation(out_dir: Path) -> dict:
+    from llm_worker import sample_image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    import llm_worker
-
-    # The worker's deterministic test picture (named test_image in older checkouts).
-    picture = getattr(llm_worker, "sample_image", None) or getattr(llm_worker, "test_image")
 
     path = build_tiny_llava(out_dir)
     processor = AutoProcessor.from_pretrained(path)
@@ -397,7 +394,7 @@ def modality_separation(out_dir: Path) -> dict:
         parts += [{"type": "image"}, {"type": "text", "text": f"Picture {i + 1}. " + text}]
     prompt = processor.apply_chat_template([{"role": "user", "content": parts}],
                                            add_generation_prompt=True)
-    images = [picture(seed) for seed in range(1, 5)]
+    images = [sample_image(seed) for seed in range(1, 5)]
     inputs = processor(images=images, text=prompt, return_tensors="pt")
     is_image = inputs["input_ids"][0] == model.config.image_token_index
     text_cfg = model.config.text_config
@@ -522,10 +519,9 @@ def plot(result: dict, path: Path) -> None:
         panels.append((p["settings"], "perplexity", p["dense"]["perplexity"],
                        f"perplexity ({scored} tokens, through the cache)",
                        "Perplexity (transformers + AttentionPack core)", None))
-        if "next_token_agreement" in p["settings"][0]:
-            panels.append((p["settings"], "next_token_agreement", 1.0,
-                           "top-1 next token equal to dense (fraction)",
-                           f"Next-token agreement ({scored} positions)", (-0.02, 1.05)))
+        panels.append((p["settings"], "next_token_agreement", 1.0,
+                       "top-1 next token equal to dense (fraction)",
+                       f"Next-token agreement ({scored} positions)", (-0.02, 1.05)))
     if result.get("vllm"):
         panels.append(([g for g in result["vllm"]["greedy"] if g["rank"] is not None],
                        "match_overall", 1.0,

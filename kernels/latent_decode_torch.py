@@ -100,13 +100,13 @@ def latent_decode_attention(
     v_fac = records[..., layout.v_offset:layout.v_offset + rank_v]
     # Partial rank: a token reads the first cols[modality, group] columns of its factors.
     # Rather than masking [batch, T, rank] factors, each distinct column count is one
-    # product over a prefix of the columns, selected per token ([batch, T] masks only).
-    k_cols = group_cols_k[modality, group_index]                     # [batch, T]
-    v_cols = group_cols_v[modality, group_index]
+    # product over a prefix of the columns, selected per token ([batch, T] masks only);
+    # with a single count (keys by default) there is nothing to select.
 
     bk = basis_k[slots].to(f32).view(batch, 2, rank_k, num_kv_heads, head_size)
     q_lat = torch.einsum("bmrkd,bkgd->bmkgr", bk, q).reshape(batch, 2, num_heads, rank_k)
     counts = column_counts(group_cols_k)
+    k_cols = group_cols_k[modality, group_index] if len(counts) > 1 else None   # [batch, T]
     scores = torch.zeros(batch, num_heads, max_compressed_len, device=query.device)
     for cols in counts:
         per_modality = {m: torch.einsum("btr,bhr->bht", k_fac[..., :cols], q_lat[:, m, :, :cols])
@@ -115,7 +115,7 @@ def latent_decode_attention(
             part = torch.where(is_image[:, None, :], per_modality[IMAGE], per_modality[TEXT])
         else:
             part = next(iter(per_modality.values()), scores)
-        scores = part if counts == [rank_k] else torch.where((k_cols == cols)[:, None, :], part, scores)
+        scores = part if k_cols is None else torch.where((k_cols == cols)[:, None, :], part, scores)
     scores = (scores * scale).masked_fill(~valid[:, None, :], float("-inf"))
 
     # Window tokens: ordinary full-rank K/V.
@@ -137,8 +137,11 @@ def latent_decode_attention(
     out = torch.einsum("bkgw,bwkd->bkgd", p_w.view(batch, num_kv_heads, group, window), wv)
     for m in present:
         acc = torch.zeros(batch, num_heads, rank_v, device=query.device)
-        for cols in column_counts(group_cols_v[m]):
-            chosen = ((modality == m) & (v_cols == cols)).to(f32)[:, None, :]   # [batch, 1, T]
+        of_m = modality == m
+        v_counts = column_counts(group_cols_v[m])
+        v_cols = group_cols_v[m][group_index] if len(v_counts) > 1 else None
+        for cols in v_counts:
+            chosen = (of_m if v_cols is None else of_m & (v_cols == cols)).to(f32)[:, None, :]
             acc[..., :cols] += torch.einsum("bht,btr->bhr", p_c * chosen, v_fac[..., :cols])
         out = out + torch.einsum("bkgr,brkd->bkgd", acc.view(batch, num_kv_heads, group, rank_v),
                                  bv[:, m])
