@@ -22,12 +22,15 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import runtime
 from .config import AttentionPackConfig
-from .decode import decode_step
+from .decode import decode_and_fold, schedule_decode
+from .kernels.decode_inputs import DecodeBatch
 from .memory import MemoryReport
+from .paged_store import FoldBatch
 from .plan import CompressionPlan
 from .plugin import install_worker_hooks
 from .prefill import causal_attention, prefill_request
 from .slot_pool import SlotPool
+from .windows import WindowTracker
 
 logger = init_logger("vllm.attentionpack")
 
@@ -77,8 +80,9 @@ class AttentionPackBackend(AttentionBackend):
         """Pages hold one record per token instead of K and V per KV head."""
         if spec.state_content_bytes is not None:
             return spec
-        plan = CompressionPlan.build(runtime.active_config(get_current_vllm_config_or_none()),
-                                     spec.num_kv_heads, spec.head_size)
+        vllm_config = get_current_vllm_config_or_none()
+        plan = CompressionPlan.build(runtime.active_config(vllm_config), spec.num_kv_heads, spec.head_size,
+                                     has_image=runtime.model_has_images(vllm_config))
         record_bytes = MemoryReport.of(plan, spec.dtype).record_bytes
         return dataclasses.replace(spec, num_head_slots=1, state_content_bytes=record_bytes)
 
@@ -88,22 +92,38 @@ class AttentionPackMetadata:
     num_actual_tokens: int
     query_start_loc: list[int]          # [num_reqs + 1], host
     context_lens: list[int]             # [num_reqs] tokens cached before this step
-    seq_lens: torch.Tensor              # [num_reqs] int32, device
     block_table: torch.Tensor           # [num_reqs, max_blocks] int32, device
-    slot_ids: torch.Tensor              # [num_reqs] int32, device (-1: profiling row)
-    decode_rows: torch.Tensor           # [num_decodes] int64: rows with one new token
-    decode_token_index: torch.Tensor    # [num_decodes] int64: their token in the batch
+    slot_ids: list[int]                 # [num_reqs] host (empty on profiling runs)
+    decode: DecodeBatch | None          # the decode rows' step inputs, shared by every layer
+    decode_tokens: slice | torch.Tensor  # their tokens in the batch
+    folds: FoldBatch | None             # windows that fill in this step and fold after it
     prefill_rows: list[int]
+    prefill_window_lens: dict[int, int]  # prefill row -> window rows left by one-token chunks
     image_masks: dict[int, torch.Tensor]  # prefill row -> [query_len] bool
     is_profiling: bool                  # rows that belong to no request (dummy runs)
 
 
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
+    """Per-step metadata, once for all layers: row kinds, slots, the decode batch and its folds.
+
+    The host-side window lengths of every slot live here (`WindowTracker`): the builder
+    sees every step, so it decides which windows fold without reading the device.
+    """
+
+    # Decode rows (one new token) first, so their tokens are one slice of the batch.
+    reorder_batch_threshold: int = 1
+
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.device = device
         self.runner = runtime.current_runner()  # names the batch rows (legacy model runner)
+        config = runtime.active_config(vllm_config)
+        self.plan = CompressionPlan.build(config, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+                                          has_image=runtime.model_has_images(vllm_config))
+        self.block_size = kv_cache_spec.block_size
+        self.windows = WindowTracker(runtime.num_request_slots(vllm_config), self.plan.window_size)
+        self.with_index = not runtime.uses_triton(config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttentionPackMetadata:
@@ -115,34 +135,53 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         query_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
         context_lens = [s - q for s, q in zip(seq_lens_host, query_lens)]
         slots = runtime.slots_for_rows(self.runner, cm.req_idx, num_reqs)
-        is_profiling = slots is None
+        block_table = cm.block_table_tensor[:num_reqs]
+        md = AttentionPackMetadata(
+            num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl, context_lens=context_lens,
+            block_table=block_table, slot_ids=slots or [], decode=None, decode_tokens=slice(0, 0),
+            folds=None, prefill_rows=[], prefill_window_lens={}, image_masks={},
+            is_profiling=slots is None)
+        if slots is None:
+            return md
         decode_rows = [i for i in range(num_reqs) if query_lens[i] == 1 and context_lens[i] > 0]
         decode_set = set(decode_rows)
-        prefill_rows = [i for i in range(num_reqs) if query_lens[i] > 0 and i not in decode_set]
-        ranges = cm.mm_req_doc_ranges or {}
-        image_masks = {}
-        for row in prefill_rows:
+        md.prefill_rows = [i for i in range(num_reqs) if query_lens[i] > 0 and i not in decode_set]
+        # Prefill chunks fold what is left in their window first; then it is empty.
+        md.prefill_window_lens = {row: self.windows.length(slots[row]) if context_lens[row] else 0
+                                  for row in md.prefill_rows}
+        self.windows.clear([slots[row] for row in md.prefill_rows])
+        if decode_rows:
+            md.decode, md.folds = self._decode_inputs(decode_rows, block_table, slots, seq_lens_host)
+            if decode_rows == list(range(len(decode_rows))) and qsl[:len(decode_rows)] == decode_rows:
+                md.decode_tokens = slice(0, len(decode_rows))
+            else:
+                md.decode_tokens = torch.tensor([qsl[i] for i in decode_rows], device=self.device)
+        md.image_masks = self._image_masks(cm.mm_req_doc_ranges or {}, md.prefill_rows,
+                                           context_lens, seq_lens_host)
+        return md
+
+    def _decode_inputs(self, rows: list[int], block_table: torch.Tensor, slots: list[int],
+                       seq_lens: list[int]) -> tuple[DecodeBatch, FoldBatch | None]:
+        if rows != list(range(len(rows))):
+            block_table = block_table[torch.tensor(rows, device=block_table.device)]
+        else:
+            block_table = block_table[:len(rows)]
+        return schedule_decode(self.windows, self.plan, block_table, [slots[i] for i in rows],
+                               [seq_lens[i] for i in rows], self.block_size, with_index=self.with_index)
+
+    def _image_masks(self, ranges: dict, rows: list[int], context_lens: list[int],
+                     seq_lens: list[int]) -> dict[int, torch.Tensor]:
+        """Prefill row -> [query_len] bool, True at image tokens (vLLM's ranges are inclusive)."""
+        masks = {}
+        for row in rows:
             spans = ranges.get(row)
             if spans:
-                pos = torch.arange(context_lens[row], seq_lens_host[row])
+                pos = torch.arange(context_lens[row], seq_lens[row])
                 mask = torch.zeros_like(pos, dtype=torch.bool)
                 for start, end in spans:
                     mask |= (pos >= start) & (pos <= end)
-                image_masks[row] = mask.to(self.device)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
-        return AttentionPackMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            query_start_loc=qsl,
-            context_lens=context_lens,
-            seq_lens=cm.seq_lens[:num_reqs],
-            block_table=cm.block_table_tensor[:num_reqs],
-            slot_ids=torch.tensor(slots or [-1] * num_reqs, dtype=torch.int32, device=self.device),
-            decode_rows=as_long(decode_rows),
-            decode_token_index=as_long([qsl[i] for i in decode_rows]),
-            prefill_rows=prefill_rows,
-            image_masks=image_masks,
-            is_profiling=is_profiling,
-        )
+                masks[row] = mask.to(self.device)
+        return masks
 
 
 class AttentionPackImpl(AttentionImpl):
@@ -167,7 +206,8 @@ class AttentionPackImpl(AttentionImpl):
         install_worker_hooks()
         vllm_config = get_current_vllm_config()
         self.config = runtime.active_config(vllm_config)
-        self.plan = CompressionPlan.build(self.config, num_kv_heads, head_size)
+        self.plan = CompressionPlan.build(self.config, num_kv_heads, head_size,
+                                          has_image=runtime.model_has_images(vllm_config))
         self.num_slots = runtime.num_request_slots(vllm_config)
         self.device = vllm_config.device_config.device
         self.pool: SlotPool | None = None
@@ -205,11 +245,10 @@ class AttentionPackImpl(AttentionImpl):
                 tokens = slice(qsl[row], qsl[row + 1])
                 output[tokens] = causal_attention(query[tokens], keys[tokens], values[tokens], self.scale)
             return output
-        if md.decode_rows.numel():
-            idx = md.decode_token_index
-            output[idx] = decode_step(
-                query[idx], keys[idx], values[idx], pages, self.pool, self.plan,
-                md.block_table[md.decode_rows], md.seq_lens[md.decode_rows], md.slot_ids[md.decode_rows],
+        if md.decode is not None:
+            idx = md.decode_tokens
+            output[idx] = decode_and_fold(
+                query[idx], keys[idx], values[idx], pages, self.pool, self.plan, md.decode, md.folds,
                 self.scale, attention=self.decode_attention)
         for row in md.prefill_rows:
             tokens = slice(qsl[row], qsl[row + 1])
@@ -222,5 +261,6 @@ class AttentionPackImpl(AttentionImpl):
                                  "their own key and value bases")
             output[tokens] = prefill_request(
                 query[tokens], keys[tokens], values[tokens], is_image, pages, self.pool, self.plan,
-                int(md.slot_ids[row]), md.block_table[row], md.context_lens[row], self.scale)
+                md.slot_ids[row], md.block_table[row], md.context_lens[row],
+                md.prefill_window_lens[row], self.scale)
         return output

@@ -1,60 +1,94 @@
-"""One AttentionPack decode step for a batch of requests.
+"""One AttentionPack decode step for a batch of requests, and the folds it schedules.
 
-The order within a decode step: the new token joins its request's full-rank window,
-attention runs in latent space over factors plus window, the importance EMA and
-partial-rank groups are updated from that step's probabilities, and full windows
-are folded into the text basis. The vLLM backend calls these with its metadata;
-they are plain functions of tensors, testable without vLLM.
+Within a step, every layer: the new token joins its request's full-rank window,
+attention runs in latent space over factors plus window, and (with partial rank) the
+importance EMA is updated in place. That part is a fixed sequence of batched ops
+with no host reads, so a CUDA graph can capture it. Windows that filled in this step
+are then folded into the text basis, all due requests in one batched call
+(`paged_store.fold_windows`), outside the captured part. Which requests fold is
+decided on the host (`windows.WindowTracker`) when the step's metadata is built.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from .importance import update_importance
+from .kernels.decode_inputs import DecodeBatch, make_decode_batch
 from .kernels.latent_decode_torch import latent_decode_attention
-from .paged_store import append_to_window, fold_window
+from .paged_store import FoldBatch, fold_windows, make_fold_batch
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
+from .windows import WindowTracker
 
-DecodeAttention = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+DecodeAttention = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+
+
+def schedule_decode(tracker: WindowTracker, plan: CompressionPlan, block_table: torch.Tensor,
+                    slot_ids: Sequence[int], seq_lens: Sequence[int], block_size: int,
+                    with_index: bool = True) -> tuple[DecodeBatch, FoldBatch | None]:
+    """A step's metadata, once for all layers: the decode batch and the folds it makes due.
+
+    block_table: [B, max_blocks] rows of the decoding requests; slot_ids, seq_lens:
+    host lists (seq_lens include the new token). Advances the tracker's windows.
+    `with_index` builds the PyTorch path's index tensors (the importance EMA needs
+    them on any path).
+    """
+    window_lens, due = tracker.advance(slot_ids)
+    batch = make_decode_batch(block_table, slot_ids, seq_lens, window_lens, window_size=plan.window_size,
+                              block_size=block_size, with_index=with_index or plan.tracks_importance)
+    if not due:
+        return batch, None
+    rows = torch.tensor(due, dtype=torch.int64, device=block_table.device)
+    folds = make_fold_batch(block_table[rows], [slot_ids[i] for i in due],
+                            [seq_lens[i] - window_lens[i] for i in due], [window_lens[i] for i in due],
+                            block_size)
+    return batch, folds
+
+
+def append_to_window(pool: SlotPool, batch: DecodeBatch, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Write each request's new token ([B, kv_width] keys and values) into its window row.
+
+    Its importance starts at 0; its page record is written when the window folds.
+    """
+    rows = (batch.slot_ids, batch.new_window_rows)
+    pool.window_k.index_put_(rows, keys.to(pool.window_k.dtype))
+    pool.window_v.index_put_(rows, values.to(pool.window_v.dtype))
+    pool.window_importance.index_put_(rows, torch.zeros((), device=keys.device))
 
 
 def decode_step(
-    query: torch.Tensor,        # [batch, num_heads, head_size]
-    key: torch.Tensor,          # [batch, kv_width] (after RoPE)
-    value: torch.Tensor,        # [batch, kv_width]
+    query: torch.Tensor,        # [B, num_heads, head_size]
+    key: torch.Tensor,          # [B, kv_width] (after RoPE)
+    value: torch.Tensor,        # [B, kv_width]
     pages: torch.Tensor,        # [num_blocks, block_size, width]
     pool: SlotPool,
     plan: CompressionPlan,
-    block_table: torch.Tensor,  # [batch, max_blocks]
-    seq_lens: torch.Tensor,     # [batch] int, including the new token
-    slot_ids: torch.Tensor,     # [batch] int
+    batch: DecodeBatch,
     scale: float,
     attention: DecodeAttention = latent_decode_attention,
 ) -> torch.Tensor:
-    """Append, attend, update importance, fold; returns [batch, num_heads, head_size].
+    """Append, attend, update importance; returns [B, num_heads, head_size].
 
-    The importance EMA is kept only while partial rank is on (it decides nothing otherwise).
+    The importance EMA is kept only while partial rank is on (it decides nothing
+    otherwise). Folds are the caller's next call (`fold_windows`), for the rows the
+    step's metadata marks as due.
     """
-    block_size = pages.shape[1]
-    seq = seq_lens.long()
-    new_pos = seq - 1
-    new_slots = block_table.long().gather(1, (new_pos // block_size)[:, None])[:, 0] * block_size \
-        + new_pos % block_size
-    append_to_window(pages, pool, slot_ids, new_slots, key, value, plan)
-    window_lens = pool.window_lens[slot_ids.long()]
-    compressed_lens = seq - window_lens.long()
-    group_cols_k, group_cols_v = plan.group_cols_tensors(query.device)
+    append_to_window(pool, batch, key, value)
     out, p_c, p_w = attention(
-        query, pages, block_table, compressed_lens, slot_ids,
-        pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, window_lens,
-        group_cols_k, group_cols_v, plan.layout, scale,
-        max_compressed_len=int(compressed_lens.max()), need_probs=plan.tracks_importance)
+        query, pages, pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, batch,
+        plan.spec, scale, need_probs=plan.tracks_importance)
     if plan.tracks_importance:
-        update_importance(pages, block_table, compressed_lens, window_lens, p_c, p_w, plan)
-    full = (window_lens >= plan.window_size).nonzero().flatten().tolist()
-    for b in full:
-        fold_window(pages, pool, int(slot_ids[b]), block_table[b], int(compressed_lens[b]), plan)
+        update_importance(pages, pool, batch, p_c, p_w, plan)
+    return out
+
+
+def decode_and_fold(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pages: torch.Tensor,
+                    pool: SlotPool, plan: CompressionPlan, batch: DecodeBatch, folds: FoldBatch | None,
+                    scale: float, attention: DecodeAttention = latent_decode_attention) -> torch.Tensor:
+    """`decode_step`, then the step's due folds; returns [B, num_heads, head_size]."""
+    out = decode_step(query, key, value, pages, pool, plan, batch, scale, attention)
+    if folds is not None:
+        fold_windows(pages, pool, plan, folds)
     return out

@@ -9,6 +9,7 @@ from vllm.logger import init_logger
 from . import runtime
 from .engine_checks import EngineFeatures, raise_on_conflicts
 from .memory import MemoryReport
+from .parallel import WorkerShape
 from .plan import CompressionPlan
 
 logger = init_logger("vllm.attentionpack")  # under vllm's logger: same format and level
@@ -42,7 +43,7 @@ def prepare_engine(args, model_config) -> None:
         model_config.model_arch_config = dataclasses.replace(
             model_config.model_arch_config, is_mm_prefix_lm=True)
         model_config.__dict__.pop("is_mm_prefix_lm", None)
-    report, plan, layers = memory_report(config, model_config)
+    report, plan, layers = memory_report(config, model_config, args)
     logger.info("Using AttentionPack attention backend (%s)", "attentionpack_vllm")
     logger.info("AttentionPack settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     logger.info("AttentionPack bytes per token per layer: %d (dense %d: %s); "
@@ -59,6 +60,10 @@ def prepare_engine(args, model_config) -> None:
                 "window); compression pays from %s tokens per request",
                 report.slot_bytes * layers, layers, plan.window_size,
                 report.crossover_tokens() or "no number of")
+    shape = WorkerShape.of(model_config, args)
+    if shape.workers > 1:
+        for line in shape.describe(report, plan):
+            logger.info(line)
 
 
 def size_change(ratio: float) -> str:
@@ -68,11 +73,13 @@ def size_change(ratio: float) -> str:
     return f"{1 / ratio:.2f}x larger"
 
 
-def memory_report(config, model_config) -> tuple[MemoryReport, CompressionPlan, int]:
-    plan = CompressionPlan.build(config, model_config.get_total_num_kv_heads(),
-                                 model_config.get_head_size())
-    layers = int(model_config.hf_text_config.num_hidden_layers)
-    return MemoryReport.of(plan, model_config.dtype), plan, layers
+def memory_report(config, model_config, parallel=None) -> tuple[MemoryReport, CompressionPlan, int]:
+    """Figures of one worker: its shard of the KV heads and the layers of its stage
+    (`parallel`: ParallelConfig or EngineArgs; None: a single worker)."""
+    shape = WorkerShape.of(model_config, parallel)
+    plan = CompressionPlan.build(config, shape.kv_heads, model_config.get_head_size(),
+                                 has_image=bool(model_config.is_multimodal_model))
+    return MemoryReport.of(plan, model_config.dtype), plan, shape.worker_layers
 
 
 def log_capacity(vllm_config) -> None:
@@ -81,7 +88,8 @@ def log_capacity(vllm_config) -> None:
     tokens = cache.kv_cache_size_tokens
     if tokens is None:
         return
-    report, _, layers = memory_report(runtime.active_config(vllm_config), vllm_config.model_config)
+    report, _, layers = memory_report(runtime.active_config(vllm_config), vllm_config.model_config,
+                                      vllm_config.parallel_config)
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     pool_bytes = report.slot_bytes * layers * max_num_seqs
     budget = tokens * report.record_bytes * layers + pool_bytes
@@ -93,3 +101,6 @@ def log_capacity(vllm_config) -> None:
                 tokens, tokens * report.record_bytes * layers, pool_bytes, max_num_seqs,
                 dense_tokens, tokens / max(dense_tokens, 1), max_len,
                 min(tokens / max_len, max_num_seqs), max_num_seqs)
+    shape = WorkerShape.of(vllm_config.model_config, vllm_config.parallel_config)
+    if shape.workers > 1:
+        logger.info(shape.describe_capacity(report, tokens, max_num_seqs))

@@ -1,111 +1,362 @@
-"""Low-rank factorisation of a segment of cached keys or values, and folding new rows in.
+"""Low-rank factorisation of cached keys or values, and folding new rows in, batched.
 
 A segment X (num_tokens x kv_width, heads concatenated) is stored as X ~ F @ B with
 F (num_tokens x rank) carrying the singular values and B (rank x kv_width) having
 orthonormal rows. Outputs are always padded to the requested rank with zero
-columns/rows, so a segment shorter than its rank is stored exactly and every
-segment has the same shape.
+columns/rows, so a segment with no more rows than its rank is stored exactly and
+every segment has the same shape.
+
+Every call is batched: `factorize_batch` takes [batch, num_tokens, kv_width] and
+`fold_batch` [batch, ...] tensors, with all-zero rows as padding (a zero row changes
+nothing and gets zero factors). `factorize` and `fold` are the one-request forms.
 
 `fold` adds rows to an existing factorisation (periodic re-compression and later
 prefill chunks): it re-factorises [F @ B; X_new] without rebuilding F @ B, working in
-the span of B's rows and the new rows, and returns the R x R map that rotates the
+an orthonormal frame spanning B's rows and the new rows (the old tokens only enter
+through the small Gram matrix F^T F), and returns the R x R map that rotates the
 stored factors into the new basis.
+
+Methods (`SvdSettings.method`):
+
+- "exact": `torch.linalg.svd` (LAPACK / cuSOLVER); the oracle.
+- "gram": the eigendecomposition (`torch.linalg.eigh`) of the Gram matrix of the
+  smaller side, in float64; as accurate as "exact", and much faster on CPU.
+- "randomized": only matrix products, Cholesky factorisations, triangular solves
+  and elementwise ops, so that a GPU never meets cuSOLVER's slow batched small
+  SVD / eigh / QR. Factorisation: a randomized range finder (rank + oversample
+  Gaussian columns, `power_iters` power iterations), orthonormalised by CholeskyQR.
+  The small eigenproblem that follows, and a fold's (R + m)-square Gram matrix, are
+  solved by simultaneous (orthogonal) iteration with CholeskyQR, started from the
+  coordinate axes in order of energy (for a fold: the old basis first).
+- "auto": "randomized" on CUDA, "gram" elsewhere (`resolve_method`).
+
+Small Gram matrices and every CholeskyQR are computed in float64 (cheap at these
+sizes); the products with the [num_tokens, kv_width] data stay in float32.
+
+This module imports only torch, so benchmarks/factorize_bench.py can load it on a
+machine without vLLM.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+METHODS = ("auto", "exact", "gram", "randomized")
+# A direction whose singular value is below this fraction of the largest is dropped
+# (zero basis row, zero factor column): what padding and rank deficiency leave behind
+# is round-off, and keeping it would give the basis arbitrary rows.
+NEGLIGIBLE = 1e-6
+# Simultaneous-iteration steps for the small eigenproblems of the "randomized" method
+# (each step multiplies by the squared Gram matrix, then CholeskyQR).
+EIGEN_STEPS_FACTORIZE = 6   # cold start: the sketch's axes, ordered by energy
+EIGEN_STEPS_FOLD = 3        # warm start: the old basis, then the new directions
+# Relative diagonal shift that keeps every Cholesky factorisation defined (float64):
+# directions with less energy than this fraction of the total come out shrunk.
+CHOLESKY_SHIFT = 1e-13
+SKETCH_SEED = 0
+
 
 @dataclass(frozen=True)
 class SvdSettings:
-    """How truncated SVDs are computed."""
+    """How truncated SVDs are computed (the `svd`, `svd_oversample`, `svd_power_iters` settings)."""
 
-    method: str = "exact"   # "exact" | "randomized"
-    oversample: int = 8
-    power_iters: int = 2
+    method: str = "auto"   # one of METHODS
+    oversample: int = 16   # "randomized": extra sketch columns beyond the rank
+    power_iters: int = 2   # "randomized": power iterations of the range finder
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"attentionpack setting 'svd' = {self.method!r} is invalid: "
+                             f"expected one of {list(METHODS)}")
+        for key, value in (("svd_oversample", self.oversample), ("svd_power_iters", self.power_iters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"attentionpack setting {key!r} = {value!r} is invalid: "
+                                 "expected an integer >= 0")
 
 
 @dataclass
 class LowRank:
-    factors: torch.Tensor  # [num_tokens, rank] float32, singular values folded in
-    basis: torch.Tensor    # [rank, kv_width] float32, orthonormal (or zero) rows
+    factors: torch.Tensor  # [..., num_tokens, rank] float32, singular values folded in
+    basis: torch.Tensor    # [..., rank, kv_width] float32, orthonormal (or zero) rows
 
 
 @dataclass
 class Fold:
-    rotation: torch.Tensor     # [rank, rank]: old factors @ rotation = their new factors
-    new_factors: torch.Tensor  # [num_new, rank]
-    basis: torch.Tensor        # [rank, kv_width]
+    rotation: torch.Tensor     # [..., R, rank]: old factors @ rotation = their new factors
+    new_factors: torch.Tensor  # [..., num_new, rank]
+    basis: torch.Tensor        # [..., rank, kv_width], orthonormal (or zero) rows
 
 
-def truncated_svd(x: torch.Tensor, rank: int, svd: SvdSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U*S [n, r], Vh [r, d]) of the best rank-r approximation, r = min(rank, n, d)."""
-    x = x.float()
-    r = min(rank, *x.shape)
-    if r == 0:
-        return x.new_zeros(x.shape[0], 0), x.new_zeros(0, x.shape[1])
-    if svd.method == "randomized" and r + svd.oversample < min(x.shape):
-        u, s, v = torch.svd_lowrank(x, q=r + svd.oversample, niter=svd.power_iters)
-        return u[:, :r] * s[:r], v[:, :r].T
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return u[:, :r] * s[:r], vh[:r]
+def resolve_method(method: str, device: torch.device | str) -> str:
+    """The method that runs on `device`: "auto" is "randomized" on CUDA, "gram" elsewhere.
 
+    On CPU (2 cores, benchmarks/results/factorize_bench_cpu.json) "gram" is as
+    accurate as "exact" and the fastest of the exact-accuracy methods; on CUDA,
+    "randomized" avoids cuSOLVER's batched small decompositions.
+    """
+    if method not in METHODS:
+        raise ValueError(f"attentionpack setting 'svd' = {method!r} is invalid: "
+                         f"expected one of {list(METHODS)}")
+    if method != "auto":
+        return method
+    return "randomized" if torch.device(device).type == "cuda" else "gram"
+
+
+def describe(svd: SvdSettings, device: torch.device | str) -> str:
+    """One line for the startup log: the method that runs on `device` and how."""
+    method = resolve_method(svd.method, device)
+    chosen = f"svd={svd.method} -> {method} on {torch.device(device).type}"
+    if method == "exact":
+        return f"{chosen}: torch.linalg.svd"
+    if method == "gram":
+        return f"{chosen}: float64 Gram matrix of the smaller side, torch.linalg.eigh"
+    return (f"{chosen}: randomized range finder (rank + {svd.oversample} columns, "
+            f"{svd.power_iters} power iterations), CholeskyQR, small eigenproblems by "
+            f"simultaneous iteration ({EIGEN_STEPS_FACTORIZE} steps prefill, "
+            f"{EIGEN_STEPS_FOLD} per fold); matrix products and Cholesky only")
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
 
 def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
+    """Zero-pad the last two dimensions of t to [rows, cols]."""
+    return torch.nn.functional.pad(t, (0, cols - t.shape[-1], 0, rows - t.shape[-2]))
+
+
+def _cholesky_qr(y: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """Orthonormalise the columns of y [..., n, c] in order (CholeskyQR, `passes` times).
+
+    Each pass scales the columns to unit norm, factors the float64 Gram matrix
+    y^T y + shift * I = L L^T and returns y L^-T (in y's dtype at the end). The shift
+    (`CHOLESKY_SHIFT` times the number of columns) keeps the factorisation defined
+    for rank-deficient y: a zero column stays zero, and a column with almost nothing
+    outside the earlier ones comes out short instead of as amplified round-off. A
+    second pass restores orthogonality lost to round-off.
+    """
+    dtype = y.dtype
+    y = y.double()
+    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
+    for _ in range(passes):
+        y = y / (y.norm(dim=-2, keepdim=True) + 1e-300)    # unit columns: the shift is relative to each
+        gram = y.mT @ y
+        shift = CHOLESKY_SHIFT * y.shape[-1]
+        lower, _ = torch.linalg.cholesky_ex(gram + shift * eye)
+        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+        y = y @ inverse.mT
+    return y.to(dtype)
+
+
+def _orthonormal_rows(rows: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """Orthonormalise the rows of [..., k, d] in order (zero rows stay zero)."""
+    return _cholesky_qr(rows.mT, passes).mT
+
+
+def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-r eigenvectors of symmetric PSD gram [..., c, c] (float64), largest first.
+
+    Returns (vectors [..., c, r] orthonormal columns, energies [..., r] = their
+    Rayleigh quotients). `exact`: torch.linalg.eigh. Otherwise simultaneous iteration
+    with the squared matrix: start from the coordinate axes in order of their
+    energy (the diagonal), `steps` times multiply and re-orthonormalise by
+    CholeskyQR, then order the columns by Rayleigh quotient.
+    """
+    if exact:
+        values, vectors = torch.linalg.eigh(gram)
+        return vectors.flip(-1)[..., :r], values.flip(-1)[..., :r].clamp_min(0)
+    c = gram.shape[-1]
+    order = gram.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)       # [..., c]
+    vectors = torch.zeros_like(gram).scatter_(-2, order.unsqueeze(-2), 1.0)        # axes e_order[j]
+    squared = gram @ gram
+    for _ in range(steps):
+        vectors = _cholesky_qr(squared @ vectors)
+    energies = ((gram @ vectors) * vectors).sum(-2)                                  # [..., c]
+    energies, top = energies.sort(dim=-1, descending=True)
+    top = top[..., :r]
+    return vectors.gather(-1, top.unsqueeze(-2).expand(*vectors.shape[:-1], r)), energies[..., :r]
+
+
+def _drop_negligible(vectors: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+    """Zero the columns of vectors [..., c, r] whose energy is negligible (`NEGLIGIBLE`)."""
+    largest = energies.amax(-1, keepdim=True)
+    keep = energies > largest * NEGLIGIBLE ** 2
+    return vectors * keep.unsqueeze(-2)
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian_sketch(width: int, columns: int, device: torch.device) -> torch.Tensor:
+    """A fixed Gaussian test matrix [width, columns] (seeded: the same for every call)."""
+    gen = torch.Generator().manual_seed(SKETCH_SEED)
+    return torch.randn(width, columns, generator=gen).to(device)
+
+
+def _range_sketch(x: torch.Tensor, columns: int, power_iters: int) -> torch.Tensor:
+    """[..., d, columns]: X^T Q, where Q [..., n, columns] spans X's dominant columns.
+
+    Randomized range finder: Q from X @ Omega, then `power_iters` rounds of
+    Q <- orth(X X^T Q), each orthonormalisation one CholeskyQR pass (in float64, so
+    the squared condition number of X X^T Q is no trouble).
+    """
+    q = _cholesky_qr(x @ _gaussian_sketch(x.shape[-1], columns, x.device))
+    for _ in range(power_iters):
+        q = _cholesky_qr(x @ (x.mT @ q))
+    return x.mT @ q
+
+
+# ---------------------------------------------------------------------------
+# Factorisation
+# ---------------------------------------------------------------------------
+
+def factorize_batch(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()) -> LowRank:
+    """Factorise every x[b] [num_tokens, kv_width] at `rank`: factors [B, n, rank], basis [B, rank, d].
+
+    Zero rows are padding: they get zero factors and change nothing else. A request
+    with no more valid rows than `rank` is stored exactly. Basis rows past a
+    request's numerical rank are zero.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"factorize_batch: x must be [batch, num_tokens, kv_width], got {list(x.shape)}")
+    method = resolve_method(svd.method, x.device)
+    x = x.float()
+    n, d = x.shape[-2:]
+    r = min(rank, n, d)
+    if r == 0:
+        return LowRank(x.new_zeros(*x.shape[:-1], rank), x.new_zeros(x.shape[0], rank, d))
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        keep = s[..., :r] > s[..., :1] * NEGLIGIBLE
+        factors, basis = u[..., :r] * (s[..., :r] * keep).unsqueeze(-2), vh[..., :r, :] * keep.unsqueeze(-1)
+    else:
+        basis = _top_row_space(x, r, svd, exact=(method == "gram"))
+        factors = x @ basis.mT
+    return LowRank(_pad(factors, n, rank), _pad(basis, rank, d))
+
+
+def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> torch.Tensor:
+    """Orthonormal rows [B, r, d] spanning (approximately) the top-r row space of x [B, n, d].
+
+    The eigenproblem is set on the smaller side's Gram matrix, or, for "randomized"
+    when both sides are longer than rank + oversample, on the sketch's.
+    """
+    n, d = x.shape[-2:]
+    columns = r + svd.oversample
+    if exact:
+        x = x.double()
+    if d <= n and (exact or d <= columns):
+        vectors, energies = _top_eigenvectors(x.mT.double() @ x.double(), r, exact, EIGEN_STEPS_FACTORIZE)
+        directions = _drop_negligible(vectors, energies)                 # [B, d, r]
+    else:
+        sketch = x.mT if (exact or n <= columns) else _range_sketch(x, columns, svd.power_iters)
+        sketch = sketch.double()                                          # [B, d, c]
+        vectors, energies = _top_eigenvectors(sketch.mT @ sketch, r, exact, EIGEN_STEPS_FACTORIZE)
+        directions = sketch @ _drop_negligible(vectors, energies)         # [B, d, r]
+    return _orthonormal_rows(directions.mT).float()
 
 
 def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()) -> LowRank:
     """Factorise x [num_tokens, kv_width] at `rank` (padded; exact when num_tokens <= rank)."""
-    us, vh = truncated_svd(x, rank, svd)
-    return LowRank(_pad(us, x.shape[0], rank), _pad(vh, rank, x.shape[1]))
+    low = factorize_batch(x[None], rank, svd)
+    return LowRank(low.factors[0], low.basis[0])
+
+
+# ---------------------------------------------------------------------------
+# Folding new rows in
+# ---------------------------------------------------------------------------
+
+def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
+               rank: int, svd: SvdSettings = SvdSettings()) -> Fold:
+    """Re-factorise every [old_factors[b] @ basis[b]; new_rows[b]] at `rank`.
+
+    old_factors: [B, T, R] (zero rows: padding, or tokens that keep their factors);
+    basis: [B, R, d] (orthonormal or zero rows; a basis stored in half precision is
+    re-orthonormalised here); new_rows: [B, m, d] (zero rows: padding). Returns
+    rotation [B, R, rank] (the old tokens' new factors are `old_factors @ rotation`:
+    their reconstruction changes only by the truncation to `rank`), new_factors
+    [B, m, rank] and basis [B, rank, d]. Exact when the combined data has rank <= rank.
+
+    The frame Q spans the basis rows and the new rows (at most `rank` of the new rows'
+    directions: a longer chunk first gives up all but its top `rank`). The old tokens
+    enter only through F^T F [R, R], so nothing is rebuilt at width d. The top `rank`
+    directions of the combined data in Q's coordinates then come from the SVD of the
+    stacked coordinates ("exact"), or from its (R + m)-square Gram matrix.
+    """
+    if old_factors.dim() != 3 or basis.dim() != 3 or new_rows.dim() != 3:
+        raise ValueError("fold_batch: old_factors [B, T, R], basis [B, R, d] and new_rows [B, m, d] "
+                         f"must be 3-d, got {list(old_factors.shape)}, {list(basis.shape)}, "
+                         f"{list(new_rows.shape)}")
+    if (old_factors.shape[-1] != basis.shape[-2] or basis.shape[-1] != new_rows.shape[-1]
+            or not old_factors.shape[0] == basis.shape[0] == new_rows.shape[0]):
+        raise ValueError(f"fold_batch: shapes do not agree: old_factors {list(old_factors.shape)}, "
+                         f"basis {list(basis.shape)}, new_rows {list(new_rows.shape)}")
+    method = resolve_method(svd.method, new_rows.device)
+    old, basis, new_rows = old_factors.float(), basis.float(), new_rows.float()
+    directions = new_rows
+    if new_rows.shape[1] > rank:
+        directions = factorize_batch(new_rows, rank, svd).basis
+    if method == "exact":
+        new_basis = _fold_basis_exact(old, basis, directions, new_rows, rank)
+    else:
+        new_basis = _fold_basis_gram(old, basis, directions, new_rows, rank, exact=(method == "gram"))
+    d = basis.shape[-1]
+    new_basis = _pad(new_basis, rank, d)
+    return Fold(rotation=(basis.double() @ new_basis.mT.double()).float(),
+                new_factors=(new_rows.double() @ new_basis.mT.double()).float(),
+                basis=new_basis)
+
+
+def _fold_basis_exact(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
+                      new_rows: torch.Tensor, rank: int) -> torch.Tensor:
+    """The oracle: QR frame, SVD of the stacked coordinates [old F @ B Q^T; new Q^T]."""
+    frame = torch.linalg.qr(torch.cat([basis, directions], dim=1).mT)[0].mT          # [B, k, d]
+    coords = torch.cat([old @ (basis @ frame.mT), new_rows @ frame.mT], dim=1)         # [B, T + m, k]
+    _, s, vh = torch.linalg.svd(coords, full_matrices=False)
+    r = min(rank, s.shape[-1])
+    keep = s[..., :r] > s[..., :1] * NEGLIGIBLE
+    return (vh[..., :r, :] * keep.unsqueeze(-1)) @ frame
+
+
+def _fold_basis_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
+                     new_rows: torch.Tensor, rank: int, exact: bool) -> torch.Tensor:
+    """CholeskyQR frame; the Gram matrix of the combined data in it, from F^T F; its top eigenvectors."""
+    basis, new_rows = basis.double(), new_rows.double()
+    frame = _orthonormal_rows(torch.cat([basis, directions.double()], dim=1))        # [B, k, d]
+    basis_coords = basis @ frame.mT                                                  # [B, R, k]
+    new_coords = new_rows @ frame.mT                                                 # [B, m, k]
+    old_gram = old.double().mT @ old.double()                                        # [B, R, R]
+    gram = basis_coords.mT @ old_gram @ basis_coords + new_coords.mT @ new_coords    # [B, k, k]
+    r = min(rank, gram.shape[-1])
+    vectors, energies = _top_eigenvectors(gram, r, exact, EIGEN_STEPS_FOLD)
+    return _orthonormal_rows(_drop_negligible(vectors, energies).mT @ frame).float()
 
 
 def fold(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
          rank: int, svd: SvdSettings = SvdSettings()) -> Fold:
-    """Re-factorise [old_factors @ basis; new_rows] at `rank`.
+    """Re-factorise [old_factors @ basis; new_rows] at `rank` (one request; see `fold_batch`).
 
-    old_factors: [n, rank]; basis: [rank, d] (orthonormal or zero rows);
-    new_rows: [m, d]. The old tokens' new factors are `old_factors @ rotation`;
-    their reconstruction changes only by the truncation to `rank`.
-
-    The work happens in an orthonormal frame Q spanning the basis rows and the new
-    rows (a QR factorisation, so the frame is orthonormal even when the stored basis
-    has drifted or the new rows add nothing), and the old factors are never multiplied
-    back to width d. The frame is exact when m <= rank (a re-compression window); for
-    a longer chunk the new rows first give up all but their top `rank` directions.
+    old_factors: [n, R]; basis: [R, d] (orthonormal or zero rows); new_rows: [m, d].
     """
-    basis, new_rows = basis.float(), new_rows.float()
-    directions = new_rows
-    if new_rows.shape[0] > rank:
-        _, directions = truncated_svd(new_rows, rank, svd)
-    frame, _ = torch.linalg.qr(torch.cat([basis, directions]).T)   # [d, k], orthonormal columns
-    basis_in_frame = basis @ frame                                   # [rank, k]
-    coords = torch.cat([old_factors.float() @ basis_in_frame, new_rows @ frame])  # [n + m, k]
-    _, vh = truncated_svd(coords, rank, svd)                         # [r, k]
-    v = vh.T
-    return Fold(
-        rotation=_pad(basis_in_frame @ v, rank, rank),
-        new_factors=_pad(coords[old_factors.shape[0]:] @ v, new_rows.shape[0], rank),
-        basis=_pad(vh @ frame.T, rank, basis.shape[1]),
-    )
+    result = fold_batch(old_factors[None], basis[None], new_rows[None], rank, svd)
+    return Fold(result.rotation[0], result.new_factors[0], result.basis[0])
 
+
+# ---------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------
 
 def per_head_reconstruction(x: torch.Tensor, num_heads: int, rank_per_head: int,
                             svd: SvdSettings = SvdSettings()) -> torch.Tensor:
     """Reconstruction of x [n, num_heads * head_size] factorised head by head.
 
     The alternative to concatenated heads, kept so that the two can be compared at
-    equal bytes (see `stored_elements`).
+    equal bytes (see `stored_elements`). The heads are one batched call.
     """
-    heads = x.float().chunk(num_heads, dim=1)
-    parts = []
-    for head in heads:
-        low = factorize(head, rank_per_head, svd)
-        parts.append(low.factors @ low.basis)
-    return torch.cat(parts, dim=1)
+    n = x.shape[0]
+    heads = x.float().reshape(n, num_heads, -1).transpose(0, 1)        # [H, n, head_size]
+    low = factorize_batch(heads, rank_per_head, svd)
+    return (low.factors @ low.basis).transpose(0, 1).reshape(n, -1)
 
 
 def stored_elements(num_tokens: int, width: int, rank: int, num_heads: int = 1) -> int:
@@ -117,3 +368,14 @@ def stored_elements(num_tokens: int, width: int, rank: int, num_heads: int = 1) 
 def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:
     """Frobenius-norm relative reconstruction error."""
     return float((x.float() - approx.float()).norm() / x.float().norm().clamp_min(1e-30))
+
+
+def captured_energy(x: torch.Tensor, low: LowRank, columns: int | None = None) -> torch.Tensor:
+    """1 - ||X - F[:, :c] B[:c]||^2 / ||X||^2 for x [..., n, d]: one value per matrix.
+
+    `columns` (c) defaults to all of them; fewer is what a partial-rank group reads.
+    """
+    columns = low.factors.shape[-1] if columns is None else columns
+    approx = low.factors[..., :columns].double() @ low.basis[..., :columns, :].double()
+    x = x.double()
+    return 1 - (x - approx).square().sum((-2, -1)) / x.square().sum((-2, -1)).clamp_min(1e-300)

@@ -6,18 +6,25 @@ uniform attention scores 1 at any length:
 
     importance <- ema_weight * importance + (1 - ema_weight) * seq_len * p
 
-Tokens stored as factors are then ranked by importance within their request and
-assigned to groups in order: the first `group_fractions[0]` (rounded up) to group 0
-(full rank), the next fraction to group 1, and so on. The decode path reads only
-`group_cols[modality, group]` columns of a token's factors.
+Factor tokens keep their score in their page record; window tokens in their slot
+(`SlotPool.window_importance`) until they fold. The update is a few in-place
+elementwise ops per layer.
+
+Groups are reassigned when a request's factors change anyway, at its window folds
+and after each prefill chunk, not at every step: tokens stored as factors are ranked
+by importance within their request and assigned to groups in order, the first
+`group_fractions[0]` (rounded up) to group 0 (full rank), the next fraction to
+group 1, and so on. Between folds a token keeps its group; a fold comes every
+`window_size` steps. The decode path reads only `group_cols[modality, group]`
+columns of a token's factors.
 """
 from __future__ import annotations
 
 import torch
 
-from .kernels.layout import decode_flags, encode_flags
-from .paged_store import batch_page_slots
+from .kernels.decode_inputs import DecodeBatch
 from .plan import CompressionPlan
+from .slot_pool import SlotPool
 
 
 def group_of_rank(order_index: torch.Tensor, counts: torch.Tensor, fractions: tuple[float, ...]) -> torch.Tensor:
@@ -30,57 +37,35 @@ def group_of_rank(order_index: torch.Tensor, counts: torch.Tensor, fractions: tu
     return (order_index[..., None] >= ends[:, None, :]).sum(-1)
 
 
+def groups_by_importance(importance: torch.Tensor, lengths: torch.Tensor,
+                         fractions: tuple[float, ...]) -> torch.Tensor:
+    """[batch, T] group of every position from its importance ([batch, T], padding ignored).
+
+    lengths: [batch] valid positions per row. Ties keep position order.
+    """
+    t = importance.shape[1]
+    pad = torch.arange(t, device=importance.device)[None, :] >= lengths[:, None]
+    scores = importance.float().masked_fill(pad, float("-inf"))
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    order_index = torch.empty_like(order)
+    order_index.scatter_(1, order, torch.arange(t, device=importance.device).expand_as(order))
+    return group_of_rank(order_index, lengths.long(), fractions)
+
+
 def update_importance(
-    pages: torch.Tensor,            # [num_blocks, block_size, width]
-    block_table: torch.Tensor,      # [batch, max_blocks]
-    compressed_lens: torch.Tensor,  # [batch] int
-    window_lens: torch.Tensor,      # [batch] int
-    compressed_probs: torch.Tensor,  # [batch, T_c] head-averaged probabilities
-    window_probs: torch.Tensor,     # [batch, window]
+    pages: torch.Tensor,             # [num_blocks, block_size, width]
+    pool: SlotPool,
+    batch: DecodeBatch,              # built with its index tensors
+    compressed_probs: torch.Tensor,  # [B, T] head-averaged probabilities
+    window_probs: torch.Tensor,      # [B, window]
     plan: CompressionPlan,
 ) -> None:
-    """Apply one step's EMA to every position's importance and regroup the factor tokens."""
-    batch = block_table.shape[0]
-    if batch == 0:
-        return
-    layout, block_size = plan.layout, pages.shape[1]
-    c_lens, w_lens = compressed_lens.long(), window_lens.long()
-    seq_lens = c_lens + w_lens
-    max_len = int(seq_lens.max())
-    pos = torch.arange(max_len, device=pages.device)
-    # Scores by position: factor tokens first, then the window.
-    probs = torch.zeros(batch, max_len, dtype=torch.float32, device=pages.device)
-    t_c = compressed_probs.shape[1]
-    probs[:, :t_c] = compressed_probs[:, :max_len].float() * (pos[None, :t_c] < c_lens[:, None])
-    w_pos = (pos[None, :] - c_lens[:, None])
-    in_window = (w_pos >= 0) & (w_pos < w_lens[:, None])
-    probs = torch.where(in_window, window_probs.float().gather(1, w_pos.clamp(0, window_probs.shape[1] - 1)), probs)
-    valid = pos[None, :] < seq_lens[:, None]
-
-    slots = batch_page_slots(block_table, max_len, block_size)[valid]
-    flat = pages.view(-1, pages.shape[-1])
-    old = flat[slots, layout.importance_offset].float()
-    new = plan.ema_weight * old + (1.0 - plan.ema_weight) * (seq_lens[:, None] * probs)[valid]
-    flat[slots, layout.importance_offset] = new.to(pages.dtype)
-    if plan.num_groups > 1:
-        assign_groups(pages, block_table, compressed_lens, plan)
-
-
-def assign_groups(pages: torch.Tensor, block_table: torch.Tensor, compressed_lens: torch.Tensor,
-                  plan: CompressionPlan) -> None:
-    """Rewrite the group bits of every factor token from its importance rank."""
-    c_lens = compressed_lens.long()
-    max_len = int(c_lens.max()) if c_lens.numel() else 0
-    if max_len == 0:
-        return
-    layout = plan.layout
-    valid = torch.arange(max_len, device=pages.device)[None, :] < c_lens[:, None]
-    slots = batch_page_slots(block_table, max_len, pages.shape[1])
-    flat = pages.view(-1, pages.shape[-1])
-    importance = flat[slots, layout.importance_offset].float().masked_fill(~valid, float("-inf"))
-    order = torch.argsort(importance, dim=1, descending=True, stable=True)
-    order_index = torch.empty_like(order)
-    order_index.scatter_(1, order, torch.arange(max_len, device=pages.device).expand_as(order))
-    groups = group_of_rank(order_index, c_lens, plan.group_fractions)
-    modality, _ = decode_flags(flat[slots, layout.flags_offset].round().long())
-    flat[slots[valid], layout.flags_offset] = encode_flags(modality, groups)[valid].to(pages.dtype)
+    """Apply one step's EMA to every factor token's and window token's importance, in place."""
+    keep = plan.ema_weight
+    scores = pages.view(-1, plan.layout.width)[:, plan.layout.importance_offset]   # strided view
+    old = scores[batch.valid_slots].float()
+    target = compressed_probs.reshape(-1)[batch.valid_index] * batch.valid_seq_lens
+    scores.index_put_((batch.valid_slots,), torch.lerp(target, old, keep).to(pages.dtype))
+    window = pool.window_importance
+    target_w = window_probs * batch.seq_lens[:, None]
+    window.index_put_((batch.slot_ids,), torch.lerp(target_w, window[batch.slot_ids], keep))

@@ -2,8 +2,8 @@
 
 Dense: every token of every layer stores K and V, `2 * num_kv_heads * head_size`
 elements. AttentionPack: every token stores one record (`layout.width` elements)
-and every request holds one slot per layer (bases of both modalities and the
-full-rank window). Both parts are reported; the fixed part dominates short requests.
+and every request holds one slot per layer (bases of each modality the model has
+and the full-rank window). Both parts are reported; the fixed part dominates short requests.
 """
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.layout import NUM_MODALITIES
 from .plan import CompressionPlan
-
-SLOT_COUNTER_BYTES = 4  # window_lens: one int32 per slot
+from .slot_pool import SlotPool
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -28,17 +26,14 @@ class MemoryReport:
 
     dense_token_bytes: int    # K and V of one token, one layer
     record_bytes: int         # one AttentionPack record, one layer
-    slot_bytes: int           # one request's slot (bases + window + counter), one layer
+    slot_bytes: int           # one request's slot (bases + window + window scores), one layer
 
     @classmethod
     def of(cls, plan: CompressionPlan, dtype: torch.dtype) -> "MemoryReport":
         item = dtype_bytes(dtype)
-        layout, width = plan.layout, plan.kv_width
-        slot_elements = (NUM_MODALITIES * (layout.rank_k + layout.rank_v) * width
-                         + 2 * plan.window_size * width)
-        return cls(dense_token_bytes=2 * width * item,
-                   record_bytes=layout.width * item,
-                   slot_bytes=slot_elements * item + SLOT_COUNTER_BYTES)
+        return cls(dense_token_bytes=2 * plan.kv_width * item,
+                   record_bytes=plan.layout.width * item,
+                   slot_bytes=SlotPool.slot_bytes(plan, dtype))
 
     @property
     def token_ratio(self) -> float:

@@ -1,16 +1,21 @@
-"""Writing AttentionPack's paged cache: prefill compression, decode appends, window folds.
+"""Writing AttentionPack's paged cache: prefill compression and window folds.
 
 Pages are `[num_blocks, block_size, width]` records (see kernels/layout.py), addressed
 through block tables and flat slots exactly as vLLM addresses its pages. A request's
 positions [0, compressed_len) are factors in the pages; positions
 [compressed_len, compressed_len + window_len) are full-rank rows in its slot's window
-(their page rows hold only importance and flags until they are folded).
+(their page rows are written when the window is folded).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
-from .factorize import fold
+from . import factorize
+from .importance import groups_by_importance
+from .kernels.decode_inputs import page_slots_of, ragged_positions
 from .kernels.layout import IMAGE, TEXT, decode_flags, encode_flags
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
@@ -69,7 +74,10 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
     old_modality, _ = decode_flags(read_records(pages, old_slots)[:, plan.layout.flags_offset].round().long())
     if importance is None:
         importance = read_records(pages, new_slots)[:, plan.layout.importance_offset]
-    for modality in (TEXT, IMAGE):
+    if not plan.has_image and bool(is_image.any()):
+        raise ValueError("AttentionPack: image tokens in a request of a plan without image bases "
+                         "(the model was not recognised as multimodal)")
+    for modality in ((TEXT, IMAGE) if plan.has_image else (TEXT,)):
         new_mask = is_image if modality == IMAGE else ~is_image
         if not bool(new_mask.any()):
             continue
@@ -83,7 +91,7 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
             ("v", values[new_mask], pool.basis_v, plan.ranks_v[modality], layout.v_offset, layout.rank_v),
         ):
             old_factors = old_records[:, offset:offset + rank]
-            result = fold(old_factors, basis[slot, modality, :rank], rows, rank, plan.svd)
+            result = factorize.fold(old_factors, basis[slot, modality, :rank], rows, rank, plan.svd)
             basis[slot, modality, :rank] = result.basis.to(basis.dtype)
             # Pad to the record's width so no stale column survives past this rank.
             pad = lambda t: torch.nn.functional.pad(t, (0, width - rank))  # noqa: E731
@@ -94,35 +102,90 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
                       flags=torch.full_like(new_m, encode_flags(modality, 0)))
 
 
-def append_to_window(pages: torch.Tensor, pool: SlotPool, slot_ids: torch.Tensor,
-                     page_slots_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     plan: CompressionPlan) -> None:
-    """Append one decode token per request to its slot's window.
 
-    slot_ids: [batch]; page_slots_new: [batch] flat page slots of the new positions;
-    keys, values: [batch, kv_width]. The new positions' records get importance 0
-    and text/full-rank flags; their factors are written when the window is folded.
-    Every window must have room (fold full windows first).
+
+@dataclass
+class FoldBatch:
+    """Requests whose windows fold into the text basis together, with their page index.
+
+    Positions [0, compressed_len) of a request are factors before the fold and
+    [0, compressed_len + count) after it. Every shape is known on the host.
     """
-    slots = slot_ids.long()
-    lens = pool.window_lens[slots].long()
-    if bool((lens >= plan.window_size).any()):
-        raise RuntimeError("AttentionPack window overflow: a full window was not folded")
-    pool.window_k[slots, lens] = keys.to(pool.window_k.dtype)
-    pool.window_v[slots, lens] = values.to(pool.window_v.dtype)
-    pool.window_lens[slots] += 1
-    zero = torch.zeros(slots.shape[0], dtype=pages.dtype, device=pages.device)
-    write_records(pages, page_slots_new, plan, importance=zero, flags=zero + encode_flags(TEXT, 0))
+
+    slot_ids: torch.Tensor          # [F] int64
+    compressed_lens: torch.Tensor   # [F] int64, before the fold
+    counts: torch.Tensor            # [F] int64: window rows to fold
+    max_len: int                    # host: max(compressed_len + count), the padded length
+    record_slots: torch.Tensor      # [F, max_len] int64 flat page slots (padding clamped)
+    valid_index: torch.Tensor       # [N] int64: valid positions in the flattened [F, max_len]
+    valid_slots: torch.Tensor       # [N] int64: their flat page slots
+
+    @property
+    def size(self) -> int:
+        return self.slot_ids.shape[0]
 
 
-def fold_window(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_row: torch.Tensor,
-                compressed_len: int, plan: CompressionPlan) -> int:
-    """Fold the slot's window into the text basis; returns the new compressed length."""
-    count = int(pool.window_lens[slot])
-    if count == 0:
-        return compressed_len
-    keys, values = pool.window_k[slot, :count], pool.window_v[slot, :count]
-    is_image = torch.zeros(count, dtype=torch.bool, device=keys.device)
-    compress_tokens(pages, pool, slot, block_table_row, plan, compressed_len, keys, values, is_image)
-    pool.window_lens[slot] = 0
-    return compressed_len + count
+def make_fold_batch(block_table: torch.Tensor, slot_ids: Sequence[int], compressed_lens: Sequence[int],
+                    counts: Sequence[int], block_size: int) -> FoldBatch:
+    """Index the folds of `len(slot_ids)` requests (block_table: their rows, [F, max_blocks])."""
+    device = block_table.device
+    as_long = lambda xs: torch.tensor(list(xs), dtype=torch.int64, device=device)  # noqa: E731
+    after = [c + n for c, n in zip(compressed_lens, counts)]
+    max_len = max(after, default=0)
+    positions = torch.arange(max_len, device=device).expand(len(after), max_len)
+    record_slots = page_slots_of(block_table, positions, block_size)
+    lengths = as_long(after)
+    rows, cols = ragged_positions(after, lengths)
+    valid_index = rows * max_len + cols
+    return FoldBatch(slot_ids=as_long(slot_ids), compressed_lens=as_long(compressed_lens),
+                     counts=as_long(counts), max_len=max_len, record_slots=record_slots,
+                     valid_index=valid_index, valid_slots=record_slots.reshape(-1)[valid_index])
+
+
+def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, folds: FoldBatch) -> None:
+    """Fold the windows of every request in `folds` into its text basis, in one batched call.
+
+    The window rows are factorised together with the request's text factors
+    (`factorize.fold_batch`), the stored text factors are rotated into the new
+    basis, the window tokens get their records (factors, their importance, text
+    flags), and, with partial rank, every factor token of the request is regrouped.
+    Image tokens keep their factors. The caller clears the windows' host-side lengths.
+    """
+    if folds.size == 0:
+        return
+    layout, slots = plan.layout, folds.slot_ids
+    flat = pages.view(-1, layout.width)
+    positions = torch.arange(folds.max_len, device=pages.device)[None, :]
+    c_lens = folds.compressed_lens[:, None]
+    in_window = (positions >= c_lens) & (positions < c_lens + folds.counts[:, None])   # [F, L]
+    window_row = (positions - c_lens).clamp(0, plan.window_size - 1)                  # [F, L]
+    records = flat[folds.record_slots].float()                                        # [F, L, width]
+    records.masked_fill_(~(positions < c_lens)[..., None], 0.0)                       # old tokens only
+    old_text = ((records[..., layout.flags_offset] % 2) == TEXT) & (positions < c_lens)
+
+    window_mask = torch.arange(plan.window_size, device=pages.device)[None, :] < folds.counts[:, None]
+    out = records.clone()
+    for window, basis, rank, offset in (
+        (pool.window_k, pool.basis_k, plan.ranks_k[TEXT], layout.k_offset),
+        (pool.window_v, pool.basis_v, plan.ranks_v[TEXT], layout.v_offset),
+    ):
+        old = records[..., offset:offset + rank] * old_text[..., None]
+        rows = window[slots].float() * window_mask[..., None]
+        result = factorize.fold_batch(old, basis[slots, TEXT, :rank].float(), rows, rank, plan.svd)
+        basis[slots, TEXT, :rank] = result.basis.to(basis.dtype)
+        rotated = torch.where(old_text[..., None], torch.matmul(old, result.rotation),
+                              records[..., offset:offset + rank])
+        new = result.new_factors.gather(1, window_row[..., None].expand(-1, -1, rank))
+        out[..., offset:offset + rank] = torch.where(in_window[..., None], new, rotated)
+        # A text rank below the record's width: the window's records had stale columns.
+        width = layout.rank_k if offset == layout.k_offset else layout.rank_v
+        out[..., offset + rank:offset + width] *= ~in_window[..., None]
+    importance = torch.where(in_window, pool.window_importance[slots].gather(1, window_row),
+                             records[..., layout.importance_offset])
+    out[..., layout.importance_offset] = importance
+    modality = torch.where(in_window, TEXT, records[..., layout.flags_offset] % 2)
+    group = 0
+    if plan.tracks_importance and plan.num_groups > 1:
+        group = groups_by_importance(importance, c_lens[:, 0] + folds.counts, plan.group_fractions)
+    out[..., layout.flags_offset] = encode_flags(modality, group)
+    flat[folds.valid_slots] = out.reshape(-1, layout.width)[folds.valid_index].to(pages.dtype)

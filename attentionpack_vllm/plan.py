@@ -12,6 +12,7 @@ import torch
 
 from .config import AttentionPackConfig
 from .factorize import SvdSettings
+from .kernels.decode_inputs import LatentSpec
 from .kernels.layout import IMAGE, TEXT, RecordLayout
 
 
@@ -27,9 +28,11 @@ class CompressionPlan:
     ema_weight: float
     window_size: int
     svd: SvdSettings
+    has_image: bool = True     # slots hold image bases (a multimodal model)
 
     @classmethod
-    def build(cls, config: AttentionPackConfig, num_kv_heads: int, head_size: int) -> "CompressionPlan":
+    def build(cls, config: AttentionPackConfig, num_kv_heads: int, head_size: int,
+              has_image: bool = True) -> "CompressionPlan":
         ranks = config.effective_ranks(num_kv_heads * head_size)
         ranks_k = _by_modality(text=ranks["rank_text_key"], image=ranks["rank_vision_key"])
         ranks_v = _by_modality(text=ranks["rank_text_value"], image=ranks["rank_vision_value"])
@@ -44,6 +47,7 @@ class CompressionPlan:
             ema_weight=config.ema_weight,
             window_size=config.window_size,
             svd=SvdSettings(config.svd, config.svd_oversample, config.svd_power_iters),
+            has_image=has_image,
         )
 
     @property
@@ -55,27 +59,37 @@ class CompressionPlan:
         return RecordLayout(rank_k=max(self.ranks_k), rank_v=max(self.ranks_v))
 
     @property
+    def num_modalities(self) -> int:
+        """Planes of a slot's bases: text only, or text and image."""
+        return 2 if self.has_image else 1
+
+    @functools.cached_property
+    def spec(self) -> LatentSpec:
+        """The constants the latent-space decode branches on.
+
+        A group that reads its modality's whole rank reads the whole record width in the
+        spec (the columns past a modality's rank are zero), so a plan without partial rank
+        has no column masks even when the modalities' ranks differ."""
+        layout = self.layout
+        widen = lambda table, ranks, width: tuple(  # noqa: E731
+            tuple(width if c >= r else c for c in row) for row, r in zip(table, ranks))
+        return LatentSpec(layout, self.num_modalities,
+                          widen(self.group_cols_k, self.ranks_k, layout.rank_k),
+                          widen(self.group_cols_v, self.ranks_v, layout.rank_v))
+
+    @property
     def num_groups(self) -> int:
         return len(self.group_fractions)
 
     @property
     def tracks_importance(self) -> bool:
         """Whether any group reads fewer columns than the full rank (else grouping is moot)."""
-        full = (self.ranks_k, self.ranks_v)
-        cols = (self.group_cols_k, self.group_cols_v)
-        return any(c < r for ranks, groups in zip(full, cols) for r, g in zip(ranks, groups) for c in g)
+        return self.spec.partial_k or self.spec.partial_v
 
     def group_cols_tensors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """[2, num_groups] int32 tensors of columns read per (modality, group).
-
-        Made once per plan and device: the decode step asks for them in every layer."""
-        return _group_cols_tensors(self, str(torch.device(device or "cpu")))
-
-
-@functools.cache
-def _group_cols_tensors(plan: CompressionPlan, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(plan.group_cols_k, dtype=torch.int32, device=device),
-            torch.tensor(plan.group_cols_v, dtype=torch.int32, device=device))
+        """[2, num_groups] int32 tensors of columns read per (modality, group) (the oracle's form)."""
+        return (torch.tensor(self.group_cols_k, dtype=torch.int32, device=device),
+                torch.tensor(self.group_cols_v, dtype=torch.int32, device=device))
 
 
 def _by_modality(text: int, image: int) -> tuple[int, int]:

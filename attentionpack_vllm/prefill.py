@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.layout import IMAGE, TEXT
-from .paged_store import compress_tokens, fold_window, page_slots, read_records
+from .importance import groups_by_importance
+from .kernels.layout import IMAGE, TEXT, encode_flags
+from .paged_store import compress_tokens, fold_windows, make_fold_batch, page_slots, read_records
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -56,8 +57,10 @@ def reconstruct_prefix(pages: torch.Tensor, pool: SlotPool, slot: int, block_tab
     k_fac = records[:, layout.k_offset:layout.k_offset + layout.rank_k]
     v_fac = records[:, layout.v_offset:layout.v_offset + layout.rank_v]
     basis_k, basis_v = pool.basis_k[slot].float(), pool.basis_v[slot].float()
-    keys = torch.where(is_image, k_fac @ basis_k[IMAGE], k_fac @ basis_k[TEXT])
-    values = torch.where(is_image, v_fac @ basis_v[IMAGE], v_fac @ basis_v[TEXT])
+    keys, values = k_fac @ basis_k[TEXT], v_fac @ basis_v[TEXT]
+    if plan.has_image:
+        keys = torch.where(is_image, k_fac @ basis_k[IMAGE], keys)
+        values = torch.where(is_image, v_fac @ basis_v[IMAGE], values)
     return keys, values
 
 
@@ -72,18 +75,37 @@ def prefill_request(
     slot: int,
     block_table_row: torch.Tensor,  # [max_blocks]
     context_len: int,           # tokens of this request already cached
+    window_len: int,            # of those, the newest ones still in the window
     scale: float,
 ) -> torch.Tensor:
-    """Attend, then compress the chunk; returns [num_tokens, num_heads, head_size]."""
+    """Attend, then compress the chunk; returns [num_tokens, num_heads, head_size].
+
+    The window (rows left by one-token chunks) is folded first, so that every earlier
+    position is a factor; the caller clears the window's host-side length.
+    """
     if context_len == 0:
         pool.reset(slot)  # a new request, or a preempted one starting over
-    else:
-        compressed = context_len - int(pool.window_lens[slot])
-        fold_window(pages, pool, slot, block_table_row, compressed, plan)
+    elif window_len:
+        folds = make_fold_batch(block_table_row[None], [slot], [context_len - window_len], [window_len],
+                                pages.shape[1])
+        fold_windows(pages, pool, plan, folds)
     prefix_k, prefix_v = reconstruct_prefix(pages, pool, slot, block_table_row, context_len, plan)
     all_k = torch.cat([prefix_k, keys.float()])
     all_v = torch.cat([prefix_v, values.float()])
     out = causal_attention(query, all_k, all_v, scale)
     importance = last_token_importance(query[-1], all_k, scale)[context_len:]
     compress_tokens(pages, pool, slot, block_table_row, plan, context_len, keys, values, is_image, importance)
+    if plan.tracks_importance and plan.num_groups > 1:
+        regroup(pages, plan, block_table_row, context_len + keys.shape[0])
     return out
+
+
+def regroup(pages: torch.Tensor, plan: CompressionPlan, block_table_row: torch.Tensor, length: int) -> None:
+    """Reassign the partial-rank groups of a request's `length` factor tokens from their importance."""
+    layout = plan.layout
+    slots = page_slots(block_table_row, 0, length, pages.shape[1])
+    records = read_records(pages, slots)
+    groups = groups_by_importance(records[None, :, layout.importance_offset],
+                                  torch.tensor([length], device=pages.device), plan.group_fractions)[0]
+    modality = records[:, layout.flags_offset].round().long() % 2
+    pages.view(-1, layout.width)[slots, layout.flags_offset] = encode_flags(modality, groups).to(pages.dtype)

@@ -40,6 +40,14 @@ def active_config(vllm_config: Any | None) -> AttentionPackConfig:
     return _config
 
 
+def model_has_images(vllm_config: Any | None) -> bool:
+    """Whether the served model takes images (its slots then hold image bases too).
+
+    Unknown (no model config in sight) counts as yes: the larger slot is never wrong."""
+    model_config = getattr(vllm_config, "model_config", None)
+    return True if model_config is None else bool(model_config.is_multimodal_model)
+
+
 def num_request_slots(vllm_config: Any) -> int:
     """One slot per request the scheduler may run at once."""
     return int(vllm_config.scheduler_config.max_num_seqs)
@@ -102,11 +110,15 @@ def pool_bytes() -> int:
 
 # --- decode implementation ----------------------------------------------------
 
-def decode_attention_for(config: AttentionPackConfig, device: Any) -> Callable:
-    """The latent-space decode function: Triton on CUDA, PyTorch on CPU, unless forced."""
-    use_triton = config.decode_kernel == "triton" or (
+def uses_triton(config: AttentionPackConfig, device: Any) -> bool:
+    """Triton on CUDA, PyTorch on CPU, unless `decode_kernel` forces one."""
+    return config.decode_kernel == "triton" or (
         config.decode_kernel == "auto" and str(device).startswith("cuda"))
-    if use_triton:
+
+
+def decode_attention_for(config: AttentionPackConfig, device: Any) -> Callable:
+    """The latent-space decode function (see `uses_triton`)."""
+    if uses_triton(config, device):
         from .kernels.latent_decode_triton import latent_decode_attention_triton
         return latent_decode_attention_triton
     from .kernels.latent_decode_torch import latent_decode_attention

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 FALLBACK_NAME = "_attentionpack_kernels"
 INSTALLED_NAME = "attentionpack_vllm.kernels"
-MODULES = ("layout", "latent_decode_torch", "latent_decode_triton", "dense_paged_triton")
+MODULES = ("layout", "decode_inputs", "latent_decode_torch", "latent_decode_triton", "dense_paged_triton")
+REPO = KERNELS_DIR.parent
 
 
 def load_from_path(kernels_dir: Path = KERNELS_DIR, name: str = FALLBACK_NAME):
@@ -41,8 +42,8 @@ def _import_all(package_name: str) -> dict:
 
 
 def load_kernels(from_path: bool = False) -> SimpleNamespace:
-    """The kernel modules (`layout`, `latent_decode_torch`, `latent_decode_triton`,
-    `dense_paged_triton`) and `source`, where they came from.
+    """The kernel modules (`layout`, `decode_inputs`, `latent_decode_torch`,
+    `latent_decode_triton`, `dense_paged_triton`) and `source`, where they came from.
 
     Installed package first; the repository's folder when it is missing (or lacks a
     module, e.g. an older install) or when `from_path` is set.
@@ -58,3 +59,34 @@ def load_kernels(from_path: bool = False) -> SimpleNamespace:
     package = load_from_path()
     modules = _import_all(package.__name__)
     return SimpleNamespace(source=f"{package.__name__} ({KERNELS_DIR})", **modules)
+
+
+def drop_editable_install() -> None:
+    """Forget an editable install of this project (tests of the no-install route only)."""
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if not type(f).__module__.startswith("__editable__")
+                        and not getattr(f, "__module__", "").startswith("__editable__")]
+    for name in [n for n in sys.modules if n == "attentionpack_vllm" or n.startswith("attentionpack_vllm.")]:
+        del sys.modules[name]
+
+
+def register_installed_name() -> str:
+    """Make `import attentionpack_vllm.kernels` work without installing the project.
+
+    With the package installed nothing changes. Otherwise the repository root goes on
+    sys.path (so `attentionpack_vllm` itself imports from the checkout) and `kernels/` is
+    loaded under the name `attentionpack_vllm.kernels`, as setup.py would install it.
+    Returns where the kernels come from.
+    """
+    try:
+        module = importlib.import_module(INSTALLED_NAME)
+        return f"{INSTALLED_NAME} ({Path(module.__file__).resolve().parent})"
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("attentionpack_vllm"):
+            raise
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    parent = importlib.import_module("attentionpack_vllm")
+    package = load_from_path(KERNELS_DIR, INSTALLED_NAME)
+    parent.kernels = package
+    return f"{INSTALLED_NAME} loaded from {KERNELS_DIR} (not installed)"

@@ -27,10 +27,11 @@ import contextlib
 import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
-from attentionpack_vllm.decode import decode_step
+from attentionpack_vllm.decode import decode_and_fold, schedule_decode
 from attentionpack_vllm.plan import CompressionPlan
 from attentionpack_vllm.prefill import causal_attention, prefill_request
 from attentionpack_vllm.slot_pool import SlotPool
+from attentionpack_vllm.windows import WindowTracker
 
 IMPLEMENTATION = "attentionpack"
 _active: list = []
@@ -97,6 +98,8 @@ class PackedCache:
                       for _ in range(num_layers)]
         self.pools = [SlotPool.allocate(self.plan, 2, dtype) for _ in range(num_layers)]
         self.seq_lens = [0] * num_layers
+        # Each layer sees the same steps; one window tracker per layer keeps them independent.
+        self.windows = [WindowTracker(2, self.plan.window_size) for _ in range(num_layers)]
         self.max_tokens = max_tokens
         self.is_image: torch.Tensor | None = None
 
@@ -106,15 +109,16 @@ class PackedCache:
             raise RuntimeError(f"PackedCache holds {self.max_tokens} tokens; {ctx + n} asked for")
         pages, pool = self.pages[layer], self.pools[layer]
         if n == 1 and ctx > 0:
-            seq = torch.tensor([ctx + 1], dtype=torch.int32)
-            out = decode_step(query, keys, values, pages, pool, self.plan, self.block_table, seq,
-                              self.slot_ids, scale)
+            batch, folds = schedule_decode(self.windows[layer], self.plan, self.block_table, [self.slot],
+                                           [ctx + 1], pages.shape[1])
+            out = decode_and_fold(query, keys, values, pages, pool, self.plan, batch, folds, scale)
         else:
             mask = self.is_image
             if mask is None:
                 mask = torch.zeros(n, dtype=torch.bool)
             out = prefill_request(query, keys, values, mask, pages, pool, self.plan, self.slot,
-                                  self.block_table[0], ctx, scale)
+                                  self.block_table[0], ctx, self.windows[layer].length(self.slot), scale)
+            self.windows[layer].clear([self.slot])
         self.seq_lens[layer] = ctx + n
         return out
 

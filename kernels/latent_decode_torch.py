@@ -13,27 +13,16 @@ newest tokens joins the same softmax as ordinary K/V. Partial rank: a token of
 group f contributes only the first `group_cols[modality, f]` columns of its factors.
 
 This is the path the CPU backend runs and the reference the Triton kernel is
-checked against. Requests are padded to the longest in the batch; no Python loop
-runs over tokens or requests.
+checked against. A fixed sequence of batched ops: requests are padded to the
+longest, every shape and branch comes from `LatentSpec` and the host-side sizes in
+`DecodeBatch`, and no device value is read back.
 """
 from __future__ import annotations
 
 import torch
 
-from .layout import IMAGE, TEXT, RecordLayout, decode_flags
-
-
-def gather_records(pages: torch.Tensor, block_table: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Records of the first `max_len` positions of every request.
-
-    pages: [num_blocks, block_size, width]; block_table: [batch, max_blocks].
-    Returns [batch, max_len, width] (rows past a request's length are whatever the
-    pages hold; callers mask them).
-    """
-    block_size = pages.shape[1]
-    num_blocks = -(-max_len // block_size)
-    rows = pages[block_table[:, :num_blocks].long()]  # [batch, num_blocks, block_size, width]
-    return rows.reshape(block_table.shape[0], num_blocks * block_size, -1)[:, :max_len]
+from .decode_inputs import DecodeBatch, LatentSpec
+from .layout import IMAGE, TEXT, decode_flags
 
 
 def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int) -> torch.Tensor:
@@ -43,109 +32,102 @@ def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int)
     return torch.arange(rank, device=flags.device) < cols.unsqueeze(-1)
 
 
-def column_counts(group_cols: torch.Tensor) -> list[int]:
-    """The distinct numbers of factor columns the groups read (0, reading nothing, left out)."""
-    return sorted(c for c in set(group_cols.flatten().tolist()) if c > 0)
+def _project(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """basis [B, M, R, KV*D], x [B, KV, G, D] -> [B, M, KV*G, R]: every head's x in rank space."""
+    batch, planes, rank, width = basis.shape
+    kv, group, head_size = x.shape[1:]
+    b = basis.view(batch, planes * rank, kv, head_size).transpose(1, 2)   # [B, KV, M*R, D]
+    out = torch.matmul(b, x.transpose(-1, -2))                            # [B, KV, M*R, G]
+    return out.view(batch, kv, planes, rank, group).permute(0, 2, 1, 4, 3).reshape(
+        batch, planes, kv * group, rank)
+
+
+def _banded_product(weights: torch.Tensor, factors: torch.Tensor, token_cols: torch.Tensor | None,
+                    bands) -> torch.Tensor:
+    """sum_t weights[..., t] * factors[t, :cols_t] as [B, P, rank], one product per column band.
+
+    weights [B, P, T]; factors [B, T, rank]; token_cols [B, T] (None: every token reads
+    every column, one band).
+    """
+    if token_cols is None:
+        return torch.matmul(weights, factors)
+    parts = [torch.matmul(weights * (token_cols >= hi)[:, None, :].to(weights.dtype), factors[..., lo:hi])
+             for lo, hi in bands]
+    return torch.cat(parts, dim=-1)
 
 
 def latent_decode_attention(
-    query: torch.Tensor,          # [batch, num_heads, head_size]
-    pages: torch.Tensor,          # [num_blocks, block_size, width]
-    block_table: torch.Tensor,    # [batch, max_blocks] int
-    compressed_lens: torch.Tensor,  # [batch] int: tokens stored as factors in pages
-    slot_ids: torch.Tensor,       # [batch] int: the request's slot in the pools below
-    basis_k: torch.Tensor,        # [num_slots, 2, rank_k, num_kv_heads * head_size]
-    basis_v: torch.Tensor,        # [num_slots, 2, rank_v, num_kv_heads * head_size]
-    window_k: torch.Tensor,       # [num_slots, window, num_kv_heads * head_size]
-    window_v: torch.Tensor,       # [num_slots, window, num_kv_heads * head_size]
-    window_lens: torch.Tensor,    # [batch] int: valid window tokens (newest positions)
-    group_cols_k: torch.Tensor,   # [2, num_groups] int: K' columns read per (modality, group)
-    group_cols_v: torch.Tensor,   # [2, num_groups] int: V' columns read per (modality, group)
-    layout: RecordLayout,
+    query: torch.Tensor,      # [B, num_heads, head_size]
+    pages: torch.Tensor,      # [num_blocks, block_size, width] records
+    basis_k: torch.Tensor,    # [num_slots, M, rank_k, kv_width]
+    basis_v: torch.Tensor,    # [num_slots, M, rank_v, kv_width]
+    window_k: torch.Tensor,   # [num_slots, window, kv_width]
+    window_v: torch.Tensor,   # [num_slots, window, kv_width]
+    batch: DecodeBatch,
+    spec: LatentSpec,
     scale: float,
-    max_compressed_len: int | None = None,
-    need_probs: bool = True,
+    need_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decode step for a batch of requests (one query token each).
 
-    Returns (output [batch, num_heads, head_size] in query dtype,
-             compressed_probs [batch, max_compressed_len] float32,
-             window_probs [batch, window] float32), the probabilities averaged over
-    heads, zero at padded positions (None, None without `need_probs`).
+    Returns (output [B, num_heads, head_size] in query dtype,
+             compressed_probs [B, T] float32, window_probs [B, window] float32),
+    the probabilities averaged over heads and zero at padded positions (None, None
+    without `need_probs`). Needs `batch` built with its index tensors.
     """
-    batch, num_heads, head_size = query.shape
-    num_kv_heads = basis_k.shape[-1] // head_size
-    group = num_heads // num_kv_heads
-    rank_k, rank_v = layout.rank_k, layout.rank_v
-    if max_compressed_len is None:
-        max_compressed_len = int(compressed_lens.max()) if batch else 0
+    bsz, num_heads, head_size = query.shape
+    kv_heads = basis_k.shape[-1] // head_size
+    group = num_heads // kv_heads
+    layout, t_max = spec.layout, batch.max_compressed_len
     f32 = torch.float32
+    slots = batch.slot_ids
+    q = (query.to(f32) * scale).view(bsz, kv_heads, group, head_size)
 
-    q = query.to(f32).view(batch, num_kv_heads, group, head_size)
-    slots = slot_ids.long()
+    # Compressed tokens. Padded rows hold stale bytes of other requests: zeroing the
+    # gathered copy (not a product with a mask) keeps even a stale NaN out of the sums.
+    records = pages.view(-1, layout.width)[batch.record_slots].to(f32)       # [B, T, width]
+    records.masked_fill_(batch.compressed_pad[..., None], 0.0)
+    flags = records[..., layout.flags_offset]
+    modality, group_index = decode_flags(flags) if spec.num_groups > 1 or spec.has_image else (None, None)
+    k_fac = records[..., layout.k_offset:layout.k_offset + layout.rank_k]
+    v_fac = records[..., layout.v_offset:layout.v_offset + layout.rank_v]
 
-    # Compressed tokens: scores in rank space.
-    positions = torch.arange(max_compressed_len, device=query.device)
-    valid = positions[None, :] < compressed_lens[:, None].long()          # [batch, T]
-    # Rows past a request's length hold stale bytes of other requests: zeroing them (not
-    # a product with a mask) keeps even a stale NaN out of the sums. The gather made a
-    # copy, so this writes nothing back to the pages.
-    records = gather_records(pages, block_table, max_compressed_len).to(f32)
-    records.masked_fill_(~valid[..., None], 0.0)
-    modality, group_index = decode_flags(records[..., layout.flags_offset].round().long())
-    is_image = modality == IMAGE                                    # [batch, T]
-    # The modalities present in this batch; the other's products are skipped.
-    present = [m for m, mask in ((IMAGE, is_image), (TEXT, ~is_image & valid)) if bool(mask.any())]
-    k_fac = records[..., layout.k_offset:layout.k_offset + rank_k]
-    v_fac = records[..., layout.v_offset:layout.v_offset + rank_v]
-    # Partial rank: a token reads the first cols[modality, group] columns of its factors.
-    # Rather than masking [batch, T, rank] factors, each distinct column count is one
-    # product over a prefix of the columns, selected per token ([batch, T] masks only);
-    # with a single count (keys by default) there is nothing to select.
+    q_lat = _project(basis_k[slots].to(f32), q)                             # [B, M, H, Rk]
+    k_cols = (spec.cols_table("k", query.device)[modality.long(), group_index.long()]
+              if spec.partial_k else None)
+    if spec.partial_k:
+        # Columns a token does not read contribute nothing to its score.
+        k_fac = k_fac * (torch.arange(layout.rank_k, device=query.device) < k_cols[..., None])
+    scores = torch.matmul(q_lat.reshape(bsz, -1, layout.rank_k), k_fac.transpose(1, 2))  # [B, M*H, T]
+    if spec.has_image:
+        scores = scores.view(bsz, 2, num_heads, t_max)
+        scores = torch.where((modality == IMAGE)[:, None, :], scores[:, IMAGE], scores[:, TEXT])
+    scores = scores.masked_fill(batch.compressed_pad[:, None, :], float("-inf"))
 
-    bk = basis_k[slots].to(f32).view(batch, 2, rank_k, num_kv_heads, head_size)
-    q_lat = torch.einsum("bmrkd,bkgd->bmkgr", bk, q).reshape(batch, 2, num_heads, rank_k)
-    counts = column_counts(group_cols_k)
-    k_cols = group_cols_k[modality, group_index] if len(counts) > 1 else None   # [batch, T]
-    scores = torch.zeros(batch, num_heads, max_compressed_len, device=query.device)
-    for cols in counts:
-        per_modality = {m: torch.einsum("btr,bhr->bht", k_fac[..., :cols], q_lat[:, m, :, :cols])
-                        for m in present}
-        if len(per_modality) == 2:
-            part = torch.where(is_image[:, None, :], per_modality[IMAGE], per_modality[TEXT])
-        else:
-            part = next(iter(per_modality.values()), scores)
-        scores = part if k_cols is None else torch.where((k_cols == cols)[:, None, :], part, scores)
-    scores = (scores * scale).masked_fill(~valid[:, None, :], float("-inf"))
-
-    # Window tokens: ordinary full-rank K/V.
-    window = window_k.shape[1]
-    w_valid = torch.arange(window, device=query.device)[None, :] < window_lens[:, None].long()
-    wk = window_k[slots].to(f32).masked_fill(~w_valid[..., None], 0.0)
-    wv = window_v[slots].to(f32).masked_fill(~w_valid[..., None], 0.0)
-    wk = wk.view(batch, window, num_kv_heads, head_size)
-    wv = wv.view(batch, window, num_kv_heads, head_size)
-    w_scores = torch.einsum("bwkd,bkgd->bkgw", wk, q).reshape(batch, num_heads, window) * scale
-    w_scores = w_scores.masked_fill(~w_valid[:, None, :], float("-inf"))
+    # Window tokens: ordinary full-rank K/V (rows past a window's length are finite
+    # leftovers of the same slot; their scores are masked).
+    w_keys = window_k[slots].to(f32).view(bsz, -1, kv_heads, head_size)     # [B, W, KV, D]
+    w_scores = torch.matmul(q, w_keys.permute(0, 2, 3, 1)).view(bsz, num_heads, -1)
+    w_scores = w_scores.masked_fill(batch.window_pad[:, None, :], float("-inf"))
 
     probs = torch.softmax(torch.cat([scores, w_scores], dim=-1), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # a request with nothing to attend (never in use)
-    p_c, p_w = probs[..., :max_compressed_len], probs[..., max_compressed_len:]
+    p_c, p_w = probs[..., :t_max], probs[..., t_max:]
 
     # Values: accumulate in rank space per modality, one D_v product per head.
-    bv = basis_v[slots].to(f32).view(batch, 2, rank_v, num_kv_heads, head_size)
-    out = torch.einsum("bkgw,bwkd->bkgd", p_w.view(batch, num_kv_heads, group, window), wv)
-    for m in present:
-        acc = torch.zeros(batch, num_heads, rank_v, device=query.device)
-        of_m = modality == m
-        v_counts = column_counts(group_cols_v[m])
-        v_cols = group_cols_v[m][group_index] if len(v_counts) > 1 else None
-        for cols in v_counts:
-            chosen = (of_m if v_cols is None else of_m & (v_cols == cols)).to(f32)[:, None, :]
-            acc[..., :cols] += torch.einsum("bht,btr->bhr", p_c * chosen, v_fac[..., :cols])
-        out = out + torch.einsum("bkgr,brkd->bkgd", acc.view(batch, num_kv_heads, group, rank_v),
-                                 bv[:, m])
-    out = out.reshape(batch, num_heads, head_size).to(query.dtype)
+    if spec.has_image:
+        p_img = p_c * (modality == IMAGE)[:, None, :]
+        per_modality = torch.cat([p_c - p_img, p_img], dim=1)               # [B, 2H] (TEXT, IMAGE)
+    else:
+        per_modality = p_c
+    v_cols = (spec.cols_table("v", query.device)[modality.long(), group_index.long()]
+              if spec.partial_v else None)
+    acc = _banded_product(per_modality, v_fac, v_cols, spec.column_bands("v"))  # [B, M*H, Rv]
+    acc = acc.view(bsz, spec.num_modalities, kv_heads, group, layout.rank_v)
+    b_v = basis_v[slots].to(f32).view(bsz, spec.num_modalities, layout.rank_v, kv_heads, head_size)
+    out = torch.einsum("bmkgr,bmrkd->bkgd", acc, b_v)
+    w_values = window_v[slots].to(f32).view(bsz, -1, kv_heads, head_size)
+    out = out + torch.matmul(p_w.view(bsz, kv_heads, group, -1), w_values.transpose(1, 2))
+    out = out.reshape(bsz, num_heads, head_size).to(query.dtype)
     if not need_probs:
         return out, None, None
     return out, p_c.mean(dim=1), p_w.mean(dim=1)

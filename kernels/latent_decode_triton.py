@@ -1,27 +1,40 @@
-"""Fused latent-space paged decode attention in Triton.
+"""Latent-space paged decode attention in Triton: a few launches, no host syncs.
 
-Same contract as `latent_decode_torch.latent_decode_attention` (see there for the
-math). The work is split three ways, by what moves the fewest bytes:
+Same contract and results as `latent_decode_torch.latent_decode_attention` (see there
+for the math). Everything a kernel needs is read by index inside the kernel: the
+request's bases and window by slot id, its records through the block table, its
+lengths from `DecodeBatch`'s device tensors. The host only computes grid sizes from
+Python values (batch size, `max_compressed_len`, the `LatentSpec`), so the whole call
+is a fixed sequence of launches that a `torch.cuda.CUDAGraph` can capture:
 
-1. Query projection (torch, one batched GEMM): q_lat[b, m, h] = D_k[m][:, g(h)] q_h for
-   both modalities, [batch, 2, num_heads, rank_k]. It is tiny next to the cache.
-2. `_latent_pass` (Triton), grid (batch, splits): one pass over a request's pages
-   with an online softmax. Every record is read once for all query heads: K' is
-   scored against both modalities' projected queries (the record's flag picks one),
-   V' is accumulated in rank space into separate image and text accumulators.
-   Partial rank: a token reads only the first `group_cols[modality, group]` columns
-   of its factors (masked loads). Each split writes its running max, sum and
-   accumulators.
-3. Combine (torch): merge the splits and the full-rank window tokens into one
-   softmax, then multiply the rank-space accumulators by D_v once per head.
+1. `_project_queries`, grid (batch, modality x KV head): q_lat[b, m, h] =
+   scale * D_k[slot, m][:, kvh] q_h for the G query heads of the KV head, reading the
+   basis tile in place. The image plane is launched only when the spec has images.
+2. `_latent_pass`, grid (batch, splits): every request's compressed positions are cut
+   into `splits` equal runs of tiles (a tile is TILE positions, gathered through the
+   block table from as many pages as it spans), so every batch size gets about
+   PROGRAMS_PER_SM programs per SM. A program scores each record once for all query
+   heads (K' against the text and, with images, the image plane; the record's flag
+   picks one), keeps an online softmax per head and accumulates V' in rank space into
+   one accumulator per modality. Partial rank: masked loads of the first
+   cols[modality, group] columns, switched on per spec (constexpr).
+3. `_combine`, grid (batch, KV head): merges the splits' partial softmaxes with the
+   request's full-rank window tokens (scored and summed here, the window being the
+   last "split" of the same softmax), normalises, and applies D_v[slot, m][:, kvh]
+   to each modality's rank-space accumulator. Writes the output; with need_probs
+   also the final max and sum per head and the window probabilities summed over the
+   KV head's query heads.
+4. With need_probs, `_probs_pass`, grid (batch, splits): re-scores the records against
+   the final max and sum (K' and flags read again, V' not) and writes the
+   head-averaged probabilities, zeros at padded positions; split 0 also sums the
+   window probabilities over KV heads.
 
-When the importance EMA needs per-token probabilities, `_probs_pass` re-scores the
-tokens against the final per-head max and sum and writes the head average: K' is
-read a second time, V' is not.
+Launches per call: 3, or 4 with need_probs; the host allocates one float32 workspace,
+the output, and the two probability tensors with need_probs.
 
-Under TRITON_INTERPRET=1 (CPU) dot products run in fp32: the interpreter's bf16 dot
-is wrong. On a GPU, fp16/bf16 records are multiplied in their own dtype with fp32
-accumulation.
+Under TRITON_INTERPRET=1 (CPU) every dot product runs in float32 (the interpreter's
+bf16 dot is wrong); on a GPU fp16/bf16 operands are multiplied in their own dtype with
+float32 accumulation, and float32 operands in full precision ("ieee", not TF32).
 """
 from __future__ import annotations
 
@@ -31,262 +44,579 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import IMAGE, TEXT, RecordLayout
+from .decode_inputs import DecodeBatch, LatentSpec
+from .layout import IMAGE, TEXT
 
-NEG_INF = float("-inf")
-IMAGE_IDX = tl.constexpr(IMAGE)  # modality planes of q_lat and the accumulators
-TEXT_IDX = tl.constexpr(TEXT)
+# Tuning knobs (plain Python values, read at every call; benchmarks may change them).
+PROGRAMS_PER_SM = 4          # splits are chosen so that the latent pass has about this many programs per SM
+TUNING = {
+    "tile": 32,              # compressed positions per latent-pass iteration (a power of 2, >= 16)
+    "pass_warps": 4,
+    "combine_warps": 4,
+    "project_warps": 4,
+}
+INTERPRETER_TILE = 16        # small tiles under the interpreter: several per request in tests
+INTERPRETER_SPLITS = 3       # splits per request under the interpreter (exercises the merge)
 
-
-@triton.jit
-def _score_tile(pages_ptr, block_id, stride_block, stride_row, rows, pos, clen,
-                q_img, q_txt, gck_ptr, gcv_ptr, num_groups, scale,
-                K_OFF: tl.constexpr, V_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr,
-                RANK_K: tl.constexpr, RANK_V: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
-                PARTIAL_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Scores [BLOCK, HQ] of one page's tokens, their image mask and value-column limit."""
-    valid = pos < clen
-    base = pages_ptr + block_id.to(tl.int64) * stride_block + rows * stride_row     # [BLOCK]
-    flags = tl.load(base + FLAGS_OFF, mask=valid, other=0.0).to(tl.int32)
-    modality = flags % 2
-    group = flags // 2
-    is_image = (modality == 1) & valid
-    cols_v = tl.load(gcv_ptr + modality * num_groups + group, mask=valid, other=0)
-    ck = tl.arange(0, RK)
-    k_mask = valid[:, None] & (ck[None, :] < RANK_K)
-    if PARTIAL_K:
-        cols_k = tl.load(gck_ptr + modality * num_groups + group, mask=valid, other=0)
-        k_mask = k_mask & (ck[None, :] < cols_k[:, None])
-    k_fac = tl.load(base[:, None] + K_OFF + ck[None, :], mask=k_mask, other=0.0)   # [BLOCK, RK]
-    if DOT_FP32:
-        k_fac = k_fac.to(tl.float32)
-    else:
-        q_img = q_img.to(k_fac.dtype)
-        q_txt = q_txt.to(k_fac.dtype)
-    s_img = tl.dot(k_fac, tl.trans(q_img))                                          # [BLOCK, HQ]
-    s_txt = tl.dot(k_fac, tl.trans(q_txt))
-    scores = tl.where(is_image[:, None], s_img, s_txt) * scale
-    scores = tl.where(valid[:, None], scores, float("-inf"))
-    return scores, is_image, cols_v, base, valid
-
-
-@triton.jit
-def _latent_pass(
-    q_lat_ptr,        # [batch, 2, HQ, RK] float32 (heads and ranks padded)
-    pages_ptr,        # [num_blocks, block_size, width] records
-    block_table_ptr,  # [batch, max_blocks] int32
-    clens_ptr,        # [batch] int32: tokens stored as factors
-    gck_ptr, gcv_ptr,  # [2, num_groups] int32: columns read per (modality, group)
-    m_ptr, l_ptr,     # [batch, splits, HQ] float32
-    acc_ptr,          # [batch, splits, 2, HQ, RV] float32
-    stride_block, stride_row, stride_bt, num_groups, pages_per_split, scale,
-    BLOCK: tl.constexpr, HQ: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
-    RANK_K: tl.constexpr, RANK_V: tl.constexpr,
-    K_OFF: tl.constexpr, V_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr,
-    PARTIAL_K: tl.constexpr, PARTIAL_V: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    clen = tl.load(clens_ptr + b)
-    hq = tl.arange(0, HQ)
-    rk = tl.arange(0, RK)
-    rv = tl.arange(0, RV)
-    q_base = q_lat_ptr + b * 2 * HQ * RK
-    q_img = tl.load(q_base + IMAGE_IDX * HQ * RK + hq[:, None] * RK + rk[None, :])   # [HQ, RK]
-    q_txt = tl.load(q_base + TEXT_IDX * HQ * RK + hq[:, None] * RK + rk[None, :])
-
-    m = tl.full([HQ], float("-inf"), tl.float32)
-    l_sum = tl.zeros([HQ], tl.float32)
-    acc_img = tl.zeros([HQ, RV], tl.float32)
-    acc_txt = tl.zeros([HQ, RV], tl.float32)
-    rows = tl.arange(0, BLOCK)
-    first_page = split * pages_per_split
-    num_pages = tl.cdiv(clen, BLOCK)
-    last_page = tl.minimum(first_page + pages_per_split, num_pages)
-    for page in range(first_page, last_page):
-        block_id = tl.load(block_table_ptr + b * stride_bt + page)
-        pos = page * BLOCK + rows
-        scores, is_image, cols_v, base, valid = _score_tile(
-            pages_ptr, block_id, stride_block, stride_row, rows, pos, clen, q_img, q_txt,
-            gck_ptr, gcv_ptr, num_groups, scale, K_OFF, V_OFF, FLAGS_OFF,
-            RANK_K, RANK_V, RK, RV, PARTIAL_K, DOT_FP32)
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[None, :])                                        # [BLOCK, HQ]
-        l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        v_mask = valid[:, None] & (rv[None, :] < RANK_V)
-        if PARTIAL_V:
-            v_mask = v_mask & (rv[None, :] < cols_v[:, None])
-        v_fac = tl.load(base[:, None] + V_OFF + rv[None, :], mask=v_mask, other=0.0)  # [BLOCK, RV]
-        p_img = tl.where(is_image[:, None], p, 0.0)
-        p_txt = p - p_img
-        if DOT_FP32:
-            v_fac = v_fac.to(tl.float32)
-        else:
-            p_img = p_img.to(v_fac.dtype)
-            p_txt = p_txt.to(v_fac.dtype)
-        acc_img = acc_img * alpha[:, None] + tl.dot(tl.trans(p_img), v_fac)
-        acc_txt = acc_txt * alpha[:, None] + tl.dot(tl.trans(p_txt), v_fac)
-        m = m_new
-
-    out = (b * num_splits + split) * HQ
-    tl.store(m_ptr + out + hq, m)
-    tl.store(l_ptr + out + hq, l_sum)
-    acc_base = acc_ptr + (b * num_splits + split) * 2 * HQ * RV
-    tl.store(acc_base + IMAGE_IDX * HQ * RV + hq[:, None] * RV + rv[None, :], acc_img)
-    tl.store(acc_base + TEXT_IDX * HQ * RV + hq[:, None] * RV + rv[None, :], acc_txt)
-
-
-@triton.jit
-def _probs_pass(
-    q_lat_ptr, pages_ptr, block_table_ptr, clens_ptr, gck_ptr, gcv_ptr,
-    m_final_ptr, l_final_ptr,  # [batch, HQ] float32: the whole softmax's max and sum
-    probs_ptr,                 # [batch, max_len] float32: head-averaged probability
-    stride_block, stride_row, stride_bt, stride_probs, num_groups, pages_per_split, scale,
-    num_heads,
-    BLOCK: tl.constexpr, HQ: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
-    RANK_K: tl.constexpr, RANK_V: tl.constexpr,
-    K_OFF: tl.constexpr, V_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr,
-    PARTIAL_K: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    b = tl.program_id(0)
-    split = tl.program_id(1)
-    clen = tl.load(clens_ptr + b)
-    hq = tl.arange(0, HQ)
-    rk = tl.arange(0, RK)
-    q_base = q_lat_ptr + b * 2 * HQ * RK
-    q_img = tl.load(q_base + IMAGE_IDX * HQ * RK + hq[:, None] * RK + rk[None, :])
-    q_txt = tl.load(q_base + TEXT_IDX * HQ * RK + hq[:, None] * RK + rk[None, :])
-    m_final = tl.load(m_final_ptr + b * HQ + hq)
-    inv_l = 1.0 / tl.load(l_final_ptr + b * HQ + hq)
-    real_head = hq < num_heads
-    rows = tl.arange(0, BLOCK)
-    first_page = split * pages_per_split
-    last_page = tl.minimum(first_page + pages_per_split, tl.cdiv(clen, BLOCK))
-    for page in range(first_page, last_page):
-        block_id = tl.load(block_table_ptr + b * stride_bt + page)
-        pos = page * BLOCK + rows
-        scores, is_image, cols_v, base, valid = _score_tile(
-            pages_ptr, block_id, stride_block, stride_row, rows, pos, clen, q_img, q_txt,
-            gck_ptr, gcv_ptr, num_groups, scale, K_OFF, V_OFF, FLAGS_OFF,
-            RANK_K, RANK_V, RK, RV, PARTIAL_K, DOT_FP32)
-        p = tl.exp(scores - m_final[None, :]) * inv_l[None, :]
-        p = tl.where(real_head[None, :], p, 0.0)
-        tl.store(probs_ptr + b * stride_probs + pos, tl.sum(p, axis=1) / num_heads, mask=valid)
-
-
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
+TEXT_PLANE = tl.constexpr(TEXT)
+IMAGE_PLANE = tl.constexpr(IMAGE)
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (max(1, n) - 1).bit_length())
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+@triton.jit
+def _mm(a, b, DOT_FP32: tl.constexpr):
+    """a @ b with float32 accumulation: float32 operands in full precision, else as given."""
+    if DOT_FP32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _operand(x, like, DOT_FP32: tl.constexpr):
+    """x cast to the dtype `_mm` multiplies it in next to `like` (a tensor of the cache dtype)."""
+    if DOT_FP32:
+        out = x.to(tl.float32)
+    else:
+        out = x.to(like.dtype)
+    return out
+
+
+@triton.jit
+def _cast(x, ptr, DOT_FP32: tl.constexpr):
+    """x cast to the dtype `_mm` multiplies it in when the other operand is loaded from `ptr`."""
+    if DOT_FP32:
+        out = x.to(tl.float32)
+    else:
+        out = x.to(ptr.dtype.element_ty)
+    return out
+
+
+@triton.jit
+def _tile_range(clen, split, num_splits, TILE: tl.constexpr):
+    """[first, last) tiles of a request's `clen` positions that split `split` of `num_splits` walks."""
+    num_tiles = tl.cdiv(clen, TILE)
+    per_split = tl.cdiv(num_tiles, num_splits)
+    first = split * per_split
+    return first, tl.minimum(first + per_split, num_tiles)
+
+
+@triton.jit
+def _tile_rows(pages_ptr, bt_row_ptr, pos, clen, stride_page, stride_row, BLOCK: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """Record pointers [TILE] of positions `pos` through one request's block table, and validity.
+
+    ALIGN: a power of 2 dividing both strides (and the fields' offsets), so that the
+    compiler may load that many elements of a record at once."""
+    valid = pos < clen
+    block = tl.load(bt_row_ptr + pos // BLOCK, mask=valid, other=0).to(tl.int64)
+    offset = tl.multiple_of(block * stride_page + (pos % BLOCK) * stride_row, ALIGN)
+    return pages_ptr + offset, valid
+
+
+@triton.jit
+def _record_meta(rows, valid, cols_ptr, TILE: tl.constexpr, FLAGS_OFF: tl.constexpr,
+                 NUM_GROUPS: tl.constexpr, NEED_FLAGS: tl.constexpr,
+                 PARTIAL_K: tl.constexpr, PARTIAL_V: tl.constexpr):
+    """Per token: image or not, K' and V' columns read (cols table: [k|v][modality][group])."""
+    if NEED_FLAGS:
+        flags = tl.load(rows + FLAGS_OFF, mask=valid, other=0.0).to(tl.int32)
+    else:
+        flags = tl.zeros([TILE], tl.int32)
+    modality = flags % 2
+    entry = modality * NUM_GROUPS + flags // 2
+    is_image = (modality == IMAGE_PLANE) & valid
+    cols_k = flags
+    cols_v = flags
+    if PARTIAL_K:
+        cols_k = tl.load(cols_ptr + entry, mask=valid, other=0)
+    if PARTIAL_V:
+        cols_v = tl.load(cols_ptr + 2 * NUM_GROUPS + entry, mask=valid, other=0)
+    return is_image, cols_k, cols_v
+
+
+@triton.jit
+def _load_factors(rows, valid, cols, OFF: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
+                  PARTIAL: tl.constexpr):
+    """[TILE, RP] factors at record offset OFF; a token's columns past `cols` (partial rank),
+    the padding past RANK and invalid rows (stale bytes, maybe NaN) are never loaded."""
+    c = tl.arange(0, RP)
+    mask = valid[:, None] & (c[None, :] < RANK)
+    if PARTIAL:
+        mask = mask & (c[None, :] < cols[:, None])
+    return tl.load(rows[:, None] + OFF + c[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_queries(q_lat_ptr, b, HP: tl.constexpr, RKP: tl.constexpr, NUM_HEADS: tl.constexpr,
+                  RANK_K: tl.constexpr, M: tl.constexpr, HAS_IMAGE: tl.constexpr):
+    """Projected queries [HP, RKP] of request b, text and image planes (float32)."""
+    h = tl.arange(0, HP)
+    r = tl.arange(0, RKP)
+    mask = (h[:, None] < NUM_HEADS) & (r[None, :] < RANK_K)
+    base = q_lat_ptr + b.to(tl.int64) * (M * NUM_HEADS * RANK_K) + h[:, None] * RANK_K + r[None, :]
+    q_txt = tl.load(base + TEXT_PLANE * NUM_HEADS * RANK_K, mask=mask, other=0.0)
+    q_img = q_txt
+    if HAS_IMAGE:
+        q_img = tl.load(base + IMAGE_PLANE * NUM_HEADS * RANK_K, mask=mask, other=0.0)
+    return q_txt, q_img
+
+
+@triton.jit
+def _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Scores [TILE, HP] (scale already in q_lat); -inf on invalid rows."""
+    scores = _mm(k_fac, tl.trans(q_txt), DOT_FP32)
+    if HAS_IMAGE:
+        scores = tl.where(is_image[:, None], _mm(k_fac, tl.trans(q_img), DOT_FP32), scores)
+    return tl.where(valid[:, None], scores, float("-inf"))
+
+
+@triton.jit
+def _rescale(m_old, m_new):
+    """exp(m_old - m_new) with -inf handled (an empty running softmax weighs 0); and the safe max."""
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.exp(m_old - m_safe), m_safe
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _project_queries(
+    query_ptr, basis_ptr, slots_ptr, q_lat_ptr,
+    stride_qb, stride_qh, stride_bs, stride_bm, stride_br, scale,
+    NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK_K: tl.constexpr,
+    M: tl.constexpr, NUM_KV: tl.constexpr,
+    GP: tl.constexpr, DP: tl.constexpr, RKP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    mk = tl.program_id(1)               # plane * NUM_KV + kv head
+    plane = mk // NUM_KV
+    kvh = mk % NUM_KV
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    r = tl.arange(0, RKP)
+    heads = kvh * G + g
+    g_mask = g < G
+    d_mask = d < HEAD_SIZE
+    q = tl.load(query_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)                    # [GP, DP]
+    basis = tl.load(basis_ptr + slot * stride_bs + plane * stride_bm + r[:, None] * stride_br
+                    + kvh * HEAD_SIZE + d[None, :],
+                    mask=(r[:, None] < RANK_K) & d_mask[None, :], other=0.0)          # [RKP, DP]
+    q_lat = _mm(_operand(q, basis, DOT_FP32), tl.trans(basis), DOT_FP32) * scale       # [GP, RKP]
+    out = q_lat_ptr + ((b.to(tl.int64) * M + plane) * NUM_HEADS + heads[:, None]) * RANK_K + r[None, :]
+    tl.store(out, q_lat, mask=g_mask[:, None] & (r[None, :] < RANK_K))
+
+
+@triton.jit
+def _latent_pass(
+    q_lat_ptr, pages_ptr, block_table_ptr, clens_ptr, cols_ptr, ws_ptr,
+    off_m, off_l, off_acc,
+    stride_page, stride_row, stride_bt,
+    NUM_HEADS: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, M: tl.constexpr,
+    HP: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
+    K_OFF: tl.constexpr, V_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr, NUM_GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_IMAGE: tl.constexpr, NEED_FLAGS: tl.constexpr, PARTIAL_K: tl.constexpr, PARTIAL_V: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    clen = tl.load(clens_ptr + b)
+    first, last = _tile_range(clen, split, num_splits, TILE)
+    bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
+    q_txt, q_img = _load_queries(q_lat_ptr, b, HP, RKP, NUM_HEADS, RANK_K, M, HAS_IMAGE)
+    q_txt = _cast(q_txt, pages_ptr, DOT_FP32)   # dot operands in the cache dtype
+    q_img = _cast(q_img, pages_ptr, DOT_FP32)
+
+    m = tl.full([HP], float("-inf"), tl.float32)
+    l_sum = tl.zeros([HP], tl.float32)
+    acc_txt = tl.zeros([HP, RVP], tl.float32)
+    acc_img = tl.zeros([HP, RVP], tl.float32)
+    offsets = tl.arange(0, TILE)
+    for tile in range(first, last):
+        rows, valid = _tile_rows(pages_ptr, bt_row, tile * TILE + offsets, clen, stride_page, stride_row, BLOCK,
+                                 ALIGN)
+        is_image, cols_k, cols_v = _record_meta(rows, valid, cols_ptr, TILE, FLAGS_OFF, NUM_GROUPS,
+                                                NEED_FLAGS, PARTIAL_K, PARTIAL_V)
+        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K)
+        scores = _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE, DOT_FP32)
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        alpha, m_safe = _rescale(m, m_new)
+        p = tl.exp(scores - m_safe[None, :])                                          # [TILE, HP]
+        l_sum = l_sum * alpha + tl.sum(p, axis=0)
+        v_fac = _load_factors(rows, valid, cols_v, V_OFF, RANK_V, RVP, PARTIAL_V)     # [TILE, RVP]
+        if HAS_IMAGE:
+            p_img = tl.where(is_image[:, None], p, 0.0)
+            acc_img = acc_img * alpha[:, None] + _mm(tl.trans(_operand(p_img, v_fac, DOT_FP32)), v_fac, DOT_FP32)
+            p = tl.where(is_image[:, None], 0.0, p)
+        acc_txt = acc_txt * alpha[:, None] + _mm(tl.trans(_operand(p, v_fac, DOT_FP32)), v_fac, DOT_FP32)
+        m = m_new
+
+    h = tl.arange(0, HP)
+    rv = tl.arange(0, RVP)
+    h_mask = h < NUM_HEADS
+    row = b.to(tl.int64) * num_splits + split
+    tl.store(ws_ptr + off_m + row * NUM_HEADS + h, m, mask=h_mask)
+    tl.store(ws_ptr + off_l + row * NUM_HEADS + h, l_sum, mask=h_mask)
+    acc_mask = h_mask[:, None] & (rv[None, :] < RANK_V)
+    acc_at = ws_ptr + off_acc + ((row * M) * NUM_HEADS + h[:, None]) * RANK_V + rv[None, :]
+    tl.store(acc_at + TEXT_PLANE * NUM_HEADS * RANK_V, acc_txt, mask=acc_mask)
+    if HAS_IMAGE:
+        tl.store(acc_at + IMAGE_PLANE * NUM_HEADS * RANK_V, acc_img, mask=acc_mask)
+
+
+@triton.jit
+def _combine(
+    query_ptr, basis_ptr, window_k_ptr, window_v_ptr, slots_ptr, wlens_ptr, ws_ptr, out_ptr,
+    off_m, off_l, off_acc, off_stats, off_wp, num_splits, batch,
+    stride_qb, stride_qh, stride_bs, stride_bm, stride_br, stride_ws, stride_wr, stride_vs, stride_vr,
+    stride_ob, stride_oh, scale,
+    NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK_V: tl.constexpr,
+    M: tl.constexpr, NUM_KV: tl.constexpr, WINDOW: tl.constexpr,
+    GP: tl.constexpr, DP: tl.constexpr, RVP: tl.constexpr, WP: tl.constexpr,
+    HAS_IMAGE: tl.constexpr, NEED_PROBS: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    wlen = tl.load(wlens_ptr + b)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    rv = tl.arange(0, RVP)
+    w = tl.arange(0, WP)
+    heads = kvh * G + g
+    g_mask = g < G
+    d_mask = d < HEAD_SIZE
+    rv_mask = rv < RANK_V
+    w_mask = w < wlen
+
+    # The splits' partial softmaxes, merged (an empty split has max -inf and weighs 0).
+    m_run = tl.full([GP], float("-inf"), tl.float32)
+    l_run = tl.zeros([GP], tl.float32)
+    acc_txt = tl.zeros([GP, RVP], tl.float32)
+    acc_img = tl.zeros([GP, RVP], tl.float32)
+    for split in range(num_splits):
+        row = b64 * num_splits + split
+        m_s = tl.load(ws_ptr + off_m + row * NUM_HEADS + heads, mask=g_mask, other=float("-inf"))
+        l_s = tl.load(ws_ptr + off_l + row * NUM_HEADS + heads, mask=g_mask, other=0.0)
+        m_new = tl.maximum(m_run, m_s)
+        a_run, m_safe = _rescale(m_run, m_new)
+        a_s = tl.exp(m_s - m_safe)
+        l_run = l_run * a_run + l_s * a_s
+        used = (g_mask & (m_s > float("-inf")))[:, None] & rv_mask[None, :]
+        acc_at = ws_ptr + off_acc + ((row * M) * NUM_HEADS + heads[:, None]) * RANK_V + rv[None, :]
+        acc_txt = acc_txt * a_run[:, None] + a_s[:, None] * tl.load(
+            acc_at + TEXT_PLANE * NUM_HEADS * RANK_V, mask=used, other=0.0)
+        if HAS_IMAGE:
+            acc_img = acc_img * a_run[:, None] + a_s[:, None] * tl.load(
+                acc_at + IMAGE_PLANE * NUM_HEADS * RANK_V, mask=used, other=0.0)
+        m_run = m_new
+
+    # The window's full-rank tokens join the same softmax.
+    q = tl.load(query_ptr + b64 * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)                    # [GP, DP]
+    kv_mask = w_mask[:, None] & d_mask[None, :]
+    w_keys = tl.load(window_k_ptr + slot * stride_ws + w[:, None] * stride_wr + kvh * HEAD_SIZE + d[None, :],
+                     mask=kv_mask, other=0.0)                                          # [WP, DP]
+    w_scores = _mm(_operand(q, w_keys, DOT_FP32), tl.trans(w_keys), DOT_FP32) * scale  # [GP, WP]
+    w_scores = tl.where(w_mask[None, :], w_scores, float("-inf"))
+    m_fin = tl.maximum(m_run, tl.max(w_scores, axis=1))
+    a_run, m_safe = _rescale(m_run, m_fin)
+    p_w = tl.exp(w_scores - m_safe[:, None])
+    l_fin = l_run * a_run + tl.sum(p_w, axis=1)
+    inv = tl.where(l_fin > 0.0, 1.0 / tl.where(l_fin > 0.0, l_fin, 1.0), 0.0)
+    p_w = p_w * inv[:, None]
+    w_values = tl.load(window_v_ptr + slot * stride_vs + w[:, None] * stride_vr + kvh * HEAD_SIZE + d[None, :],
+                       mask=kv_mask, other=0.0)
+    out = _mm(_operand(p_w, w_values, DOT_FP32), w_values, DOT_FP32)                   # [GP, DP]
+
+    # Rank space -> head space: one D_v product per modality (accumulators normalised first).
+    coef = (a_run * inv)[:, None]
+    basis_at = basis_ptr + slot * stride_bs + rv[:, None] * stride_br + kvh * HEAD_SIZE + d[None, :]
+    basis_mask = rv_mask[:, None] & d_mask[None, :]
+    basis = tl.load(basis_at + TEXT_PLANE * stride_bm, mask=basis_mask, other=0.0)   # [RVP, DP]
+    out += _mm(_operand(acc_txt * coef, basis, DOT_FP32), basis, DOT_FP32)
+    if HAS_IMAGE:
+        basis = tl.load(basis_at + IMAGE_PLANE * stride_bm, mask=basis_mask, other=0.0)
+        out += _mm(_operand(acc_img * coef, basis, DOT_FP32), basis, DOT_FP32)
+    tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+    if NEED_PROBS:
+        stats = ws_ptr + off_stats + b64 * NUM_HEADS + heads
+        tl.store(stats, m_safe, mask=g_mask)
+        tl.store(stats + batch * NUM_HEADS, l_fin, mask=g_mask)
+        w_sum = tl.sum(tl.where(g_mask[:, None], p_w, 0.0), axis=0)                   # [WP]
+        tl.store(ws_ptr + off_wp + (b64 * NUM_KV + kvh) * WINDOW + w, w_sum, mask=w < WINDOW)
+
+
+@triton.jit
+def _probs_pass(
+    q_lat_ptr, pages_ptr, block_table_ptr, clens_ptr, cols_ptr, ws_ptr, probs_ptr, w_probs_ptr,
+    off_stats, off_wp, max_len, batch,
+    stride_page, stride_row, stride_bt, stride_pb, stride_wb,
+    NUM_HEADS: tl.constexpr, RANK_K: tl.constexpr, M: tl.constexpr, NUM_KV: tl.constexpr,
+    WINDOW: tl.constexpr, HP: tl.constexpr, RKP: tl.constexpr, KVP: tl.constexpr, WP: tl.constexpr,
+    K_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr, NUM_GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_IMAGE: tl.constexpr, NEED_FLAGS: tl.constexpr, PARTIAL_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b64 = b.to(tl.int64)
+    clen = tl.load(clens_ptr + b)
+    first, last = _tile_range(clen, split, num_splits, TILE)
+    bt_row = block_table_ptr + b64 * stride_bt
+    q_txt, q_img = _load_queries(q_lat_ptr, b, HP, RKP, NUM_HEADS, RANK_K, M, HAS_IMAGE)
+    q_txt = _cast(q_txt, pages_ptr, DOT_FP32)
+    q_img = _cast(q_img, pages_ptr, DOT_FP32)
+    h = tl.arange(0, HP)
+    h_mask = h < NUM_HEADS
+    stats = ws_ptr + off_stats + b64 * NUM_HEADS + h
+    m_fin = tl.load(stats, mask=h_mask, other=0.0)
+    l_fin = tl.load(stats + batch * NUM_HEADS, mask=h_mask, other=0.0)
+    inv = tl.where(l_fin > 0.0, 1.0 / tl.where(l_fin > 0.0, l_fin, 1.0), 0.0)   # 0 on padded heads
+    offsets = tl.arange(0, TILE)
+    row_out = probs_ptr + b64 * stride_pb
+    for tile in range(first, last):
+        pos = tile * TILE + offsets
+        rows, valid = _tile_rows(pages_ptr, bt_row, pos, clen, stride_page, stride_row, BLOCK, ALIGN)
+        is_image, cols_k, cols_v = _record_meta(rows, valid, cols_ptr, TILE, FLAGS_OFF, NUM_GROUPS,
+                                                NEED_FLAGS, PARTIAL_K, False)
+        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K)
+        scores = _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE, DOT_FP32)
+        p = tl.exp(scores - m_fin[None, :]) * inv[None, :]                             # [TILE, HP]
+        tl.store(row_out + pos, tl.sum(p, axis=1) / NUM_HEADS, mask=pos < max_len)   # 0 past clen
+
+    # Padded positions past the request's tiles: zeros, shared out among the splits.
+    own_tiles = tl.cdiv(clen, TILE)
+    pad_tiles = tl.maximum(tl.cdiv(max_len, TILE) - own_tiles, 0)
+    per_split = tl.cdiv(pad_tiles, num_splits)
+    zero_first = own_tiles + split * per_split
+    zero_last = tl.minimum(zero_first + per_split, own_tiles + pad_tiles)
+    zeros = tl.zeros([TILE], tl.float32)
+    for tile in range(zero_first, zero_last):
+        pos = tile * TILE + offsets
+        tl.store(row_out + pos, zeros, mask=pos < max_len)
+
+    if split == 0:  # the window's probabilities: the KV heads' sums, averaged over all heads
+        kv = tl.arange(0, KVP)
+        w = tl.arange(0, WP)
+        parts = tl.load(ws_ptr + off_wp + (b64 * NUM_KV + kv[:, None]) * WINDOW + w[None, :],
+                        mask=(kv[:, None] < NUM_KV) & (w[None, :] < WINDOW), other=0.0)
+        tl.store(w_probs_ptr + b64 * stride_wb + w, tl.sum(parts, axis=0) / NUM_HEADS, mask=w < WINDOW)
+
+
+# --------------------------------------------------------------------------- host side
+
+_SM_COUNT: dict = {}
+_COLS: dict = {}
+_PLANS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def column_table(spec: LatentSpec, device: torch.device) -> torch.Tensor:
+    """[2 (k, v), 2 (modality), num_groups] int32 columns read, made once per (spec, device).
+
+    Make it before a CUDA graph capture (a warm-up call does): building it copies
+    from the host.
+    """
+    key = (spec, device)
+    table = _COLS.get(key)
+    if table is None:
+        table = torch.tensor([spec.group_cols_k, spec.group_cols_v], dtype=torch.int32, device=device)
+        _COLS[key] = table
+    return table
+
+
+def num_splits(batch: int, max_compressed_len: int, tile: int, device: torch.device) -> int:
+    """Splits per request: about PROGRAMS_PER_SM programs per SM on CUDA, never more than tiles."""
+    tiles = max(1, -(-max_compressed_len // tile))
+    if device.type == "cuda" and not _interpreted():
+        target = PROGRAMS_PER_SM * _sm_count(device)
+        splits = -(-target // max(1, batch))
+    else:
+        splits = INTERPRETER_SPLITS
+    return max(1, min(tiles, splits))
+
+
+def _align(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _record_alignment(pages: torch.Tensor, layout) -> int:
+    """Largest power of 2 (at most 16 bytes' worth) dividing the pages' strides, the K' and V'
+    offsets and the pages' address, in elements."""
+    item = pages.element_size()
+    align = max(1, 16 // item)
+    for n in (pages.stride(0), pages.stride(1), layout.k_offset, layout.v_offset, pages.data_ptr() // item):
+        while align > 1 and n % align:
+            align //= 2
+    return align
+
+
+class _Plan:
+    """Everything about a call that follows from shapes, strides, the spec and host integers:
+    grids, workspace layout, scalar arguments and compile-time constants. Cached, so that a
+    steady decode step spends its host time on the launches only."""
+
+    def __init__(self, query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale,
+                 need_probs, splits, tile):
+        bsz, num_heads, head_size = query.shape
+        layout = spec.layout
+        planes = spec.num_modalities
+        kv_width = basis_k.shape[-1]
+        num_kv = kv_width // head_size
+        group = num_heads // max(1, num_kv)
+        window = window_k.shape[1]
+        max_len = batch.max_compressed_len
+        device = query.device
+        assert num_kv * head_size == kv_width and num_kv * group == num_heads, "heads do not divide"
+        assert basis_k.shape[1] >= planes and basis_k.shape[2] == layout.rank_k, \
+            "basis_k: [slots, M, rank_k, kv_width]"
+        assert basis_v.shape[1] >= planes and basis_v.shape[2] == layout.rank_v, \
+            "basis_v: [slots, M, rank_v, kv_width]"
+        assert basis_v.shape[-1] == window_k.shape[-1] == window_v.shape[-1] == kv_width, "KV widths differ"
+        assert pages.shape[-1] == layout.width, "pages: [num_blocks, block_size, record width]"
+        assert (query.stride(-1) == pages.stride(-1) == basis_k.stride(-1) == basis_v.stride(-1)
+                == window_k.stride(-1) == window_v.stride(-1) == 1), "last dims must be contiguous"
+        interpreted = _interpreted()
+        if tile is None:
+            tile = INTERPRETER_TILE if interpreted else TUNING["tile"]
+        if splits is None:
+            splits = num_splits(bsz, max_len, tile, device)
+        partial_k, partial_v, has_image = spec.partial_k, spec.partial_v, spec.has_image
+        self.needs_cols = partial_k or partial_v
+        self.spec, self.device, self.need_probs = spec, device, need_probs
+        self.bsz, self.max_len = bsz, max_len
+        self.out_shape = (bsz, num_heads, head_size)
+        self.window = window
+
+        # One float32 workspace: q_lat | m | l | acc | final max and sum | window probs per KV head.
+        off_m = _align(bsz * planes * num_heads * layout.rank_k)
+        off_l = off_m + _align(bsz * splits * num_heads)
+        off_acc = off_l + _align(bsz * splits * num_heads)
+        off_stats = off_acc + _align(bsz * splits * planes * num_heads * layout.rank_v)
+        off_wp = off_stats + _align(2 * bsz * num_heads)
+        self.ws_size = off_wp + (_align(bsz * num_kv * window) if need_probs else 0)
+
+        dot_fp32 = interpreted or pages.dtype == torch.float32
+        gp, dp = _pow2(group), _pow2(head_size)
+        hp, rkp, rvp, wp = _pow2(num_heads), _pow2(layout.rank_k), _pow2(layout.rank_v), _pow2(window)
+        q_stride, bk_stride, bv_stride = query.stride(), basis_k.stride(), basis_v.stride()
+        wk_stride, wv_stride, p_stride = window_k.stride(), window_v.stride(), pages.stride()
+        bt_stride = batch.block_table.stride(0)
+        self.grid_project = (bsz, planes * num_kv)
+        self.grid_pass = (bsz, splits)
+        self.grid_combine = (bsz, num_kv)
+        self.project_args = (q_stride[0], q_stride[1], bk_stride[0], bk_stride[1], bk_stride[2], scale)
+        self.project_const = dict(
+            NUM_HEADS=num_heads, G=group, HEAD_SIZE=head_size, RANK_K=layout.rank_k, M=planes, NUM_KV=num_kv,
+            GP=gp, DP=dp, RKP=rkp, DOT_FP32=dot_fp32, num_warps=TUNING["project_warps"])
+        records = dict(
+            NUM_HEADS=num_heads, RANK_K=layout.rank_k, M=planes, HP=hp, RKP=rkp,
+            K_OFF=layout.k_offset, FLAGS_OFF=layout.flags_offset, NUM_GROUPS=spec.num_groups,
+            BLOCK=pages.shape[1], TILE=tile, ALIGN=_record_alignment(pages, layout), HAS_IMAGE=has_image,
+            NEED_FLAGS=has_image or partial_k or partial_v,
+            PARTIAL_K=partial_k, DOT_FP32=dot_fp32, num_warps=TUNING["pass_warps"])
+        self.pass_args = (off_m, off_l, off_acc, p_stride[0], p_stride[1], bt_stride)
+        self.pass_const = dict(records, RANK_V=layout.rank_v, RVP=rvp, V_OFF=layout.v_offset, PARTIAL_V=partial_v)
+        self.combine_args = (
+            off_m, off_l, off_acc, off_stats, off_wp, splits, bsz,
+            q_stride[0], q_stride[1], bv_stride[0], bv_stride[1], bv_stride[2],
+            wk_stride[0], wk_stride[1], wv_stride[0], wv_stride[1], num_heads * head_size, head_size, scale)
+        self.combine_const = dict(
+            NUM_HEADS=num_heads, G=group, HEAD_SIZE=head_size, RANK_V=layout.rank_v, M=planes, NUM_KV=num_kv,
+            WINDOW=window, GP=gp, DP=dp, RVP=rvp, WP=wp, HAS_IMAGE=has_image, NEED_PROBS=need_probs,
+            DOT_FP32=dot_fp32, num_warps=TUNING["combine_warps"])
+        self.probs_args = (off_stats, off_wp, max_len, bsz, p_stride[0], p_stride[1], bt_stride,
+                           max(max_len, 1), window)
+        self.probs_const = dict(records, NUM_KV=num_kv, WINDOW=window, KVP=_pow2(num_kv, 1), WP=wp)
+
+
+def _plan_key(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs, splits, tile):
+    return (spec, query.shape, query.stride(), query.dtype, query.device, pages.shape, pages.stride(), pages.dtype,
+            basis_k.shape, basis_k.stride(), basis_v.shape, basis_v.stride(), window_k.shape, window_k.stride(),
+            window_v.shape, window_v.stride(), pages.data_ptr() % 16, batch.block_table.stride(0),
+            batch.max_compressed_len, scale,
+            need_probs, splits, tile, _interpreted(), PROGRAMS_PER_SM, tuple(TUNING.values()))
+
+
 def latent_decode_attention_triton(
-    query: torch.Tensor,          # [batch, num_heads, head_size]
-    pages: torch.Tensor,          # [num_blocks, block_size, width]
-    block_table: torch.Tensor,    # [batch, max_blocks] int
-    compressed_lens: torch.Tensor,  # [batch] int
-    slot_ids: torch.Tensor,       # [batch] int
-    basis_k: torch.Tensor,        # [num_slots, 2, rank_k, kv_width]
-    basis_v: torch.Tensor,        # [num_slots, 2, rank_v, kv_width]
-    window_k: torch.Tensor,       # [num_slots, window, kv_width]
-    window_v: torch.Tensor,       # [num_slots, window, kv_width]
-    window_lens: torch.Tensor,    # [batch] int
-    group_cols_k: torch.Tensor,   # [2, num_groups] int
-    group_cols_v: torch.Tensor,   # [2, num_groups] int
-    layout: RecordLayout,
+    query: torch.Tensor,      # [B, num_heads, head_size]
+    pages: torch.Tensor,      # [num_blocks, block_size, width] records
+    basis_k: torch.Tensor,    # [num_slots, M, rank_k, kv_width]
+    basis_v: torch.Tensor,    # [num_slots, M, rank_v, kv_width]
+    window_k: torch.Tensor,   # [num_slots, window, kv_width]
+    window_v: torch.Tensor,   # [num_slots, window, kv_width]
+    batch: DecodeBatch,
+    spec: LatentSpec,
     scale: float,
-    max_compressed_len: int | None = None,
-    need_probs: bool = True,
-    pages_per_split: int | None = None,
+    need_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One decode step; same contract as the PyTorch path (probabilities only with `need_probs`)."""
-    batch, num_heads, head_size = query.shape
-    num_kv_heads = basis_k.shape[-1] // head_size
-    group = num_heads // num_kv_heads
-    block_size = pages.shape[1]
-    assert block_size & (block_size - 1) == 0 and block_size >= 16, "block_size: a power of 2, >= 16"
-    assert pages.stride(-1) == 1, "records must be contiguous"
-    rank_k, rank_v = layout.rank_k, layout.rank_v
-    hq, rk, rv = _pow2(num_heads), _pow2(rank_k), _pow2(rank_v)
-    device = query.device
-    f32 = torch.float32
-    slots = slot_ids.long()
-    if max_compressed_len is None:
-        max_compressed_len = int(compressed_lens.max()) if batch else 0
+    """One decode step; same contract and results as `latent_decode_attention`.
 
-    # 1. Project queries per modality: [batch, 2, num_heads, rank_k], padded.
-    q = query.to(f32).view(batch, num_kv_heads, group, head_size)
-    # Bases stay in their storage dtype (no fp32 copies of the largest per-request
-    # tensors); products accumulate in fp32 and only their small results are upcast.
-    store = basis_k.dtype
-    bk = basis_k[slots].view(batch, 2, rank_k, num_kv_heads, head_size)
-    q_lat = torch.zeros(batch, 2, hq, rk, dtype=f32, device=device)
-    q_lat[:, :, :num_heads, :rank_k] = torch.einsum(
-        "bmrkd,bkgd->bmkgr", bk, q.to(store)).to(f32).reshape(batch, 2, num_heads, rank_k)
+    Needs only the batch's block table, slot ids, compressed and window lengths and
+    `max_compressed_len` (the index tensors may be None). Reads no device value, makes
+    no gathered copy: capturable in a CUDA graph (after one warm-up call).
+    """
+    return _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs)
 
-    # 2. One pass over the pages.
-    max_pages = max(1, -(-max_compressed_len // block_size))
-    if pages_per_split is None:
-        pages_per_split = max(1, -(-max_pages // 8)) if batch < 64 else max_pages
-    splits = -(-max_pages // pages_per_split)
-    m = torch.empty(batch, splits, hq, dtype=f32, device=device)
-    l_sum = torch.empty_like(m)
-    acc = torch.empty(batch, splits, 2, hq, rv, dtype=f32, device=device)
-    block_table = block_table.to(torch.int32)
-    clens = compressed_lens.to(torch.int32).contiguous()
-    gck = group_cols_k.to(torch.int32).contiguous()
-    gcv = group_cols_v.to(torch.int32).contiguous()
-    partial_k = bool((gck < rank_k).any())
-    partial_v = bool((gcv < rank_v).any())
-    dot_fp32 = _interpreted() or pages.dtype == f32
-    common = dict(BLOCK=block_size, HQ=hq, RK=rk, RV=rv, RANK_K=rank_k, RANK_V=rank_v,
-                  K_OFF=layout.k_offset, V_OFF=layout.v_offset, FLAGS_OFF=layout.flags_offset,
-                  PARTIAL_K=partial_k, DOT_FP32=dot_fp32)
-    if batch:
-        _latent_pass[(batch, splits)](
-            q_lat, pages, block_table, clens, gck, gcv, m, l_sum, acc,
-            pages.stride(0), pages.stride(1), block_table.stride(0), gck.shape[1], pages_per_split,
-            scale, PARTIAL_V=partial_v, **common)
 
-    # 3. Merge splits and window tokens into one softmax; D_v once per head.
-    window = window_k.shape[1]
-    w_valid = torch.arange(window, device=device)[None, :] < window_lens[:, None].long()
-    wk = window_k[slots].to(f32).masked_fill(~w_valid[..., None], 0.0).view(batch, window, num_kv_heads, head_size)
-    wv = window_v[slots].to(f32).masked_fill(~w_valid[..., None], 0.0).view(batch, window, num_kv_heads, head_size)
-    w_scores = torch.einsum("bwkd,bkgd->bkgw", wk, q).reshape(batch, num_heads, window) * scale
-    w_scores = w_scores.masked_fill(~w_valid[:, None, :], NEG_INF)
+def _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale,
+                   need_probs=False, splits=None, tile=None):
+    """`latent_decode_attention_triton` with the split count and tile size open (tests)."""
+    key = _plan_key(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
+                    splits, tile)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
+                     splits, tile)
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    device = plan.device
+    out = torch.empty(plan.out_shape, dtype=query.dtype, device=device)
+    probs = w_probs = None
+    if need_probs:
+        # (never a zero-size buffer for a kernel argument)
+        probs = torch.empty(plan.bsz, max(plan.max_len, 1), dtype=torch.float32, device=device)
+        if plan.max_len == 0:
+            probs = probs[:, :0]
+        w_probs = torch.empty(plan.bsz, plan.window, dtype=torch.float32, device=device)
+    if plan.bsz == 0:
+        return out, probs, w_probs
 
-    m_h = m[:, :, :num_heads]                                        # [batch, splits, H]
-    m_all = torch.maximum(m_h.amax(dim=1), w_scores.amax(dim=-1))    # [batch, H]
-    m_all = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-    split_scale = torch.exp(m_h - m_all[:, None, :])                 # 0 for empty splits
-    p_w = torch.exp(w_scores - m_all[..., None])                     # [batch, H, W]
-    total = (l_sum[:, :, :num_heads] * split_scale).sum(1) + p_w.sum(-1)
-    inv_total = 1.0 / total
-    acc_h = (acc[:, :, :, :num_heads, :rank_v] * split_scale[:, :, None, :, None]).sum(1)
-    acc_h = acc_h * inv_total[:, None, :, None]                      # [batch, 2, H, rank_v]
-    p_w = p_w * inv_total[..., None]
-    bv = basis_v[slots].view(batch, 2, rank_v, num_kv_heads, head_size)
-    acc_h = acc_h.view(batch, 2, num_kv_heads, group, rank_v).to(store)
-    out = (torch.einsum("bkgr,brkd->bkgd", acc_h[:, IMAGE], bv[:, IMAGE]).to(f32)
-           + torch.einsum("bkgr,brkd->bkgd", acc_h[:, TEXT], bv[:, TEXT]).to(f32)
-           + torch.einsum("bkgw,bwkd->bkgd", p_w.view(batch, num_kv_heads, group, window), wv))
-    out = out.reshape(batch, num_heads, head_size).to(query.dtype)
-    if not need_probs:
-        return out, None, None
-
-    probs = torch.zeros(batch, max(max_compressed_len, 1), dtype=f32, device=device)
-    m_pad = torch.zeros(batch, hq, dtype=f32, device=device)
-    l_pad = torch.ones(batch, hq, dtype=f32, device=device)
-    m_pad[:, :num_heads], l_pad[:, :num_heads] = m_all, total
-    if batch:
-        _probs_pass[(batch, splits)](
-            q_lat, pages, block_table, clens, gck, gcv, m_pad, l_pad, probs,
-            pages.stride(0), pages.stride(1), block_table.stride(0), probs.stride(0),
-            gck.shape[1], pages_per_split, scale, num_heads, **common)
-    return out, probs[:, :max_compressed_len], p_w.mean(dim=1)
+    ws = torch.empty(plan.ws_size, dtype=torch.float32, device=device)
+    cols = column_table(spec, device) if plan.needs_cols else batch.compressed_lens
+    block_table, clens = batch.block_table, batch.compressed_lens
+    slots = batch.slot_ids
+    _project_queries[plan.grid_project](query, basis_k, slots, ws, *plan.project_args, **plan.project_const)
+    _latent_pass[plan.grid_pass](ws, pages, block_table, clens, cols, ws, *plan.pass_args, **plan.pass_const)
+    _combine[plan.grid_combine](query, basis_v, window_k, window_v, slots, batch.window_lens, ws, out,
+                                *plan.combine_args, **plan.combine_const)
+    if need_probs:
+        _probs_pass[plan.grid_pass](ws, pages, block_table, clens, cols, ws, probs, w_probs,
+                                    *plan.probs_args, **plan.probs_const)
+    return out, probs, w_probs

@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
-from attentionpack_vllm.decode import decode_step
+from attentionpack_vllm.decode import decode_and_fold, schedule_decode
+from attentionpack_vllm.kernels.decode_inputs import make_decode_batch
+from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention
 from attentionpack_vllm.paged_store import compress_tokens
 from attentionpack_vllm.plan import CompressionPlan
+from attentionpack_vllm.prefill import regroup
 from attentionpack_vllm.slot_pool import SlotPool
+from attentionpack_vllm.windows import WindowTracker
 from attentionpack_vllm.kernels.reference import dense_attention
 
 
@@ -29,6 +33,7 @@ class Scenario:
     block_table: torch.Tensor      # [batch, max_blocks] int32
     slot_ids: torch.Tensor         # [batch] int32
     seq_lens: list[int]
+    tracker: WindowTracker
     keys: list[torch.Tensor] = field(default_factory=list)    # original K per request
     values: list[torch.Tensor] = field(default_factory=list)
     is_image: list[torch.Tensor] = field(default_factory=list)
@@ -37,15 +42,19 @@ class Scenario:
     def batch(self) -> int:
         return len(self.seq_lens)
 
+    def window_lens(self) -> list[int]:
+        """Valid window rows of every request (host-side, as the decode step knows them)."""
+        return [self.tracker.length(int(s)) for s in self.slot_ids]
+
 
 def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size: int,
                    prompt_lens: list[int], image_spans: list[list[tuple[int, int]]] | None = None,
                    block_size: int = 16, max_new_tokens: int = 32, dtype=torch.float32,
                    num_slots: int | None = None, seed: int = 0, data_rank: int | None = None,
-                   pages_fill: float = 0.0) -> Scenario:
+                   pages_fill: float = 0.0, has_image: bool = True) -> Scenario:
     """Prefill-compress `prompt_lens` requests into fresh pages (blocks shuffled)."""
     gen = torch.Generator().manual_seed(seed)
-    plan = CompressionPlan.build(config, num_kv_heads, head_size)
+    plan = CompressionPlan.build(config, num_kv_heads, head_size, has_image=has_image)
     width = plan.kv_width
     batch = len(prompt_lens)
     max_blocks = -(-(max(prompt_lens) + max_new_tokens) // block_size)
@@ -56,7 +65,8 @@ def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size:
     num_slots = num_slots or batch + 1
     slot_ids = torch.randperm(num_slots, generator=gen)[:batch].to(torch.int32)
     pool = SlotPool.allocate(plan, num_slots, dtype)
-    sc = Scenario(plan, pages, pool, block_table, slot_ids, list(prompt_lens))
+    sc = Scenario(plan, pages, pool, block_table, slot_ids, list(prompt_lens),
+                  WindowTracker(num_slots, plan.window_size))
     image_spans = image_spans or [[] for _ in prompt_lens]
     for b, (length, spans) in enumerate(zip(prompt_lens, image_spans)):
         is_image = torch.zeros(length, dtype=torch.bool)
@@ -69,6 +79,8 @@ def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size:
         pool.reset(int(slot_ids[b]))
         compress_tokens(pages, pool, int(slot_ids[b]), block_table[b], plan, 0,
                         keys.to(dtype), values.to(dtype), is_image, importance)
+        if plan.tracks_importance and plan.num_groups > 1:
+            regroup(pages, plan, block_table[b], length)  # as prefill_request does
         sc.keys.append(keys.to(dtype).float())
         sc.values.append(values.to(dtype).float())
         sc.is_image.append(is_image)
@@ -95,11 +107,21 @@ def run_decode(sc: Scenario, num_heads: int, steps: int, *, seed: int = 1, atten
             sc.values[b] = torch.cat([sc.values[b], v[b:b + 1].float()])
             sc.is_image[b] = torch.cat([sc.is_image[b], torch.zeros(1, dtype=torch.bool)])
             sc.seq_lens[b] += 1
-        seq_lens = torch.tensor(sc.seq_lens, dtype=torch.int32)
-        out = decode_step(q, k, v, sc.pages, sc.pool, sc.plan, sc.block_table, seq_lens,
-                          sc.slot_ids, scale, **kwargs)
+        batch, folds = schedule_decode(sc.tracker, sc.plan, sc.block_table, sc.slot_ids.tolist(),
+                                       sc.seq_lens, sc.pages.shape[1])
+        out = decode_and_fold(q, k, v, sc.pages, sc.pool, sc.plan, batch, folds, scale, **kwargs)
         dense = None
         if oracle:
             dense = torch.stack([dense_attention(q[b:b + 1], sc.keys[b], sc.values[b], scale)[0][0]
                                  for b in range(sc.batch)])
         yield out, dense
+
+
+def attend_now(sc: Scenario, query: torch.Tensor, scale: float, attention=latent_decode_attention,
+               need_probs: bool = False):
+    """Latent-space attention of `query` ([batch, heads, head_size]) over the cache as it is
+    (no token appended, no fold)."""
+    batch = make_decode_batch(sc.block_table, sc.slot_ids.tolist(), sc.seq_lens, sc.window_lens(),
+                              window_size=sc.plan.window_size, block_size=sc.pages.shape[1])
+    return attention(query, sc.pages, sc.pool.basis_k, sc.pool.basis_v, sc.pool.window_k,
+                     sc.pool.window_v, batch, sc.plan.spec, scale, need_probs=need_probs)

@@ -8,7 +8,7 @@ def test_defaults_are_the_papers():
     c = AttentionPackConfig.from_dict(None)
     assert (c.rank_vision_key, c.rank_vision_value, c.rank_text_key, c.rank_text_value) == (64, 64, 64, 64)
     assert c.group_fractions == (0.25, 0.75) and c.group_rank_scales == (1.0, 0.25)
-    assert c.partial_rank_values and not c.partial_rank_keys
+    assert not c.partial_rank_values and not c.partial_rank_keys
     assert c.ema_weight == 0.25 and c.svd == "exact"
 
 

@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
-from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention
 from attentionpack_vllm.kernels.reference import dense_attention, reconstruct_request_kv
-from scenario import build_scenario, run_decode
+from scenario import attend_now, build_scenario, run_decode
 
 # (num_heads, num_kv_heads, head_size): MHA and GQA, several head sizes.
 GEOMETRIES = [(4, 4, 16), (4, 2, 32), (8, 2, 64), (6, 3, 32)]
@@ -29,7 +28,7 @@ def test_full_rank_equals_dense_across_folds(num_heads, num_kv_heads, head_size,
                         max_new_tokens=3 * window + 2, pages_fill=float("nan"))
     for out, dense in run_decode(sc, num_heads, steps=3 * window + 2):  # three folds, then a partial window
         torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)
-    assert sc.pool.window_lens[sc.slot_ids.long()].tolist() == [2] * 4
+    assert sc.window_lens() == [2] * 4
 
 
 def test_every_token_in_top_group_equals_full_rank():
@@ -48,7 +47,7 @@ def test_every_token_in_top_group_equals_full_rank():
 @pytest.mark.parametrize("partial_keys", [False, True])
 def test_partial_rank_equals_oracle_on_truncated_factors(partial_keys):
     config = AttentionPackConfig.from_dict(
-        {"rank": 16, "window_size": 6, "partial_rank_keys": partial_keys,
+        {"rank": 16, "window_size": 6, "partial_rank_keys": partial_keys, "partial_rank_values": True,
          "group_fractions": [0.25, 0.5, 0.25], "group_rank_scales": [1.0, 0.5, 0.25]})
     sc = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[50, 9, 33],
                         image_spans=[[(5, 30)], [], [(0, 3)]], block_size=16)
@@ -57,18 +56,16 @@ def test_partial_rank_equals_oracle_on_truncated_factors(partial_keys):
     for out, _ in run_decode(sc, 4, steps=8, oracle=False):
         pass  # groups get assigned from importance by the decode steps
     q = torch.randn(sc.batch, 4, 32, generator=gen)
-    c_lens = torch.tensor(sc.seq_lens) - sc.pool.window_lens[sc.slot_ids.long()].long()
-    out, _, _ = latent_decode_attention(
-        q, sc.pages, sc.block_table, c_lens, sc.slot_ids, sc.pool.basis_k, sc.pool.basis_v,
-        sc.pool.window_k, sc.pool.window_v, sc.pool.window_lens[sc.slot_ids.long()],
-        group_cols_k, group_cols_v, sc.plan.layout, 32 ** -0.5)
+    w_lens = sc.window_lens()
+    c_lens = [s - w for s, w in zip(sc.seq_lens, w_lens)]
+    out, _, _ = attend_now(sc, q, 32 ** -0.5)
     flags = sc.pages[..., sc.plan.layout.flags_offset]
     assert set((flags // 2).unique().tolist()) >= {0, 1, 2}, "all three groups must be in use"
     for b in range(sc.batch):
         slot = int(sc.slot_ids[b])
         keys, values = reconstruct_request_kv(
             sc.pages, sc.block_table[b], int(c_lens[b]), sc.pool.basis_k[slot], sc.pool.basis_v[slot],
-            sc.pool.window_k[slot], sc.pool.window_v[slot], int(sc.pool.window_lens[slot]),
+            sc.pool.window_k[slot], sc.pool.window_v[slot], w_lens[b],
             sc.plan.layout, group_cols_k, group_cols_v)
         expected, _ = dense_attention(q[b:b + 1], keys, values, 32 ** -0.5)
         torch.testing.assert_close(out[b], expected[0], rtol=1e-4, atol=1e-5)
@@ -76,7 +73,7 @@ def test_partial_rank_equals_oracle_on_truncated_factors(partial_keys):
 
 def test_partial_rank_changes_the_output():
     """Groups on must really drop columns (guards against a mask that never applies)."""
-    config = AttentionPackConfig.from_dict({"rank": 16, "window_size": 4})
+    config = AttentionPackConfig.from_dict({"rank": 16, "window_size": 4, "partial_rank_values": True})
     on = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[60])
     off = build_scenario(AttentionPackConfig.from_dict({"rank": 16, "window_size": 4,
                                                         "partial_rank_values": False}),
@@ -113,18 +110,15 @@ def test_unequal_modality_ranks_over_stale_pages_match_oracle():
     for _ in run_decode(sc, 4, steps=4, oracle=False):  # one fold
         pass
     q = torch.randn(sc.batch, 4, 16, generator=torch.Generator().manual_seed(3))
-    w_lens = sc.pool.window_lens[sc.slot_ids.long()]
-    c_lens = torch.tensor(sc.seq_lens) - w_lens.long()
-    cols_k, cols_v = sc.plan.group_cols_tensors()
-    out, _, _ = latent_decode_attention(
-        q, sc.pages, sc.block_table, c_lens, sc.slot_ids, sc.pool.basis_k, sc.pool.basis_v,
-        sc.pool.window_k, sc.pool.window_v, w_lens, cols_k, cols_v, sc.plan.layout, 0.25)
+    w_lens = sc.window_lens()
+    c_lens = [s - w for s, w in zip(sc.seq_lens, w_lens)]
+    out, _, _ = attend_now(sc, q, 0.25)
     assert torch.isfinite(out).all()
     for b in range(sc.batch):
         slot = int(sc.slot_ids[b])
         keys, values = reconstruct_request_kv(
             sc.pages, sc.block_table[b], int(c_lens[b]), sc.pool.basis_k[slot], sc.pool.basis_v[slot],
-            sc.pool.window_k[slot], sc.pool.window_v[slot], int(w_lens[b]), sc.plan.layout)
+            sc.pool.window_k[slot], sc.pool.window_v[slot], w_lens[b], sc.plan.layout)
         expected, _ = dense_attention(q[b:b + 1], keys, values, 0.25)
         torch.testing.assert_close(out[b], expected[0], rtol=1e-4, atol=1e-5)
 

@@ -5,12 +5,15 @@ import pytest
 import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
-from attentionpack_vllm.importance import group_of_rank, update_importance
+from attentionpack_vllm.importance import group_of_rank, groups_by_importance, update_importance
+from attentionpack_vllm.kernels.decode_inputs import make_decode_batch
 from attentionpack_vllm.kernels.layout import IMAGE, TEXT, decode_flags
 from attentionpack_vllm.memory import MemoryReport
-from attentionpack_vllm.paged_store import append_to_window, compress_tokens, page_slots, read_records
+from attentionpack_vllm.paged_store import compress_tokens, page_slots, read_records
 from attentionpack_vllm.plan import CompressionPlan
+from attentionpack_vllm.prefill import regroup
 from attentionpack_vllm.slot_pool import SlotPool
+from attentionpack_vllm.windows import WindowTracker
 from scenario import build_scenario, run_decode
 
 
@@ -23,46 +26,61 @@ def test_reused_slot_and_pages_carry_nothing_of_the_old_request():
                            image_spans=[[(0, 20)]], seed=12)
     for _ in run_decode(dirty, 4, steps=7, oracle=False):
         pass
-    assert int(dirty.pool.window_lens[dirty.slot_ids[0]]) == 2
+    assert dirty.window_lens() == [2]
     dirty.pages.view(-1)[:] = dirty.pages.view(-1)[torch.randperm(dirty.pages.numel())]  # stale bytes
     new = fresh.keys[0], fresh.values[0]
     slot = int(dirty.slot_ids[0])
     dirty.pool.reset(slot)
+    dirty.tracker.clear([slot])
     compress_tokens(dirty.pages, dirty.pool, slot, dirty.block_table[0], dirty.plan, 0, *new,
                     torch.zeros(30, dtype=torch.bool), read_records(fresh.pages, page_slots(
                         fresh.block_table[0], 0, 30, 16))[:, fresh.plan.layout.importance_offset])
+    regroup(dirty.pages, dirty.plan, dirty.block_table[0], 30)
     dirty.keys, dirty.values, dirty.is_image, dirty.seq_lens = (
         [new[0].clone()], [new[1].clone()], [torch.zeros(30, dtype=torch.bool)], [30])
     for (a, _), (b, _) in zip(run_decode(fresh, 4, 9, oracle=False), run_decode(dirty, 4, 9, oracle=False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_window_overflow_is_an_error_not_a_silent_overwrite():
-    plan = CompressionPlan.build(AttentionPackConfig.from_dict({"window_size": 1}), 2, 16)
-    pool = SlotPool.allocate(plan, 2, torch.float32)
-    pages = torch.zeros(4, 16, plan.layout.width)
-    args = (pages, pool, torch.tensor([0]), torch.tensor([3]), torch.ones(1, 32), torch.ones(1, 32), plan)
-    append_to_window(*args)
-    with pytest.raises(RuntimeError, match="window overflow"):
-        append_to_window(*args)
+def test_window_tracker_folds_full_windows_and_restarts_them():
+    tracker = WindowTracker(num_slots=4, window_size=3)
+    tracker.lengths[2] = 1
+    assert tracker.advance([0, 2]) == ([1, 2], [])
+    assert tracker.advance([2, 0]) == ([3, 2], [0])      # slot 2's window is full: it folds
+    assert (tracker.length(2), tracker.length(0)) == (0, 2)
+    assert tracker.advance([0]) == ([3], [0])
+    tracker.lengths[1] = 2
+    tracker.clear([1])
+    assert tracker.length(1) == 0
 
 
 def test_importance_ema_matches_hand_computation():
     plan = CompressionPlan.build(AttentionPackConfig.from_dict({"ema_weight": 0.25, "rank": 8}), 1, 16)
+    pool = SlotPool.allocate(plan, 3, torch.float32)
     pages = torch.zeros(2, 16, plan.layout.width)
     block_table = torch.tensor([[1, 0]], dtype=torch.int32)
     slots = page_slots(block_table[0], 0, 6, 16)
     start = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     pages.view(-1, plan.layout.width)[slots, plan.layout.importance_offset] = start
+    pool.window_importance[2, :2] = torch.tensor([6.0, 7.0])
+    batch = make_decode_batch(block_table, [2], [6], [2], window_size=plan.window_size, block_size=16)
     p_c = torch.tensor([[0.1, 0.2, 0.3, 0.1]])       # 4 factor tokens
-    p_w = torch.tensor([[0.2, 0.1, 0.0]])            # 2 window tokens (3rd slot unused)
-    update_importance(pages, block_table, torch.tensor([4]), torch.tensor([2]), p_c, p_w, plan)
-    got = pages.view(-1, plan.layout.width)[slots, plan.layout.importance_offset]
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.1, 0.2, 0.1])
-    torch.testing.assert_close(got, 0.25 * start + 0.75 * 6 * probs)
-    # Groups: top ceil(25% of 4) = 1 factor token (position 2) is group 0, the rest group 1.
-    _, groups = decode_flags(pages.view(-1, plan.layout.width)[slots[:4], plan.layout.flags_offset].long())
-    assert groups.tolist() == [1, 1, 0, 1]
+    p_w = torch.zeros(1, plan.window_size)
+    p_w[0, :2] = torch.tensor([0.2, 0.1])            # 2 window tokens
+    update_importance(pages, pool, batch, p_c, p_w, plan)
+    got = pages.view(-1, plan.layout.width)[slots[:4], plan.layout.importance_offset]
+    torch.testing.assert_close(got, 0.25 * start[:4] + 0.75 * 6 * torch.tensor([0.1, 0.2, 0.3, 0.1]))
+    torch.testing.assert_close(pool.window_importance[2, :2],
+                               0.25 * torch.tensor([6.0, 7.0]) + 0.75 * 6 * torch.tensor([0.2, 0.1]))
+    assert pages.view(-1, plan.layout.width)[slots[4:], plan.layout.importance_offset].tolist() == [4.0, 5.0]
+
+
+def test_groups_follow_importance_within_each_request():
+    importance = torch.tensor([[0.5, 3.0, 1.0, 0.2, 9.0], [2.0, 1.0, 7.0, 0.0, 0.0]])
+    groups = groups_by_importance(importance, torch.tensor([4, 3]), (0.25, 0.75))
+    # Request 0: top ceil(25% of 4) = 1 token (position 1); position 4 is padding.
+    assert groups[0, :4].tolist() == [1, 0, 1, 1]
+    assert groups[1, :3].tolist() == [1, 1, 0]
 
 
 def test_group_of_rank_follows_fractions_rounding_up():

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
-from attentionpack_vllm.decode import decode_step
+from attentionpack_vllm.decode import decode_and_fold, schedule_decode
 from attentionpack_vllm.plan import CompressionPlan
 from attentionpack_vllm.prefill import causal_attention, prefill_request
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.kernels.reference import dense_attention
+from attentionpack_vllm.windows import WindowTracker
 
 
 def dense_causal(query, keys, values, scale):
@@ -37,15 +38,21 @@ def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks):
     is_image = torch.zeros(total, dtype=torch.bool)
     is_image[3:19] = True  # one image inside the first chunk
     scale = head_size ** -0.5
+    tracker = WindowTracker(2, plan.window_size)
+
+    def decode(qd, kd, vd, seq_len):
+        batch, folds = schedule_decode(tracker, plan, block_table, [1], [seq_len], block_size)
+        return decode_and_fold(qd, kd, vd, pages, pool, plan, batch, folds, scale)
+
     start = 0
     for n in chunks:
         sl = slice(start, start + n)
         if n == 1 and start > 0:  # a one-token chunk goes down the decode path, as in the backend
-            out = decode_step(q[sl], k[sl], v[sl], pages, pool, plan, block_table,
-                              torch.tensor([start + 1]), torch.tensor([1]), scale)
+            out = decode(q[sl], k[sl], v[sl], start + 1)
         else:
             out = prefill_request(q[sl], k[sl], v[sl], is_image[sl], pages, pool, plan, 1,
-                                  block_table[0], start, scale)
+                                  block_table[0], start, tracker.length(1), scale)
+            tracker.clear([1])
         expected = dense_causal(q[sl], k[:start + n], v[:start + n], scale)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
         start += n
@@ -53,6 +60,5 @@ def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks):
         qd, kd, vd = (torch.randn(1, num_heads, head_size, generator=gen),
                       torch.randn(1, width, generator=gen), torch.randn(1, width, generator=gen))
         k, v = torch.cat([k, kd]), torch.cat([v, vd])
-        out = decode_step(qd, kd, vd, pages, pool, plan, block_table, torch.tensor([k.shape[0]]),
-                          torch.tensor([1]), scale)
+        out = decode(qd, kd, vd, k.shape[0])
         torch.testing.assert_close(out, dense_attention(qd, k, v, scale)[0], rtol=1e-4, atol=1e-4)

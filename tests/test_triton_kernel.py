@@ -1,93 +1,293 @@
-"""The fused Triton decode kernel against the PyTorch latent-space path (interpreter on CPU)."""
+"""The Triton latent decode against the PyTorch path, on CPU (interpreter) and on CUDA.
+
+The caches are built directly (tests/latent_cases.py): random records with valid
+flags in shuffled pages whose other rows are NaN, ragged lengths including a request
+with no compressed token, window lengths from 1 to the window size, slots drawn from
+a larger pool.
+"""
+import collections
+import dataclasses
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from attentionpack_vllm.config import AttentionPackConfig
-from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention
-from attentionpack_vllm.kernels.latent_decode_triton import latent_decode_attention_triton
-from scenario import build_scenario, run_decode
+import attentionpack_vllm.kernels as K
+from attentionpack_vllm.kernels import decode_inputs, latent_decode_torch, latent_decode_triton  # noqa: F401
+from attentionpack_vllm.kernels import layout  # noqa: F401
+from latent_cases import random_case, replay_against_eager, same_outputs
+from triton_devices import DEVICES, HAS_CUDA
 
 pytestmark = pytest.mark.triton
 
-
-def both(sc, num_heads, window_lens=None, seed=0, **kwargs):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(sc.batch, num_heads, sc.plan.head_size, generator=gen).to(sc.pages.dtype)
-    w_lens = sc.pool.window_lens[sc.slot_ids.long()] if window_lens is None else window_lens
-    c_lens = torch.tensor(sc.seq_lens) - w_lens.long()
-    cols_k, cols_v = sc.plan.group_cols_tensors()
-    args = (q, sc.pages, sc.block_table, c_lens, sc.slot_ids, sc.pool.basis_k, sc.pool.basis_v,
-            sc.pool.window_k, sc.pool.window_v, w_lens, cols_k, cols_v, sc.plan.layout,
-            sc.plan.head_size ** -0.5)
-    return latent_decode_attention(*args), latent_decode_attention_triton(*args, **kwargs)
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+KERNELS = ("_project_queries", "_latent_pass", "_combine", "_probs_pass")
+C_LENS = [0, 5, 23, 40]   # no compressed token, mid-page, several pages, several tiles
+W_LENS = [1, 4, 2, 3]     # 1 .. window
 
 
-def assert_same(ref, got, tol=1e-4):
-    for a, b in zip(ref, got):
-        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+def tolerances(device: str, dtype) -> tuple[float, float]:
+    """(output, probabilities) tolerances: on CPU every product is float32; on a GPU
+    half-precision operands are multiplied in their own dtype."""
+    if dtype == F32:
+        return 1e-4, 1e-5
+    if device == "cpu":
+        return (2e-3 if dtype == F16 else 1e-2), 1e-5
+    return (1e-2, 2e-3) if dtype == F16 else (5e-2, 1e-2)
 
 
-# (num_heads, num_kv_heads, head_size, rank, block_size)
-GRID = [
-    (4, 4, 16, 16, 16),    # MHA
-    (8, 2, 32, 24, 16),    # GQA, rank not a power of two
-    (6, 3, 64, 32, 32),    # GQA, odd head count
-    (4, 1, 64, 64, 64),    # MQA, bigger pages
-]
+def call_torch(case, batch=None, need_probs=True):
+    batch = batch or case.batch(K)
+    return latent_decode_torch.latent_decode_attention(
+        case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch,
+        case.spec, case.scale, need_probs=need_probs)
 
 
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_size,rank,block_size", GRID)
-@pytest.mark.parametrize("partial", [False, True])
-def test_kernel_matches_torch_reference(num_heads, num_kv_heads, head_size, rank, block_size, partial):
-    config = AttentionPackConfig.from_dict({
-        "rank": rank, "window_size": 4, "partial_rank_values": partial, "partial_rank_keys": partial,
-        "group_fractions": [0.5, 0.5], "rank_text_value": max(16, rank // 2)})
-    # Ragged lengths: 1, mid-block, exactly one block, several blocks; images in some.
-    sc = build_scenario(config, num_kv_heads=num_kv_heads, head_size=head_size,
-                        prompt_lens=[1, 7, block_size, 2 * block_size + 5],
-                        image_spans=[[], [(1, 4)], [], [(3, block_size + 2)]],
-                        block_size=block_size, pages_fill=float("nan"))
-    for _ in run_decode(sc, num_heads, steps=2, oracle=False):  # windows in use, groups assigned
-        pass
-    ref, got = both(sc, num_heads)
-    assert_same(ref, got)
+def call_triton(case, batch=None, need_probs=True, **kwargs):
+    batch = batch or case.batch(K, with_index=False)
+    args = (case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch,
+            case.spec, case.scale, need_probs)
+    if kwargs:
+        return latent_decode_triton._latent_decode(*args, **kwargs)
+    return latent_decode_triton.latent_decode_attention_triton(*args)
 
 
-def test_empty_and_full_windows_and_split_pages():
-    config = AttentionPackConfig.from_dict({"rank": 16, "window_size": 3})
-    sc = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[40, 70, 3],
-                        image_spans=[[(0, 20)], [], [(0, 2)]])
-    for _ in run_decode(sc, 4, steps=2, oracle=False):
-        pass
-    for window_lens in (torch.zeros(3, dtype=torch.int32), torch.full((3,), 3, dtype=torch.int32)):
-        ref, got = both(sc, 4, window_lens=window_lens, pages_per_split=1)  # one page per program
-        assert_same(ref, got)
+def assert_same(ref, got, device, dtype, need_probs=True):
+    tol_out, tol_p = tolerances(device, dtype)
+    assert got[0].dtype == ref[0].dtype and got[0].shape == ref[0].shape
+    assert torch.isfinite(got[0].float()).all()
+    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=tol_out, atol=tol_out)
+    if not need_probs:
+        assert got[1] is None and got[2] is None
+        return
+    for a, b in zip(ref[1:], got[1:]):
+        assert b.dtype == torch.float32 and b.shape == a.shape
+        torch.testing.assert_close(b, a, rtol=10 * tol_p, atol=tol_p)
 
 
-def test_kernel_without_probabilities_returns_only_the_output():
-    config = AttentionPackConfig.from_dict({"rank": 16})
-    sc = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[20])
-    ref, got = both(sc, 4, need_probs=False)
-    assert got[1] is None and got[2] is None
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+# name: (num_heads, num_kv_heads, head_size, rank_k, rank_v, block_size, has_image, partial, dtype, need_probs)
+CASES = {
+    "mha-image":        (4, 4, 16, 16, 16, 8, True, "", F32, True),
+    "mha-image-pkv":    (4, 4, 16, 16, 16, 8, True, "kv", F16, False),
+    "mha-text":         (4, 4, 16, 16, 16, 8, False, "", F16, True),
+    "mha-text-pv":      (4, 4, 16, 16, 16, 8, False, "v", F32, False),
+    "gqa-image":        (8, 2, 32, 24, 20, 16, True, "", F16, False),
+    "gqa-image-pkv":    (8, 2, 32, 24, 20, 16, True, "kv", F32, True),
+    "gqa-image-pv-b4":  (8, 2, 32, 24, 20, 4, True, "v", F16, True),
+    "gqa-text-pkv":     (8, 2, 32, 24, 20, 16, False, "kv", F16, True),
+    "gqa-text":         (8, 2, 32, 24, 20, 8, False, "", F32, False),
+    "gqa-odd-image-pk": (6, 3, 24, 16, 32, 8, True, "k", F32, True),
+    "mqa-text-pkv":     (4, 1, 32, 32, 16, 16, False, "kv", F32, True),
+}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_storage(dtype):
-    config = AttentionPackConfig.from_dict({"rank": 32, "window_size": 4})
-    sc = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[33, 9],
-                        image_spans=[[(2, 12)], []], dtype=dtype)
-    ref, got = both(sc, 4)
-    assert got[0].dtype == dtype
-    assert_same(ref, got, tol=2e-2)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch_path(device, name):
+    heads, kv, head_size, rank_k, rank_v, block, image, partial, dtype, need_probs = CASES[name]
+    case = random_case(K, compressed_lens=C_LENS, window_lens=W_LENS, num_heads=heads, num_kv_heads=kv,
+                       head_size=head_size, rank_k=rank_k, rank_v=rank_v, block_size=block, window=4,
+                       has_image=image, partial_k="k" in partial, partial_v="v" in partial,
+                       dtype=dtype, device=device, seed=len(name))
+    assert case.spec.partial_k == ("k" in partial) and case.spec.partial_v == ("v" in partial)
+    ref = call_torch(case, need_probs=need_probs)
+    got = call_triton(case, need_probs=need_probs)
+    assert_same(ref, got, device, dtype, need_probs)
 
 
-def test_decode_steps_with_the_kernel_match_the_torch_path():
-    config = AttentionPackConfig.from_dict({"rank": 16, "window_size": 3})
-    kwargs = dict(num_kv_heads=2, head_size=32, prompt_lens=[30, 17], image_spans=[[(4, 20)], []])
-    a, b = build_scenario(config, **kwargs), build_scenario(config, **kwargs)
-    steps = zip(run_decode(a, 4, 5, oracle=False),
-                run_decode(b, 4, 5, oracle=False, attention=latent_decode_attention_triton))
-    for (out_a, _), (out_b, _) in steps:  # crosses a fold; importance drives the groups
-        torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(a.pages, b.pages, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("need_probs", [False, True], ids=["no-probs", "probs"])
+@pytest.mark.parametrize("partial", ["", "k", "v", "kv"], ids=["full", "pk", "pv", "pkv"])
+@pytest.mark.parametrize("image", [True, False], ids=["image", "text"])
+def test_every_switch_combination(device, dtype, need_probs, partial, image):
+    if device == "cuda" and (dtype != F16 or not need_probs):
+        pytest.skip("on CUDA the half-precision branch with probabilities only (CASES covers the rest; "
+                    "every combination is a separate compilation)")
+    case = random_case(K, compressed_lens=[0, 19, 6], window_lens=[3, 1, 2], num_heads=4, num_kv_heads=2,
+                       head_size=16, block_size=8, window=3, has_image=image, partial_k="k" in partial,
+                       partial_v="v" in partial, dtype=dtype, device=device, seed=7)
+    assert_same(call_torch(case, need_probs=need_probs), call_triton(case, need_probs=need_probs),
+                device, dtype, need_probs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits,tile", [(1, 16), (2, 32), (7, 16)], ids=["one-split", "two", "empty-splits"])
+def test_any_split_count_and_tile(device, splits, tile):
+    # A long request beside short ones: with 7 splits most of the short ones' splits are empty.
+    case = random_case(K, compressed_lens=[3, 70, 0, 17], window_lens=[2, 1, 3, 3], num_heads=4,
+                       num_kv_heads=2, head_size=16, block_size=16, window=3, partial_v=True,
+                       device=device, seed=splits)
+    assert_same(call_torch(case), call_triton(case, splits=splits, tile=tile), device, F32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stale_window_rows_are_never_read(device):
+    # NaN past each window's length: the kernel masks those rows; the PyTorch path
+    # (which needs finite leftovers) sees zeros there.
+    kwargs = dict(compressed_lens=[9, 0, 20], window_lens=[1, 3, 2], window=4, partial_k=True,
+                  partial_v=True, device=device)
+    stale = random_case(K, window_stale=float("nan"), **kwargs)
+    clean = random_case(K, window_stale=0.0, **kwargs)
+    assert torch.isnan(stale.window_k).any()
+    assert_same(call_torch(clean), call_triton(stale), device, F32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_length_larger_than_needed(device):
+    # A captured graph runs with a length bound: the result must not depend on it.
+    case = random_case(K, compressed_lens=[12, 30], window_lens=[2, 4], device=device, partial_v=True)
+    exact = call_triton(case)
+    bound = case.batch(K, with_index=False, max_compressed_len=57)
+    padded = call_triton(case, batch=bound)
+    assert padded[1].shape == (2, 57)
+    torch.testing.assert_close(padded[0], exact[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded[1][:, :30], exact[1], rtol=1e-5, atol=1e-7)
+    assert (padded[1][:, 30:] == 0).all()
+    torch.testing.assert_close(padded[2], exact[2], rtol=1e-5, atol=1e-7)
+    assert_same(call_torch(case, batch=case.batch(K, max_compressed_len=57)), padded, device, F32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_storage(device):
+    case = random_case(K, compressed_lens=[33, 9], window_lens=[4, 1], num_heads=8, num_kv_heads=2,
+                       head_size=32, rank_k=32, rank_v=32, block_size=16, partial_v=True, dtype=BF16,
+                       device=device)
+    assert_same(call_torch(case), call_triton(case), device, BF16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    case = random_case(K, compressed_lens=[4], window_lens=[1], device=device)
+    batch = dataclasses.replace(case.batch(K, with_index=False), block_table=case.block_table[:0],
+                                slot_ids=torch.zeros(0, dtype=torch.int64, device=device))
+    query = case.query[:0]
+    out, probs, w_probs = latent_decode_triton.latent_decode_attention_triton(
+        query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch, case.spec,
+        case.scale, need_probs=True)
+    assert out.shape == (0, 4, 16) and probs.shape == (0, 4) and w_probs.shape == (0, 4)
+
+
+def test_native_half_dot_branch(monkeypatch):
+    """The GPU branch (fp16 operands, fp32 accumulation, GPU tile size) under the interpreter,
+    whose fp16 dot is right."""
+    from triton_devices import interpreted
+    if not interpreted():
+        pytest.skip("checks the GPU code path on CPU; on a GPU the other tests run it")
+    monkeypatch.setattr(latent_decode_triton, "_interpreted", lambda: False)
+    case = random_case(K, compressed_lens=[0, 70, 17], window_lens=[1, 4, 2], num_heads=8, num_kv_heads=2,
+                       head_size=32, rank_k=24, rank_v=20, block_size=16, partial_k=True, partial_v=True,
+                       dtype=F16)
+    assert_same(call_torch(case), call_triton(case), "cuda", F16)  # the GPU's tolerances
+
+
+# --------------------------------------------------------------------------- graph-safety
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Launches:
+    """Wraps the module's Triton kernels: records (name, grid) of every launch; `run` off
+    replaces the launch by nothing (for meta tensors)."""
+
+    def __init__(self, monkeypatch, run=True):
+        self.calls = []
+        for name in KERNELS:
+            real = getattr(latent_decode_triton, name)
+            monkeypatch.setattr(latent_decode_triton, name, self._wrap(name, real, run))
+
+    def _wrap(self, name, real, run):
+        calls = self.calls
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    calls.append((name, tuple(grid)))
+                    if run:
+                        return real[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+
+
+FORBIDDEN = {"_local_scalar_dense", "nonzero", "index", "index_select", "gather", "masked_select",
+             "item", "_to_copy", "masked_fill"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need_probs", [False, True], ids=["no-probs", "probs"])
+def test_no_host_reads_and_a_fixed_number_of_launches(device, need_probs, monkeypatch):
+    case = random_case(K, compressed_lens=C_LENS, window_lens=W_LENS, device=device, partial_k=True,
+                       partial_v=True)
+    batch = case.batch(K, with_index=False)
+    call_triton(case, batch=batch, need_probs=need_probs)  # warm-up: compiles, caches the column table
+    launches = _Launches(monkeypatch)
+    with _Ops() as mode:
+        call_triton(case, batch=batch, need_probs=need_probs)
+    assert not FORBIDDEN & set(mode.ops), mode.ops
+    if device == "cuda":  # the interpreter copies arguments itself; on a GPU only allocations remain
+        assert set(mode.ops) <= {"empty", "slice"}, mode.ops
+    names = [name for name, _ in launches.calls]
+    assert names == list(KERNELS if need_probs else KERNELS[:3])
+    grids = dict(launches.calls)
+    assert grids["_project_queries"] == (4, 2 * 2)    # batch x (planes x KV heads)
+    assert grids["_combine"] == (4, 2)                 # batch x KV heads
+    assert grids["_latent_pass"][0] == 4
+
+
+@pytest.mark.parametrize("image", [True, False], ids=["image", "text-only"])
+def test_the_host_side_reads_no_tensor_value(image, monkeypatch):
+    """Every input on the meta device (which has no values): the host side still runs,
+    so it decides everything from shapes, the spec and host integers."""
+    case = random_case(K, compressed_lens=C_LENS, window_lens=W_LENS, has_image=image, partial_v=True)
+    launches = _Launches(monkeypatch, run=False)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    batch = decode_inputs.make_decode_batch(
+        meta(case.block_table), case.slot_ids, case.seq_lens, case.window_lens,
+        window_size=case.window, block_size=case.block_size, with_index=False)
+    out, probs, w_probs = latent_decode_triton.latent_decode_attention_triton(
+        meta(case.query), meta(case.pages), meta(case.basis_k), meta(case.basis_v), meta(case.window_k),
+        meta(case.window_v), batch, case.spec, case.scale, need_probs=True)
+    assert out.device.type == "meta" and probs.shape == (4, 40) and w_probs.shape == (4, 4)
+    grids = dict(launches.calls)
+    assert len(launches.calls) == 4
+    assert grids["_project_queries"] == (4, (2 if image else 1) * 2)  # no image plane without images
+
+
+def _graph_cases(device):
+    shape = dict(num_heads=8, num_kv_heads=2, head_size=32, rank_k=32, rank_v=32, block_size=16, window=8,
+                 partial_v=True, dtype=F16, device=device, num_blocks=40, max_blocks=8, num_slots=9)
+    cases = [random_case(K, compressed_lens=[40, 0, 100, 7], window_lens=[3, 8, 1, 5], seed=1, **shape),
+             random_case(K, compressed_lens=[90, 13, 2, 61], window_lens=[8, 1, 6, 2], seed=2, **shape)]
+    gen = torch.Generator().manual_seed(0)
+    new_kv = [tuple(torch.randn(4, 64, generator=gen).to(device, F16) for _ in "kv") for _ in cases]
+    return cases, new_kv
+
+
+@pytest.mark.parametrize("need_probs", [False, True], ids=["no-probs", "probs"])
+def test_step_on_fixed_buffers_without_capture(need_probs):
+    """CPU stand-in for the graph test: the same buffers refilled for other requests, no capture."""
+    from triton_devices import interpreted
+    if not interpreted():
+        pytest.skip("the CUDA test captures for real")
+    cases, new_kv = _graph_cases("cpu")
+    for result in replay_against_eager(K, cases, new_kv, bound=120, need_probs=need_probs, use_graph=False):
+        assert same_outputs(result["graph"], result["eager"]) and result["window_equal"]
+        assert_same(result["reference"], result["graph"], "cpu", F16, need_probs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("need_probs", [False, True], ids=["no-probs", "probs"])
+def test_cuda_graph_capture_and_replay(need_probs):
+    """Append the new token to the window and attend, captured once; replayed on other
+    requests (other lengths, block tables, slots, contents) it equals eager bit for bit."""
+    cases, new_kv = _graph_cases("cuda")
+    for result in replay_against_eager(K, cases, new_kv, bound=120, need_probs=need_probs):
+        assert same_outputs(result["graph"], result["eager"]) and result["window_equal"]
+        assert_same(result["reference"], result["graph"], "cuda", F16, need_probs)

@@ -1,0 +1,190 @@
+"""What one decode step hands every layer's latent-space attention.
+
+Two objects, both built outside the layers:
+
+* `LatentSpec`: what is constant for a compression plan (record layout, how many
+  modalities the slots hold, the partial-rank column table). Python values only, so
+  every branch a kernel or the PyTorch path takes on them is decided before the step
+  and never by reading a tensor.
+* `DecodeBatch`: the per-step tensors (block tables, slots, lengths and the
+  index tensors of the PyTorch path), made once per step by `make_decode_batch`
+  from lengths the host already knows, and reused by every layer. Making it reads
+  no device value.
+
+Modalities: plane TEXT (0) of a slot always exists; plane IMAGE (1) only when the
+plan has images (`num_modalities == 2`).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .layout import IMAGE, TEXT, RecordLayout
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """Plan constants of the latent-space decode."""
+
+    layout: RecordLayout
+    num_modalities: int                         # 1: text only; 2: text and image planes
+    group_cols_k: tuple[tuple[int, ...], ...]   # [modality][group]: K' columns a token reads
+    group_cols_v: tuple[tuple[int, ...], ...]   # [modality][group]: V' columns a token reads
+
+    def __post_init__(self) -> None:
+        if self.num_modalities not in (1, 2):
+            raise ValueError(f"num_modalities must be 1 or 2, got {self.num_modalities}")
+        for name in ("group_cols_k", "group_cols_v"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"{name} needs one row per modality (text, image)")
+
+    @property
+    def has_image(self) -> bool:
+        return self.num_modalities == 2
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_cols_k[TEXT])
+
+    @property
+    def modalities(self) -> tuple[int, ...]:
+        return (TEXT, IMAGE) if self.has_image else (TEXT,)
+
+    def _partial(self, table, rank: int) -> bool:
+        return any(c < rank for m in self.modalities for c in table[m])
+
+    @property
+    def partial_k(self) -> bool:
+        """Whether some (modality, group) reads fewer K' columns than the record holds."""
+        return self._partial(self.group_cols_k, self.layout.rank_k)
+
+    @property
+    def partial_v(self) -> bool:
+        return self._partial(self.group_cols_v, self.layout.rank_v)
+
+    def column_bands(self, which: str) -> tuple[tuple[int, int], ...]:
+        """Column ranges [lo, hi) that the same tokens read, over the modalities in use.
+
+        A token reading c columns reads every band with hi <= c. With no partial rank
+        this is one band, [0, rank).
+        """
+        table = self.group_cols_k if which == "k" else self.group_cols_v
+        rank = self.layout.rank_k if which == "k" else self.layout.rank_v
+        edges = sorted({0, rank} | {c for m in self.modalities for c in table[m] if 0 < c < rank})
+        return tuple(zip(edges[:-1], edges[1:]))
+
+    def cols_table(self, which: str, device) -> torch.Tensor:
+        """[2, num_groups] int64 tensor of the columns read per (modality, group).
+
+        Made once per spec and device (the decode step asks for it in every layer)."""
+        return _cols_table(self.group_cols_k if which == "k" else self.group_cols_v, str(device))
+
+
+@dataclass
+class DecodeBatch:
+    """Per-step decode inputs of B requests, one new token each; shared by every layer.
+
+    The new token is already counted in `window_lens` (the step writes it into the
+    window before attending). Index tensors for the PyTorch path and the importance
+    EMA (`record_slots` onwards) are None when the step does not need them.
+    """
+
+    block_table: torch.Tensor       # [B, max_blocks] int32
+    slot_ids: torch.Tensor          # [B] int64: the request's slot in the per-layer pools
+    seq_lens: torch.Tensor          # [B] int32: tokens including the new one
+    compressed_lens: torch.Tensor   # [B] int32: positions [0, c) are factors in the pages
+    window_lens: torch.Tensor       # [B] int32: positions [c, c + w) are full-rank window rows
+    new_window_rows: torch.Tensor   # [B] int64: window row the new token is written to
+    max_compressed_len: int         # host: max(compressed_lens), the padded length T
+    window_size: int                # rows per window
+    # Padded [B, T] views of the compressed positions (PyTorch path):
+    record_slots: torch.Tensor | None = None    # [B, T] int64 flat page slot (padding: a valid slot)
+    compressed_pad: torch.Tensor | None = None  # [B, T] bool: True past the request's length
+    window_pad: torch.Tensor | None = None      # [B, W] bool: True past the window's length
+    # The valid compressed positions, flattened without padding (importance EMA):
+    valid_index: torch.Tensor | None = None     # [N] int64: index into the flattened [B, T]
+    valid_slots: torch.Tensor | None = None     # [N] int64: their flat page slots
+    valid_seq_lens: torch.Tensor | None = None  # [N] float32: their request's seq_len
+
+    @property
+    def batch(self) -> int:
+        return self.slot_ids.shape[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _cols_table(table: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(table, dtype=torch.int64, device=device)
+
+
+def page_slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat page slots of `positions` ([B, T] int64) through `block_table` ([B, max_blocks]).
+
+    Positions past the table are clamped to its last block (callers mask them).
+    """
+    blocks = (positions // block_size).clamp_max(block_table.shape[1] - 1)
+    return block_table.long().gather(1, blocks) * block_size + positions % block_size
+
+
+def make_decode_batch(
+    block_table: torch.Tensor,
+    slot_ids: Sequence[int],
+    seq_lens: Sequence[int],
+    window_lens: Sequence[int],
+    *,
+    window_size: int,
+    block_size: int,
+    with_index: bool = True,
+) -> DecodeBatch:
+    """Build a step's `DecodeBatch` from host-side lengths (window lengths after the append;
+    a decode step always has at least its new token there).
+
+    No device value is read: every shape comes from the host lists. `with_index`
+    builds the PyTorch path's padded gather index and the flat EMA index.
+    """
+    device = block_table.device
+    batch = len(seq_lens)
+    compressed = [s - w for s, w in zip(seq_lens, window_lens)]
+    if any(w < 0 or w > window_size for w in window_lens):
+        raise ValueError(f"window lengths must lie in [0, {window_size}], got {list(window_lens)}")
+    if any(c < 0 for c in compressed):
+        raise ValueError("a window is longer than its request")
+    as_tensor = lambda xs, dtype: torch.tensor(list(xs), dtype=dtype, device=device)  # noqa: E731
+    max_len = max(compressed, default=0)
+    out = DecodeBatch(
+        block_table=block_table.to(torch.int32),
+        slot_ids=as_tensor(slot_ids, torch.int64),
+        seq_lens=as_tensor(seq_lens, torch.int32),
+        compressed_lens=as_tensor(compressed, torch.int32),
+        window_lens=as_tensor(window_lens, torch.int32),
+        new_window_rows=as_tensor([w - 1 for w in window_lens], torch.int64),
+        max_compressed_len=max_len,
+        window_size=window_size,
+    )
+    if not with_index:
+        return out
+    positions = torch.arange(max_len, device=device).expand(batch, max_len)
+    out.record_slots = page_slots_of(block_table, positions, block_size)
+    out.compressed_pad = positions >= out.compressed_lens[:, None].long()
+    out.window_pad = torch.arange(window_size, device=device)[None, :] >= out.window_lens[:, None].long()
+    rows, cols = ragged_positions(compressed, out.compressed_lens)
+    out.valid_index = rows * max_len + cols
+    out.valid_slots = out.record_slots.reshape(-1)[out.valid_index]
+    out.valid_seq_lens = out.seq_lens.float()[rows]
+    return out
+
+
+def ragged_positions(lengths: Sequence[int], lengths_on_device: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every valid entry of a ragged batch, in row-major order, [N] each.
+
+    The total N comes from the host-side `lengths`, so nothing is read back from the
+    device (no boolean-mask indexing, no nonzero).
+    """
+    device = lengths_on_device.device
+    total = int(sum(lengths))
+    counts = lengths_on_device.long()
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=total)
+    starts = torch.cumsum(counts, 0) - counts
+    return rows, torch.arange(total, device=device) - starts[rows]

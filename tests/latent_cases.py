@@ -1,0 +1,207 @@
+"""Random paged AttentionPack caches built directly (no compression, no vLLM): kernel test inputs.
+
+Imports torch and the kernels package only, so the GPU check can use it without the
+rest of the project. Pages start as NaN (stale bytes) and only the requests' own rows
+are written; block tables are shuffled and their unused entries point at other
+requests' blocks; slots are a random subset of a larger pool.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LatentCase:
+    spec: object
+    query: torch.Tensor
+    pages: torch.Tensor
+    basis_k: torch.Tensor
+    basis_v: torch.Tensor
+    window_k: torch.Tensor
+    window_v: torch.Tensor
+    block_table: torch.Tensor   # [B, max_blocks] int32
+    slot_ids: list[int]
+    seq_lens: list[int]
+    window_lens: list[int]
+    block_size: int
+    window: int
+    scale: float
+
+    def batch(self, kernels, with_index: bool = True, max_compressed_len: int | None = None):
+        """The step's DecodeBatch (optionally with a larger padded length, as for a captured graph)."""
+        out = kernels.decode_inputs.make_decode_batch(
+            self.block_table, self.slot_ids, self.seq_lens, self.window_lens,
+            window_size=self.window, block_size=self.block_size, with_index=with_index)
+        if max_compressed_len is not None:
+            assert max_compressed_len >= out.max_compressed_len
+            out.max_compressed_len = max_compressed_len
+            if with_index:  # the PyTorch path's padded index at the larger length
+                positions = torch.arange(max_compressed_len, device=self.block_table.device)
+                positions = positions.expand(len(self.seq_lens), max_compressed_len)
+                out.record_slots = kernels.decode_inputs.page_slots_of(
+                    self.block_table, positions, self.block_size)
+                out.compressed_pad = positions >= out.compressed_lens[:, None].long()
+                out.valid_index = out.valid_slots = out.valid_seq_lens = None
+        return out
+
+
+def column_tables(rank_k: int, rank_v: int, partial_k: bool, partial_v: bool, num_groups: int = 2):
+    """(group_cols_k, group_cols_v) per (modality, group); partial tables differ by modality."""
+    def table(rank, partial):
+        if not partial:
+            return tuple(tuple([rank] * num_groups) for _ in range(2))
+        text = [rank] + [max(1, math.ceil(rank / 4 ** g)) for g in range(1, num_groups)]
+        image = [rank] + [max(1, math.ceil(rank / 2 ** g)) for g in range(1, num_groups)]
+        return (tuple(text), tuple(image))  # rows: TEXT (0), IMAGE (1)
+    return table(rank_k, partial_k), table(rank_v, partial_v)
+
+
+def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_heads=2, head_size=16,
+                rank_k=16, rank_v=16, block_size=8, window=4, has_image=True, partial_k=False,
+                partial_v=False, num_groups=2, dtype=torch.float32, device="cpu", seed=0,
+                extra_slots=2, window_stale=0.0, num_blocks=None, max_blocks=None,
+                num_slots=None) -> LatentCase:
+    """A batch of requests with `compressed_lens` records and `window_lens` window rows each.
+
+    Window rows past a request's length hold `window_stale` (finite by default: the
+    PyTorch path multiplies them by zero probabilities). `num_blocks`, `max_blocks` and
+    `num_slots` fix the shapes (two cases of the same shapes feed one captured graph).
+    """
+    K = kernels
+    gen = torch.Generator().manual_seed(seed)
+    layout = K.layout.RecordLayout(rank_k=rank_k, rank_v=rank_v)
+    cols_k, cols_v = column_tables(rank_k, rank_v, partial_k, partial_v, num_groups)
+    planes = 2 if has_image else 1
+    spec = K.decode_inputs.LatentSpec(layout, planes, cols_k, cols_v)
+    batch = len(compressed_lens)
+    kv_width = num_kv_heads * head_size
+
+    blocks = [-(-c // block_size) for c in compressed_lens]
+    max_blocks = max_blocks or max(blocks + [1]) + 1
+    num_blocks = num_blocks or sum(blocks) + 3
+    assert max_blocks >= max(blocks + [0]) and num_blocks >= sum(blocks), "shapes too small"
+    pages = torch.full((num_blocks, block_size, layout.width), float("nan"))
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    block_table = torch.empty(batch, max_blocks, dtype=torch.int32)
+    used = 0
+    for b, (clen, nb) in enumerate(zip(compressed_lens, blocks)):
+        own = perm[used:used + nb]
+        used += nb
+        spare = torch.randint(0, num_blocks, (max_blocks - nb,), generator=gen).tolist()
+        block_table[b] = torch.tensor(own + spare, dtype=torch.int32)
+        records = torch.empty(clen, layout.width)
+        records[:, layout.k_offset:layout.k_offset + rank_k] = torch.randn(clen, rank_k, generator=gen)
+        records[:, layout.v_offset:layout.v_offset + rank_v] = torch.randn(clen, rank_v, generator=gen)
+        records[:, layout.importance_offset] = torch.rand(clen, generator=gen)
+        modality = (torch.randint(0, 2, (clen,), generator=gen) if has_image
+                    else torch.zeros(clen, dtype=torch.long))
+        group = torch.randint(0, num_groups, (clen,), generator=gen)
+        records[:, layout.flags_offset] = K.layout.encode_flags(modality, group).float()
+        pos = torch.arange(clen)
+        rows = torch.tensor(own, dtype=torch.long)[pos // block_size] if clen else pos
+        pages[rows, pos % block_size] = records
+
+    num_slots = num_slots or batch + extra_slots
+    slot_ids = torch.randperm(num_slots, generator=gen)[:batch].tolist()
+    basis_k = torch.randn(num_slots, planes, rank_k, kv_width, generator=gen) / head_size ** 0.5
+    basis_v = torch.randn(num_slots, planes, rank_v, kv_width, generator=gen) / head_size ** 0.5
+    window_k = torch.randn(num_slots, window, kv_width, generator=gen)
+    window_v = torch.randn(num_slots, window, kv_width, generator=gen)
+    for b, wlen in enumerate(window_lens):
+        window_k[slot_ids[b], wlen:] = window_stale
+        window_v[slot_ids[b], wlen:] = window_stale
+    query = torch.randn(batch, num_heads, head_size, generator=gen)
+    to = dict(dtype=dtype, device=device)
+    return LatentCase(
+        spec=spec, query=query.to(**to), pages=pages.to(**to), basis_k=basis_k.to(**to),
+        basis_v=basis_v.to(**to), window_k=window_k.to(**to), window_v=window_v.to(**to),
+        block_table=block_table.to(device), slot_ids=slot_ids,
+        seq_lens=[c + w for c, w in zip(compressed_lens, window_lens)], window_lens=list(window_lens),
+        block_size=block_size, window=window, scale=head_size ** -0.5)
+
+
+# --------------------------------------------------------------------------- CUDA graph replay
+
+STATIC_FIELDS = ("query", "pages", "basis_k", "basis_v", "window_k", "window_v")
+BATCH_FIELDS = ("block_table", "slot_ids", "seq_lens", "compressed_lens", "window_lens", "new_window_rows")
+
+
+def decode_step(kernels, case: LatentCase, batch, k_new, v_new, need_probs: bool):
+    """The part of a decode step a CUDA graph captures: write the new token's K/V into its
+    window row, then attend (window lengths in `batch` already count it)."""
+    case.window_k.index_put_((batch.slot_ids, batch.new_window_rows), k_new)
+    case.window_v.index_put_((batch.slot_ids, batch.new_window_rows), v_new)
+    return kernels.latent_decode_triton.latent_decode_attention_triton(
+        case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch, case.spec,
+        case.scale, need_probs)
+
+
+def capture(fn):
+    """(graph, static outputs) of one call of `fn` captured in a CUDA graph, after a warm-up
+    call on a side stream (compiles the kernels, caches the column table)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
+def replay_against_eager(kernels, cases: list[LatentCase], new_kv, bound: int, need_probs: bool,
+                         use_graph: bool = True) -> list[dict]:
+    """Capture `decode_step` once on copies of `cases[0]` (padded length `bound`), then for
+    every case copy its inputs into the captured buffers, replay, and run the same step
+    eagerly on the case itself. Without `use_graph` (CPU) the captured call is simply run
+    again on the buffers, which checks everything but the capture.
+
+    Per case: graph (replayed outputs), eager (eager outputs), reference (the PyTorch
+    path after the same append), window_equal (the appended windows agree).
+    """
+    first = cases[0]
+    static = dataclasses.replace(first, **{f: getattr(first, f).clone() for f in STATIC_FIELDS})
+    batch0 = first.batch(kernels, with_index=False, max_compressed_len=bound)
+    static_batch = dataclasses.replace(batch0, **{f: getattr(batch0, f).clone() for f in BATCH_FIELDS})
+    static_kv = [t.clone() for t in new_kv[0]]
+
+    def run():
+        return decode_step(kernels, static, static_batch, *static_kv, need_probs)
+
+    graph, outputs = capture(run) if use_graph else (None, None)
+    results = []
+    for case, (k_new, v_new) in zip(cases, new_kv):
+        eager_case = dataclasses.replace(case, window_k=case.window_k.clone(), window_v=case.window_v.clone())
+        eager_batch = case.batch(kernels, with_index=False, max_compressed_len=bound)
+        eager = decode_step(kernels, eager_case, eager_batch, k_new, v_new, need_probs)
+        for f in STATIC_FIELDS:
+            getattr(static, f).copy_(getattr(case, f))
+        for f in BATCH_FIELDS:
+            getattr(static_batch, f).copy_(getattr(eager_batch, f))
+        static_kv[0].copy_(k_new)
+        static_kv[1].copy_(v_new)
+        if use_graph:
+            graph.replay()
+            torch.cuda.synchronize()
+            replayed = tuple(None if t is None else t.clone() for t in outputs)
+        else:
+            replayed = run()
+        reference = kernels.latent_decode_torch.latent_decode_attention(
+            eager_case.query, eager_case.pages, eager_case.basis_k, eager_case.basis_v, eager_case.window_k,
+            eager_case.window_v, eager_case.batch(kernels, max_compressed_len=bound), eager_case.spec,
+            eager_case.scale, need_probs=need_probs)
+        window_equal = (torch.equal(static.window_k, eager_case.window_k)
+                        and torch.equal(static.window_v, eager_case.window_v))
+        results.append(dict(graph=replayed, eager=eager, reference=reference, window_equal=window_equal))
+    return results
+
+
+def same_outputs(a, b) -> bool:
+    """Bitwise equality of two (out, probs, window probs) results (None where absent)."""
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(a, b))
