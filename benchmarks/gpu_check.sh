@@ -68,7 +68,7 @@ if [ "$DRY" = 1 ]; then
   step kernel_tests 300 "$PY" benchmarks/run_kernel_tests.py --without-install --without-pytest \
     --json "$DEST/kernel_tests_$CARD.json"
   step cuda_graph_check 120 "$PY" benchmarks/cuda_graph_check.py --cpu-dry-run --out "$DEST"
-  step kernel_bench 300 "$PY" benchmarks/kernel_bench.py --smoke --sweep --out "$DEST"
+  step kernel_bench 300 "$PY" benchmarks/kernel_bench.py --smoke --sweep --simulate-graphs --out "$DEST"
 else
   step kernel_tests 150 "$PY" benchmarks/run_kernel_tests.py --json "$DEST/kernel_tests_$CARD.json"
   step cuda_graph_check 45 "$PY" benchmarks/cuda_graph_check.py --out "$DEST"
@@ -82,12 +82,12 @@ if [ -f benchmarks/factorize_bench.py ]; then
   case "$HELP" in *--out*) ARGS+=(--out "$DEST") ;; esac
   if [ "$DRY" = 1 ]; then
     case "$HELP" in
-      *--smoke*) step factorize_bench 120 "$PY" benchmarks/factorize_bench.py --smoke "${ARGS[@]}" ;;
-      *--cpu-dry-run*) step factorize_bench 120 "$PY" benchmarks/factorize_bench.py --cpu-dry-run "${ARGS[@]}" ;;
+      *--smoke*) step factorize_bench 120 "$PY" benchmarks/factorize_bench.py --smoke ${ARGS[@]+"${ARGS[@]}"} ;;
+      *--cpu-dry-run*) step factorize_bench 120 "$PY" benchmarks/factorize_bench.py --cpu-dry-run ${ARGS[@]+"${ARGS[@]}"} ;;
       *) echo "=== factorize_bench: no --smoke/--cpu-dry-run option; not run in the dry run" | tee -a "$LOG" ;;
     esac
   else
-    step factorize_bench 60 "$PY" benchmarks/factorize_bench.py "${ARGS[@]}"
+    step factorize_bench 60 "$PY" benchmarks/factorize_bench.py ${ARGS[@]+"${ARGS[@]}"}
   fi
 else
   echo "=== factorize_bench: benchmarks/factorize_bench.py does not exist; skipped" | tee -a "$LOG"

@@ -2,7 +2,7 @@
 
 The caches are built directly (tests/latent_cases.py): random records with valid
 flags in shuffled pages whose other rows are NaN, ragged lengths including a request
-with no compressed token, window lengths from 1 to the window size, slots drawn from
+with no compressed token, window lengths from 0 to the window size, slots drawn from
 a larger pool.
 """
 import collections
@@ -131,6 +131,18 @@ def test_stale_window_rows_are_never_read(device):
     clean = random_case(K, window_stale=0.0, **kwargs)
     assert torch.isnan(stale.window_k).any()
     assert_same(call_torch(clean), call_triton(stale), device, F32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_request_with_an_empty_window(device):
+    # Window length 0 (allowed by make_decode_batch): only the compressed tokens count;
+    # NaN in its window rows must not leak in.
+    kwargs = dict(compressed_lens=[12, 30, 7], window_lens=[0, 2, 4], window=4, partial_v=True, device=device)
+    stale = random_case(K, window_stale=float("nan"), **kwargs)
+    clean = random_case(K, window_stale=0.0, **kwargs)
+    got = call_triton(stale)
+    assert_same(call_torch(clean), got, device, F32)
+    assert (got[2][0] == 0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
