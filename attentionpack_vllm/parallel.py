@@ -12,11 +12,12 @@ rank, T shards keep T times the directions of one worker (fewer where a rank is 
 to the shard's width). Per layer and token the records of all shards take T times
 the bytes of a single-worker record, against the same dense bytes, so the saving
 over dense is T times smaller; the per-request bases add up to the same total (each
-shard's bases are 1/T as wide). The reconstruction error is at most that of one
-whole-layer basis of the same rank: the best rank-r basis of the whole layer, cut to
-a shard's columns, is one rank-r basis of that shard, and each shard's SVD finds the
-best one. To spend the single-worker bytes instead, divide `rank` by T: together the
-shards then hold a block-diagonal rank-r basis, at most as good as the whole layer's.
+shard's bases are 1/T as wide; more where heads are replicated). The reconstruction
+error of a prompt's (exact) SVD is at most that of one whole-layer basis of the same
+rank: the best rank-r basis of the whole layer, cut to a shard's columns, is one
+rank-r basis of that shard, and each shard's SVD finds the best one. To spend the
+single-worker bytes instead, divide `rank` by T: together the shards then hold a
+block-diagonal rank-r basis, at most as good as the whole layer's.
 
 With `--pipeline-parallel-size P` each worker holds the layers of its stage only.
 """

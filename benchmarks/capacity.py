@@ -103,7 +103,9 @@ def vllm_check_model(model: str, geometry: tuple[int, int, int], folder: str, kv
     for c in checks:
         # The dense row's figure does not depend on the rank; any plan gives it.
         config = AttentionPackConfig.from_dict({"rank": c["rank"] or 64})
-        report = MemoryReport.of(CompressionPlan.build(config, num_kv_heads, head_size), torch.float16)
+        # The geometry model is a text-only Llama: its slots hold no image bases.
+        plan = CompressionPlan.build(config, num_kv_heads, head_size, has_image=False)
+        report = MemoryReport.of(plan, torch.float16)
         dense, packed = report.cache_tokens(kv_bytes, CHECK_LAYERS, CHECK_BLOCK, CHECK_SEQS)
         c["accounting_tokens"] = dense if c["rank"] is None else packed
         if c["rank"] is not None:

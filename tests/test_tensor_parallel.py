@@ -91,7 +91,8 @@ class FakeModelConfig:
     """The two ModelConfig reads WorkerShape makes."""
 
     def __init__(self, kv_heads: int, layers: int):
-        self.kv_heads, self.hf_text_config = kv_heads, type("Text", (), {"num_hidden_layers": layers})
+        self.kv_heads = kv_heads
+        self.hf_text_config = type("Text", (), {"num_hidden_layers": layers})
 
     def get_total_num_kv_heads(self) -> int:
         return self.kv_heads
@@ -307,8 +308,9 @@ def main(spec_path: str, result_path: str) -> None:
         engine.abort_request(ids[2:])
         result["workers_after_abort"] = settle(llm, 0)
         n = spec["engine"]["max_num_seqs"]
-        again = llm.generate([r["prompt"] for r in spec["requests"][:n]],
-                             [greedy(r["max_tokens"]) for r in spec["requests"][:n]], use_tqdm=False)
+        first = spec["requests"][:n]
+        again = llm.generate([r["prompt"] for r in first], [greedy(r["max_tokens"]) for r in first],
+                             use_tqdm=False)
         result["token_ids_after_abort"] = [list(o.outputs[0].token_ids) for o in again]
         result["workers_at_end"] = settle(llm, 0)
     Path(result_path).write_text(json.dumps(result))

@@ -23,7 +23,9 @@ def test_capacity_at_llava_7b_geometry_rank_64(llava_geometry_model):
     dense_tokens, packed_tokens = dense.log_int(CAPACITY_LINE), packed.log_int(CAPACITY_LINE)
     assert packed_tokens >= 20 * dense_tokens, (packed_tokens, dense_tokens)
 
-    report = MemoryReport.of(CompressionPlan.build(AttentionPackConfig(), 32, 128), __import__("torch").float32)
+    # The geometry model is a text-only Llama: its slots hold no image bases.
+    plan = CompressionPlan.build(AttentionPackConfig(), 32, 128, has_image=False)
+    report = MemoryReport.of(plan, __import__("torch").float32)
     layers, block = 2, 32
     pools = report.slot_bytes * layers * 4
     assert packed.log_int(r"AttentionPack slot pools take (\d+) bytes") == pools
