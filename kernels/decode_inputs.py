@@ -82,6 +82,11 @@ class LatentSpec:
         Made once per spec and device (the decode step asks for it in every layer)."""
         return _cols_table(self.group_cols_k if which == "k" else self.group_cols_v, str(device))
 
+    def cols_by_flag(self, which: str, device) -> torch.Tensor:
+        """[2 * num_groups] int64: the columns a token reads, indexed by its flags value
+        (modality + 2 * group), so one lookup replaces decoding the flags."""
+        return _cols_by_flag(self.group_cols_k if which == "k" else self.group_cols_v, str(device))
+
 
 @dataclass
 class DecodeBatch:
@@ -101,8 +106,10 @@ class DecodeBatch:
     max_compressed_len: int         # host: max(compressed_lens), the padded length T
     window_size: int                # rows per window
     # Padded [B, T] views of the compressed positions (PyTorch path):
-    record_slots: torch.Tensor | None = None    # [B, T] int64 flat page slot (padding: a valid slot)
+    record_slots: torch.Tensor | None = None    # [B, T] int64 flat page slot (padding: the request's last)
     compressed_pad: torch.Tensor | None = None  # [B, T] bool: True past the request's length
+    pad_reads_stale: bool = False               # host: some request has no factor token, so its
+                                                # padding rows point at bytes it never wrote
     window_pad: torch.Tensor | None = None      # [B, W] bool: True past the window's length
     # The valid compressed positions, flattened without padding (importance EMA):
     valid_index: torch.Tensor | None = None     # [N] int64: index into the flattened [B, T]
@@ -117,6 +124,12 @@ class DecodeBatch:
 @functools.lru_cache(maxsize=64)
 def _cols_table(table: tuple, device: str) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cols_by_flag(table: tuple, device: str) -> torch.Tensor:
+    by_flag = [table[flag % 2][flag // 2] for flag in range(2 * len(table[0]))]
+    return torch.tensor(by_flag, dtype=torch.int64, device=device)
 
 
 def page_slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -137,12 +150,14 @@ def make_decode_batch(
     window_size: int,
     block_size: int,
     with_index: bool = True,
+    pad_to: int | None = None,
 ) -> DecodeBatch:
     """Build a step's `DecodeBatch` from host-side lengths (window lengths after the append;
     a decode step always has at least its new token there).
 
     No device value is read: every shape comes from the host lists. `with_index`
-    builds the PyTorch path's padded gather index and the flat EMA index.
+    builds the PyTorch path's padded gather index and the flat EMA index. `pad_to`
+    pads the compressed length to a fixed bound (a captured CUDA graph's shape).
     """
     device = block_table.device
     batch = len(seq_lens)
@@ -153,6 +168,10 @@ def make_decode_batch(
         raise ValueError("a window is longer than its request")
     as_tensor = lambda xs, dtype: torch.tensor(list(xs), dtype=dtype, device=device)  # noqa: E731
     max_len = max(compressed, default=0)
+    if pad_to is not None:
+        if pad_to < max_len:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest compressed length {max_len}")
+        max_len = pad_to
     out = DecodeBatch(
         block_table=block_table.to(torch.int32),
         slot_ids=as_tensor(slot_ids, torch.int64),
@@ -166,8 +185,12 @@ def make_decode_batch(
     if not with_index:
         return out
     positions = torch.arange(max_len, device=device).expand(batch, max_len)
-    out.record_slots = page_slots_of(block_table, positions, block_size)
     out.compressed_pad = positions >= out.compressed_lens[:, None].long()
+    # Padding re-reads the request's last factor token: real, finite bytes, so the
+    # PyTorch path need not zero them (their scores are masked).
+    last = (out.compressed_lens.long() - 1).clamp_min(0)[:, None]
+    out.record_slots = page_slots_of(block_table, torch.minimum(positions, last), block_size)
+    out.pad_reads_stale = any(c == 0 for c in compressed) and max_len > 0
     out.window_pad = torch.arange(window_size, device=device)[None, :] >= out.window_lens[:, None].long()
     rows, cols = ragged_positions(compressed, out.compressed_lens)
     out.valid_index = rows * max_len + cols

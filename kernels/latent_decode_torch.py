@@ -83,25 +83,29 @@ def latent_decode_attention(
     slots = batch.slot_ids
     q = (query.to(f32) * scale).view(bsz, kv_heads, group, head_size)
 
-    # Compressed tokens. Padded rows hold stale bytes of other requests: zeroing the
-    # gathered copy (not a product with a mask) keeps even a stale NaN out of the sums.
+    # Compressed tokens. Padding rows re-read a request's last token (their scores are
+    # masked); only a request with no factor token at all points at bytes it never
+    # wrote, which are zeroed in the gathered copy so that a stale NaN cannot reach
+    # the sums.
     records = pages.view(-1, layout.width)[batch.record_slots].to(f32)       # [B, T, width]
-    records.masked_fill_(batch.compressed_pad[..., None], 0.0)
+    if batch.pad_reads_stale:
+        records.masked_fill_(batch.compressed_pad[..., None], 0.0)
     flags = records[..., layout.flags_offset]
-    modality, group_index = decode_flags(flags) if spec.num_groups > 1 or spec.has_image else (None, None)
+    # flags = modality + 2 * group: small integers, exact in any cache dtype.
+    flag_index = flags.long() if spec.partial_k or spec.partial_v or spec.has_image else None
+    is_image = (flag_index & 1).bool() if spec.has_image else None
     k_fac = records[..., layout.k_offset:layout.k_offset + layout.rank_k]
     v_fac = records[..., layout.v_offset:layout.v_offset + layout.rank_v]
 
     q_lat = _project(basis_k[slots].to(f32), q)                             # [B, M, H, Rk]
-    k_cols = (spec.cols_table("k", query.device)[modality.long(), group_index.long()]
-              if spec.partial_k else None)
+    k_cols = spec.cols_by_flag("k", query.device)[flag_index] if spec.partial_k else None
     if spec.partial_k:
         # Columns a token does not read contribute nothing to its score.
         k_fac = k_fac * (torch.arange(layout.rank_k, device=query.device) < k_cols[..., None])
     scores = torch.matmul(q_lat.reshape(bsz, -1, layout.rank_k), k_fac.transpose(1, 2))  # [B, M*H, T]
     if spec.has_image:
         scores = scores.view(bsz, 2, num_heads, t_max)
-        scores = torch.where((modality == IMAGE)[:, None, :], scores[:, IMAGE], scores[:, TEXT])
+        scores = torch.where(is_image[:, None, :], scores[:, IMAGE], scores[:, TEXT])
     scores = scores.masked_fill(batch.compressed_pad[:, None, :], float("-inf"))
 
     # Window tokens: ordinary full-rank K/V (rows past a window's length are finite
@@ -115,12 +119,11 @@ def latent_decode_attention(
 
     # Values: accumulate in rank space per modality, one D_v product per head.
     if spec.has_image:
-        p_img = p_c * (modality == IMAGE)[:, None, :]
+        p_img = p_c * is_image[:, None, :]
         per_modality = torch.cat([p_c - p_img, p_img], dim=1)               # [B, 2H] (TEXT, IMAGE)
     else:
         per_modality = p_c
-    v_cols = (spec.cols_table("v", query.device)[modality.long(), group_index.long()]
-              if spec.partial_v else None)
+    v_cols = spec.cols_by_flag("v", query.device)[flag_index] if spec.partial_v else None
     acc = _banded_product(per_modality, v_fac, v_cols, spec.column_bands("v"))  # [B, M*H, Rv]
     acc = acc.view(bsz, spec.num_modalities, kv_heads, group, layout.rank_v)
     b_v = basis_v[slots].to(f32).view(bsz, spec.num_modalities, layout.rank_v, kv_heads, head_size)

@@ -35,17 +35,8 @@ class LatentCase:
         """The step's DecodeBatch (optionally with a larger padded length, as for a captured graph)."""
         out = kernels.decode_inputs.make_decode_batch(
             self.block_table, self.slot_ids, self.seq_lens, self.window_lens,
-            window_size=self.window, block_size=self.block_size, with_index=with_index)
-        if max_compressed_len is not None:
-            assert max_compressed_len >= out.max_compressed_len
-            out.max_compressed_len = max_compressed_len
-            if with_index:  # the PyTorch path's padded index at the larger length
-                positions = torch.arange(max_compressed_len, device=self.block_table.device)
-                positions = positions.expand(len(self.seq_lens), max_compressed_len)
-                out.record_slots = kernels.decode_inputs.page_slots_of(
-                    self.block_table, positions, self.block_size)
-                out.compressed_pad = positions >= out.compressed_lens[:, None].long()
-                out.valid_index = out.valid_slots = out.valid_seq_lens = None
+            window_size=self.window, block_size=self.block_size, with_index=with_index,
+            pad_to=max_compressed_len)
         return out
 
 
