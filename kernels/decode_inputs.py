@@ -105,11 +105,12 @@ class DecodeBatch:
     new_window_rows: torch.Tensor   # [B] int64: window row the new token is written to
     max_compressed_len: int         # host: max(compressed_lens), the padded length T
     window_size: int                # rows per window
-    # Padded [B, T] views of the compressed positions (PyTorch path):
-    record_slots: torch.Tensor | None = None    # [B, T] int64 flat page slot (padding: the request's last)
+    # The PyTorch path gathers whole pages: request b's first ceil(T / block_size) pages
+    # in a row, T = max_compressed_len, padded with its first page.
+    gather_blocks: torch.Tensor | None = None   # [B * pages_per_request] int64 page ids
+    pad_rows: torch.Tensor | None = None        # [P] int64: rows of the gathered pages past a
+                                                # request's length (zeroed: they hold stale bytes)
     compressed_pad: torch.Tensor | None = None  # [B, T] bool: True past the request's length
-    pad_reads_stale: bool = False               # host: some request has no factor token, so its
-                                                # padding rows point at bytes it never wrote
     window_pad: torch.Tensor | None = None      # [B, W] bool: True past the window's length
     # The valid compressed positions, flattened without padding (importance EMA):
     valid_index: torch.Tensor | None = None     # [N] int64: index into the flattened [B, T]
@@ -186,15 +187,24 @@ def make_decode_batch(
         return out
     positions = torch.arange(max_len, device=device).expand(batch, max_len)
     out.compressed_pad = positions >= out.compressed_lens[:, None].long()
-    # Padding re-reads the request's last factor token: real, finite bytes, so the
-    # PyTorch path need not zero them (their scores are masked).
-    last = (out.compressed_lens.long() - 1).clamp_min(0)[:, None]
-    out.record_slots = page_slots_of(block_table, torch.minimum(positions, last), block_size)
-    out.pad_reads_stale = any(c == 0 for c in compressed) and max_len > 0
     out.window_pad = torch.arange(window_size, device=device)[None, :] >= out.window_lens[:, None].long()
+    # Whole pages, gathered with one index_select: a request's pages past its length
+    # repeat its first page, and every gathered row past its length is zeroed.
+    pages_each = -(-max_len // block_size)
+    table = block_table.long()[:, :pages_each]
+    if table.shape[1] < pages_each:  # a padded bound past the table: repeat its first page
+        table = torch.cat([table, table[:, :1].expand(-1, pages_each - table.shape[1])], dim=1)
+    own = torch.arange(pages_each, device=device)[None, :] < ((out.compressed_lens.long() + block_size - 1)
+                                                                // block_size)[:, None]
+    out.gather_blocks = torch.where(own, table, table[:, :1]).reshape(-1)
+    span = pages_each * block_size
+    pad_counts = [span - c for c in compressed]
+    rows, cols = ragged_positions(pad_counts, torch.tensor(pad_counts, device=device))
+    out.pad_rows = rows * span + out.compressed_lens.long()[rows] + cols
+    # The valid positions, flattened (importance EMA).
     rows, cols = ragged_positions(compressed, out.compressed_lens)
     out.valid_index = rows * max_len + cols
-    out.valid_slots = out.record_slots.reshape(-1)[out.valid_index]
+    out.valid_slots = block_table.long()[rows, cols // block_size] * block_size + cols % block_size
     out.valid_seq_lens = out.seq_lens.float()[rows]
     return out
 

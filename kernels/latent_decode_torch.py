@@ -83,13 +83,12 @@ def latent_decode_attention(
     slots = batch.slot_ids
     q = (query.to(f32) * scale).view(bsz, kv_heads, group, head_size)
 
-    # Compressed tokens. Padding rows re-read a request's last token (their scores are
-    # masked); only a request with no factor token at all points at bytes it never
-    # wrote, which are zeroed in the gathered copy so that a stale NaN cannot reach
-    # the sums.
-    records = pages.view(-1, layout.width)[batch.record_slots].to(f32)       # [B, T, width]
-    if batch.pad_reads_stale:
-        records.masked_fill_(batch.compressed_pad[..., None], 0.0)
+    # Compressed tokens: whole pages in one index_select. Rows past a request's length
+    # hold stale bytes of other requests: zeroing them in the gathered copy (not a
+    # product with a mask) keeps even a stale NaN out of the sums.
+    gathered = pages.index_select(0, batch.gather_blocks).view(-1, layout.width)
+    gathered.index_fill_(0, batch.pad_rows, 0.0)
+    records = gathered.view(bsz, -1, layout.width)[:, :t_max].to(f32)        # [B, T, width]
     flags = records[..., layout.flags_offset]
     # flags = modality + 2 * group: small integers, exact in any cache dtype.
     flag_index = flags.long() if spec.partial_k or spec.partial_v or spec.has_image else None
