@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 RANK_KEYS = ("rank_vision_key", "rank_vision_value", "rank_text_key", "rank_text_value")
-SVD_METHODS = ("exact", "randomized")
+SVD_METHODS = ("auto", "exact", "gram", "randomized")  # factorize.METHODS
 DECODE_KERNELS = ("auto", "torch", "triton")
 
 
@@ -52,13 +52,19 @@ class AttentionPackConfig:
     ema_weight: float = 0.25
     # Newest decode tokens kept at full rank before they are folded into the text basis.
     window_size: int = 32
-    svd: str = "exact"
-    # Extra columns and power iterations of the randomized SVD.
-    svd_oversample: int = 8
+    # Factorisation method (see factorize.py): "auto" is "randomized" on CUDA (matrix
+    # products and Cholesky only) and "gram" on CPU (float64 Gram eigendecomposition,
+    # as accurate as "exact"); "exact" is torch.linalg.svd.
+    svd: str = "auto"
+    # Extra sketch columns and power iterations of the randomized range finder.
+    svd_oversample: int = 16
     svd_power_iters: int = 2
     # Decode attention implementation: Triton on CUDA and PyTorch on CPU ("auto"),
     # or forced ("triton" on CPU runs under TRITON_INTERPRET=1).
     decode_kernel: str = "auto"
+    # Most of a worker's KV cache budget the per-request slot pools may take: when
+    # max_num_seqs slots would take more, max_num_seqs is lowered at startup.
+    max_pool_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         for key in RANK_KEYS + ("window_size",):
@@ -72,6 +78,9 @@ class AttentionPackConfig:
         w = self.ema_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < 1.0:
             raise AttentionPackConfigError("ema_weight", w, "a number in [0, 1)")
+        f = self.max_pool_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
+            raise AttentionPackConfigError("max_pool_fraction", f, "a number in (0, 1)")
         if self.svd not in SVD_METHODS:
             raise AttentionPackConfigError("svd", self.svd, f"one of {list(SVD_METHODS)}")
         if self.decode_kernel not in DECODE_KERNELS:

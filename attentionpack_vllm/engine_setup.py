@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from vllm.logger import init_logger
 
 from . import runtime
 from .engine_checks import EngineFeatures, raise_on_conflicts
-from .memory import MemoryReport
+from .memory import MemoryReport, size_request_slots
 from .parallel import WorkerShape
 from .plan import CompressionPlan
 
@@ -64,6 +65,66 @@ def prepare_engine(args, model_config) -> None:
     if shape.workers > 1:
         for line in shape.describe(report, plan):
             logger.info(line)
+
+
+def kv_budget(args) -> tuple[int, str] | None:
+    """One worker's KV cache budget as known before the engine starts, and its source.
+
+    Set: `VLLM_CPU_KVCACHE_SPACE` (GiB, CPU; it wins over the flag, as in vLLM's CPU
+    platform) or `--kv-cache-memory-bytes`. Profiled: measured only after the model
+    loads, so taken as the device's memory (on CPU, NUMA node 0's) times
+    `--gpu-memory-utilization`, an upper bound: the weights and activations come out
+    of it too. None when the device memory cannot be read here."""
+    from vllm.platforms import current_platform
+
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    if current_platform.is_cpu() and space != "" and int(space) > 0:
+        return int(space) << 30, f"VLLM_CPU_KVCACHE_SPACE={space}"
+    if args.kv_cache_memory_bytes:
+        return int(args.kv_cache_memory_bytes), "--kv-cache-memory-bytes"
+    try:
+        total = int(current_platform.get_device_total_memory())
+    except Exception:  # noqa: BLE001 - e.g. no device visible from this process
+        return None
+    utilization = args.gpu_memory_utilization
+    return int(total * utilization), (f"profiled budget, assumed at most the device memory "
+                                      f"{total} x gpu_memory_utilization {utilization}")
+
+
+def size_slot_pools(args, model_config) -> None:
+    """Lower `args.max_num_seqs` (already resolved by vLLM, before the scheduler config is
+    built from it) so that one worker's slot pools take at most `max_pool_fraction` of its
+    KV cache budget. The engine core and the workers get the lowered value with the config."""
+    config = runtime.config_from_vllm(args)
+    report, _, layers = memory_report(config, model_config, args)
+    slot_bytes = report.slot_bytes * layers
+    budget = kv_budget(args)
+    if budget is None:
+        logger.info("AttentionPack runs at most %d requests at once (max_num_seqs, one slot each): "
+                    "%d bytes per slot over %d layers; the KV cache budget is not known before "
+                    "start-up, so the slots are not sized against it", args.max_num_seqs,
+                    slot_bytes, layers)
+        return
+    budget_bytes, source = budget
+    sizing = size_request_slots(int(args.max_num_seqs), slot_bytes, budget_bytes,
+                                config.max_pool_fraction)
+    if sizing.lowered:
+        logger.warning(
+            "AttentionPack: max_num_seqs lowered from %d to %d: %d request slots of %d bytes each "
+            "(all %d layers of a worker) would take %d bytes, more than max_pool_fraction %g of "
+            "the %d-byte KV cache budget (%s); %d slots take %d bytes. Raise the budget or "
+            "max_pool_fraction, or lower the ranks or window_size, to run more requests at once",
+            sizing.requested, sizing.kept, sizing.requested, slot_bytes, layers,
+            sizing.requested_pool_bytes, sizing.max_fraction, budget_bytes, source,
+            sizing.kept, sizing.pool_bytes)
+        args.max_num_seqs = sizing.kept
+        if args.max_num_active_seqs is not None:
+            args.max_num_active_seqs = min(args.max_num_active_seqs, sizing.kept)
+    logger.info("AttentionPack runs at most %d requests at once (max_num_seqs, one slot each): "
+                "%d bytes per slot over %d layers, %d bytes of slot pools per worker, %.1f%% of "
+                "the %d-byte KV cache budget (%s; max_pool_fraction %g)", sizing.kept, slot_bytes,
+                layers, sizing.pool_bytes, 100 * sizing.pool_bytes / budget_bytes, budget_bytes,
+                source, sizing.max_fraction)
 
 
 def size_change(ratio: float) -> str:

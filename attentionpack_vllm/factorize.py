@@ -28,7 +28,8 @@ Methods (`SvdSettings.method`):
   The small eigenproblem that follows, and a fold's (R + m)-square Gram matrix, are
   solved by simultaneous (orthogonal) iteration with CholeskyQR, started from the
   coordinate axes in order of energy (for a fold: the old basis first).
-- "auto": "randomized" on CUDA, "gram" elsewhere (`resolve_method`).
+- "auto": "randomized" on CUDA; elsewhere the fastest exact-accuracy method
+  measured on CPU: "gram" to factorise, "exact" to fold (`resolve_method`).
 
 Small Gram matrices and every CholeskyQR are computed in float64 (cheap at these
 sizes); the products with the [num_tokens, kv_width] data stay in float32.
@@ -89,33 +90,47 @@ class Fold:
     basis: torch.Tensor        # [..., rank, kv_width], orthonormal (or zero) rows
 
 
-def resolve_method(method: str, device: torch.device | str) -> str:
-    """The method that runs on `device`: "auto" is "randomized" on CUDA, "gram" elsewhere.
+OPERATIONS = ("factorize", "fold")
 
-    On CPU (2 cores, benchmarks/results/factorize_bench_cpu.json) "gram" is as
-    accurate as "exact" and the fastest of the exact-accuracy methods; on CUDA,
-    "randomized" avoids cuSOLVER's batched small decompositions.
+
+def resolve_method(method: str, device: torch.device | str, operation: str = "factorize") -> str:
+    """The method that runs `operation` ("factorize" or "fold") on `device`.
+
+    "auto" is "randomized" on CUDA, which avoids cuSOLVER's batched small
+    decompositions. Elsewhere it is the fastest method of exact accuracy measured
+    on CPU (benchmarks/results/factorize_bench_cpu.json): "gram" to factorise and
+    "exact" to fold. Any other method is returned as it is.
     """
     if method not in METHODS:
         raise ValueError(f"attentionpack setting 'svd' = {method!r} is invalid: "
                          f"expected one of {list(METHODS)}")
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation {operation!r} is not one of {list(OPERATIONS)}")
     if method != "auto":
         return method
-    return "randomized" if torch.device(device).type == "cuda" else "gram"
+    if torch.device(device).type == "cuda":
+        return "randomized"
+    return "gram" if operation == "factorize" else "exact"
+
+
+_HOW = {
+    "exact": "torch.linalg.svd",
+    "gram": "float64 Gram matrix + torch.linalg.eigh",
+}
 
 
 def describe(svd: SvdSettings, device: torch.device | str) -> str:
-    """One line for the startup log: the method that runs on `device` and how."""
-    method = resolve_method(svd.method, device)
-    chosen = f"svd={svd.method} -> {method} on {torch.device(device).type}"
-    if method == "exact":
-        return f"{chosen}: torch.linalg.svd"
-    if method == "gram":
-        return f"{chosen}: float64 Gram matrix of the smaller side, torch.linalg.eigh"
-    return (f"{chosen}: randomized range finder (rank + {svd.oversample} columns, "
-            f"{svd.power_iters} power iterations), CholeskyQR, small eigenproblems by "
-            f"simultaneous iteration ({EIGEN_STEPS_FACTORIZE} steps prefill, "
-            f"{EIGEN_STEPS_FOLD} per fold); matrix products and Cholesky only")
+    """One line for the startup log: the methods that factorise and fold on `device`, and how."""
+    how = dict(_HOW, randomized=(
+        f"randomized range finder (rank + {svd.oversample} columns, {svd.power_iters} power "
+        f"iterations), CholeskyQR, simultaneous iteration ({EIGEN_STEPS_FACTORIZE} steps; "
+        f"{EIGEN_STEPS_FOLD} per fold): matrix products and Cholesky only"))
+    kind = torch.device(device).type
+    factorize_with, fold_with = (resolve_method(svd.method, device, op) for op in OPERATIONS)
+    if factorize_with == fold_with:
+        return f"svd={svd.method} on {kind}: {factorize_with} ({how[factorize_with]})"
+    return (f"svd={svd.method} on {kind}: prefill {factorize_with} ({how[factorize_with]}), "
+            f"folds {fold_with} ({how[fold_with]})")
 
 
 # ---------------------------------------------------------------------------
@@ -162,7 +177,9 @@ def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tu
     Rayleigh quotients). `exact`: torch.linalg.eigh. Otherwise simultaneous iteration
     with the squared matrix: start from the coordinate axes in order of their
     energy (the diagonal), `steps` times multiply and re-orthonormalise by
-    CholeskyQR, then order the columns by Rayleigh quotient.
+    CholeskyQR, then order the columns by Rayleigh quotient. A column that CholeskyQR
+    left short (nothing found outside the earlier columns: gram has lower rank) gets
+    energy 0.
     """
     if exact:
         values, vectors = torch.linalg.eigh(gram)
@@ -173,7 +190,8 @@ def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tu
     squared = gram @ gram
     for _ in range(steps):
         vectors = _cholesky_qr(squared @ vectors)
-    energies = ((gram @ vectors) * vectors).sum(-2)                                  # [..., c]
+    found = vectors.square().sum(-2) > 0.25                                          # [..., c]
+    energies = ((gram @ vectors) * vectors).sum(-2) * found
     energies, top = energies.sort(dim=-1, descending=True)
     top = top[..., :r]
     return vectors.gather(-1, top.unsqueeze(-2).expand(*vectors.shape[:-1], r)), energies[..., :r]
@@ -226,13 +244,12 @@ def factorize_batch(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()
     if r == 0:
         return LowRank(x.new_zeros(*x.shape[:-1], rank), x.new_zeros(x.shape[0], rank, d))
     if method == "exact":
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        keep = s[..., :r] > s[..., :1] * NEGLIGIBLE
-        factors, basis = u[..., :r] * (s[..., :r] * keep).unsqueeze(-2), vh[..., :r, :] * keep.unsqueeze(-1)
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        basis = vh[..., :r, :] * (s[..., :r] > s[..., :1] * NEGLIGIBLE).unsqueeze(-1)
     else:
         basis = _top_row_space(x, r, svd, exact=(method == "gram"))
-        factors = x @ basis.mT
-    return LowRank(_pad(factors, n, rank), _pad(basis, rank, d))
+    # X B^T = U S for the exact basis; and padding rows get exactly zero factors.
+    return LowRank(_pad(x @ basis.mT, n, rank), _pad(basis, rank, d))
 
 
 def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> torch.Tensor:
@@ -291,7 +308,7 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
             or not old_factors.shape[0] == basis.shape[0] == new_rows.shape[0]):
         raise ValueError(f"fold_batch: shapes do not agree: old_factors {list(old_factors.shape)}, "
                          f"basis {list(basis.shape)}, new_rows {list(new_rows.shape)}")
-    method = resolve_method(svd.method, new_rows.device)
+    method = resolve_method(svd.method, new_rows.device, "fold")
     old, basis, new_rows = old_factors.float(), basis.float(), new_rows.float()
     directions = new_rows
     if new_rows.shape[1] > rank:
@@ -329,7 +346,8 @@ def _fold_basis_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.T
     gram = basis_coords.mT @ old_gram @ basis_coords + new_coords.mT @ new_coords    # [B, k, k]
     r = min(rank, gram.shape[-1])
     vectors, energies = _top_eigenvectors(gram, r, exact, EIGEN_STEPS_FOLD)
-    return _orthonormal_rows(_drop_negligible(vectors, energies).mT @ frame).float()
+    # One CholeskyQR pass: the rows are orthonormal already up to round-off.
+    return _orthonormal_rows(_drop_negligible(vectors, energies).mT @ frame, passes=1).float()
 
 
 def fold(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,

@@ -62,3 +62,51 @@ class MemoryReport:
         records = budget_bytes - self.slot_bytes * num_layers * num_slots
         packed_blocks = max(records, 0) // (self.record_bytes * num_layers * block_size)
         return dense_blocks * block_size, packed_blocks * block_size
+
+
+@dataclass(frozen=True)
+class SlotSizing:
+    """How many request slots a worker's KV cache budget lets the engine keep.
+
+    Every layer preallocates one slot per request the scheduler may run at once
+    (`max_num_seqs`); those pools must leave most of the budget to the pages."""
+
+    requested: int        # max_num_seqs asked for
+    kept: int             # max_num_seqs to run with
+    slot_bytes: int       # one request's slots over all layers of one worker
+    budget_bytes: int     # the worker's KV cache budget
+    max_fraction: float   # most of the budget the pools may take
+
+    @property
+    def lowered(self) -> bool:
+        return self.kept < self.requested
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the slot pools kept (all layers of one worker)."""
+        return self.kept * self.slot_bytes
+
+    @property
+    def requested_pool_bytes(self) -> int:
+        return self.requested * self.slot_bytes
+
+
+def size_request_slots(requested: int, slot_bytes: int, budget_bytes: int,
+                       max_fraction: float) -> SlotSizing:
+    """Keep as many of the `requested` slots as fit in `max_fraction` of the budget
+    (never fewer than one). Raises ValueError when one slot alone does not fit the
+    whole budget: no number of requests can run."""
+    if requested < 1 or slot_bytes < 1 or budget_bytes < 1:
+        raise ValueError(f"requested slots ({requested}), bytes per slot ({slot_bytes}) and "
+                         f"the budget ({budget_bytes}) must all be positive")
+    if not 0.0 < max_fraction <= 1.0:
+        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+    if slot_bytes >= budget_bytes:
+        raise ValueError(
+            f"one AttentionPack request slot ({slot_bytes} bytes over all layers) does not fit "
+            f"the KV cache budget ({budget_bytes} bytes): raise the budget or lower the ranks "
+            "or window_size")
+    allowed = math.floor(budget_bytes * max_fraction) // slot_bytes
+    kept = max(1, min(requested, allowed))
+    return SlotSizing(requested=requested, kept=kept, slot_bytes=slot_bytes,
+                      budget_bytes=budget_bytes, max_fraction=max_fraction)

@@ -11,7 +11,8 @@ Hooks:
   on CPU the platform otherwise swaps any choice for CPU_ATTN.
 - Engine args: the settings are validated and conflicting features refused before
   anything starts; prefix caching is switched off; multimodal models get their
-  image ranges into the attention metadata.
+  image ranges into the attention metadata; max_num_seqs is lowered where its slot
+  pools would take more than `max_pool_fraction` of the KV cache budget.
 - Model runner (installed in workers): the runner's request ids name the batch rows, and finished or
   preempted requests give their slots back.
 - Capacity: the log states AttentionPack's bytes and capacity next to vLLM's own line.
@@ -105,6 +106,20 @@ def _patch_engine_args() -> None:
 
     _patch_once(EngineArgs, "create_model_config", make)
 
+    def make_max_num_seqs(original):
+        # vLLM resolves max_num_seqs here and builds the scheduler config from it next:
+        # the one place to lower it for the engine core and the workers alike.
+        @functools.wraps(original)
+        def set_default_max_num_seqs(self, usage_context, model_config, *args, **kwargs):
+            result = original(self, usage_context, model_config, *args, **kwargs)
+            if is_selected(self.attention_backend or getattr(self.attention_config, "backend", None)):
+                from .engine_setup import size_slot_pools
+                size_slot_pools(self, model_config)
+            return result
+        return set_default_max_num_seqs
+
+    _patch_once(EngineArgs, "_set_default_max_num_seqs_and_batched_tokens_args", make_max_num_seqs)
+
 
 def _patch_model_runner() -> None:
     module = sys.modules.get("vllm.v1.worker.gpu_model_runner")
@@ -156,15 +171,16 @@ def take_pools_out(available: int) -> int:
 
 
 def gpu_budget(cache_config, available: int) -> int:
-    """A GPU worker's budget: pools out of a set one, a profiled one as it is."""
+    """A worker's budget (GPU or CPU): pools out of a set one, a profiled one as it is."""
     return take_pools_out(available) if cache_config.kv_cache_memory_bytes else available
 
 
 def _patch_worker_budgets() -> None:
     """AttentionPack and dense compare within the same bytes: where the KV cache budget is
-    set rather than profiled (always on CPU; `--kv-cache-memory-bytes` on GPU), the slot
-    pools come out of it. A profiled GPU budget already counts them: they are allocated
-    with the weights, before the profile run."""
+    set rather than profiled (`--kv-cache-memory-bytes`; on CPU also
+    `VLLM_CPU_KVCACHE_SPACE`, which vLLM turns into it), the slot pools come out of it.
+    A profiled budget already counts them: they are allocated with the weights, before
+    the GPU profile run or the CPU worker's memory reading."""
     def patch(module_name: str, class_name: str, budget) -> None:
         module = sys.modules.get(module_name)
         if module is None:
@@ -178,7 +194,8 @@ def _patch_worker_budgets() -> None:
 
         _patch_once(getattr(module, class_name), "determine_available_memory", make)
 
-    patch("vllm.v1.worker.cpu_worker", "CPUWorker", lambda worker, available: take_pools_out(available))
+    patch("vllm.v1.worker.cpu_worker", "CPUWorker",
+          lambda worker, available: gpu_budget(worker.cache_config, available))
     patch("vllm.v1.worker.gpu_worker", "Worker",
           lambda worker, available: gpu_budget(worker.cache_config, available))
 

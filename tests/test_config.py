@@ -9,7 +9,7 @@ def test_defaults_are_the_papers():
     assert (c.rank_vision_key, c.rank_vision_value, c.rank_text_key, c.rank_text_value) == (64, 64, 64, 64)
     assert c.group_fractions == (0.25, 0.75) and c.group_rank_scales == (1.0, 0.25)
     assert not c.partial_rank_values and not c.partial_rank_keys
-    assert c.ema_weight == 0.25 and c.svd == "exact"
+    assert c.ema_weight == 0.25 and c.svd == "auto" and c.svd_oversample == 16
 
 
 def test_from_dict_rank_shorthand_and_overrides():
@@ -45,7 +45,7 @@ def test_ranks_clamp_to_layer_width_and_groups_round_up():
     ({"ema_weight": 1.0}, "ema_weight", "a number in [0, 1)"),
     ({"ema_weight": -0.1}, "ema_weight", "a number in [0, 1)"),
     ({"ema_weight": "high"}, "ema_weight", "a number in [0, 1)"),
-    ({"svd": "qr"}, "svd", "one of ['exact', 'randomized']"),
+    ({"svd": "qr"}, "svd", "one of ['auto', 'exact', 'gram', 'randomized']"),
     ({"decode_kernel": "cuda"}, "decode_kernel", "one of ['auto', 'torch', 'triton']"),
     ({"partial_rank_keys": "yes"}, "partial_rank_keys", "true or false"),
     ({"rank_vison_key": 64}, "rank_vison_key", "a known setting"),
