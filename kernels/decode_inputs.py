@@ -17,7 +17,7 @@ plan has images (`num_modalities == 2`).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -117,9 +117,20 @@ class DecodeBatch:
     valid_slots: torch.Tensor | None = None     # [N] int64: their flat page slots
     valid_seq_lens: torch.Tensor | None = None  # [N] float32: their request's seq_len
 
+    # Buffers the PyTorch path reuses across the step's layers (allocated by the first).
+    scratch: dict = field(default_factory=dict)
+
     @property
     def batch(self) -> int:
         return self.slot_ids.shape[0]
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A step-long scratch tensor: every layer of the step writes into the same memory
+        instead of allocating (and faulting in) a fresh one."""
+        buf = self.scratch.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self.scratch[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
 
 
 @functools.lru_cache(maxsize=64)

@@ -86,7 +86,9 @@ def latent_decode_attention(
     # Compressed tokens: whole pages in one index_select. Rows past a request's length
     # hold stale bytes of other requests: zeroing them in the gathered copy (not a
     # product with a mask) keeps even a stale NaN out of the sums.
-    gathered = pages.index_select(0, batch.gather_blocks).view(-1, layout.width)
+    gathered = batch.buffer("pages", (batch.gather_blocks.shape[0], *pages.shape[1:]), pages.dtype, pages.device)
+    torch.index_select(pages, 0, batch.gather_blocks, out=gathered)
+    gathered = gathered.view(-1, layout.width)
     gathered.index_fill_(0, batch.pad_rows, 0.0)
     records = gathered.view(bsz, -1, layout.width)[:, :t_max].to(f32)        # [B, T, width]
     flags = records[..., layout.flags_offset]
