@@ -21,7 +21,6 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import runtime
-from .config import AttentionPackConfig
 from .decode import decode_and_fold, schedule_decode
 from .kernels.decode_inputs import DecodeBatch
 from .memory import MemoryReport

@@ -27,11 +27,11 @@ float32 accumulation, float32 pages in full precision.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import interpreted as _interpreted, mm as _mm, pow2 as _pow2, sm_count as _sm_count
 
 PROGRAMS_PER_SM = 4  # splits are chosen so that the grid fills the GPU about this many times
 TUNING = {"tile": 32, "pass_warps": 4, "combine_warps": 4}
@@ -39,13 +39,6 @@ INTERPRETER_TILE = 16
 INTERPRETER_SPLITS = 3
 
 
-@triton.jit
-def _mm(a, b, DOT_FP32: tl.constexpr):
-    if DOT_FP32:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
 
 
 @triton.jit
@@ -162,22 +155,12 @@ def _dense_combine(
              out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << (max(1, n) - 1).bit_length())
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_SM_COUNT: dict = {}
 
 
-def _sm_count(device: torch.device) -> int:
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM_COUNT[key]
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_tiles: int, device: torch.device) -> int:

@@ -38,14 +38,13 @@ float32 accumulation, and float32 operands in full precision ("ieee", not TF32).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .decode_inputs import DecodeBatch, LatentSpec
 from .layout import IMAGE, TEXT
+from .triton_common import interpreted as _interpreted, mm as _mm, pow2 as _pow2, sm_count as _sm_count
 
 # Tuning knobs (plain Python values, read at every call; benchmarks may change them).
 PROGRAMS_PER_SM = 4          # splits are chosen so that the latent pass has about this many programs per SM
@@ -62,24 +61,12 @@ TEXT_PLANE = tl.constexpr(TEXT)
 IMAGE_PLANE = tl.constexpr(IMAGE)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << (max(1, n) - 1).bit_length())
 
 
 # --------------------------------------------------------------------------- shared helpers
 
-@triton.jit
-def _mm(a, b, DOT_FP32: tl.constexpr):
-    """a @ b with float32 accumulation: float32 operands in full precision, else as given."""
-    if DOT_FP32:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
 
 
 @triton.jit
@@ -424,16 +411,10 @@ def _probs_pass(
 
 # --------------------------------------------------------------------------- host side
 
-_SM_COUNT: dict = {}
 _COLS: dict = {}
 _PLANS: dict = {}
 
 
-def _sm_count(device: torch.device) -> int:
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM_COUNT[key]
 
 
 def column_table(spec: LatentSpec, device: torch.device) -> torch.Tensor:
