@@ -47,15 +47,18 @@ def schedule_decode(tracker: WindowTracker, plan: CompressionPlan, block_table: 
     return batch, folds
 
 
-def append_to_window(pool: SlotPool, batch: DecodeBatch, keys: torch.Tensor, values: torch.Tensor) -> None:
+def append_to_window(pool: SlotPool, batch: DecodeBatch, keys: torch.Tensor, values: torch.Tensor,
+                     track_importance: bool = True) -> None:
     """Write each request's new token ([B, kv_width] keys and values) into its window row.
 
-    Its importance starts at 0; its page record is written when the window folds.
+    Its importance starts at 0 (kept only while partial rank needs it); its page record
+    is written when the window folds.
     """
     rows = (batch.slot_ids, batch.new_window_rows)
     pool.window_k.index_put_(rows, keys.to(pool.window_k.dtype))
     pool.window_v.index_put_(rows, values.to(pool.window_v.dtype))
-    pool.window_importance.index_put_(rows, torch.zeros((), device=keys.device))
+    if track_importance:
+        pool.window_importance.index_put_(rows, torch.zeros((), device=keys.device))
 
 
 def decode_step(
@@ -75,7 +78,7 @@ def decode_step(
     otherwise). Folds are the caller's next call (`fold_windows`), for the rows the
     step's metadata marks as due.
     """
-    append_to_window(pool, batch, key, value)
+    append_to_window(pool, batch, key, value, plan.tracks_importance)
     out, p_c, p_w = attention(
         query, pages, pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, batch,
         plan.spec, scale, need_probs=plan.tracks_importance)
