@@ -164,28 +164,26 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     old_text = ((records[..., layout.flags_offset] % 2) == TEXT) & (positions < c_lens)
 
     window_mask = torch.arange(plan.window_size, device=pages.device)[None, :] < folds.counts[:, None]
-    out = records.clone()
-    for window, basis, rank, offset in (
-        (pool.window_k, pool.basis_k, plan.ranks_k[TEXT], layout.k_offset),
-        (pool.window_v, pool.basis_v, plan.ranks_v[TEXT], layout.v_offset),
+    blocks = []  # the records' K' and V' columns, rebuilt whole (no strided writes)
+    for window, basis, rank, offset, width in (
+        (pool.window_k, pool.basis_k, plan.ranks_k[TEXT], layout.k_offset, layout.rank_k),
+        (pool.window_v, pool.basis_v, plan.ranks_v[TEXT], layout.v_offset, layout.rank_v),
     ):
-        old = records[..., offset:offset + rank] * old_text[..., None]
+        stored = records[..., offset:offset + width]
+        old = stored[..., :rank] * old_text[..., None]
         rows = window[slots].float() * window_mask[..., None]
         result = factorize.fold_batch(old, basis[slots, TEXT, :rank].float(), rows, rank, plan.svd)
         basis[slots, TEXT, :rank] = result.basis.to(basis.dtype)
-        rotated = torch.where(old_text[..., None], torch.matmul(old, result.rotation),
-                              records[..., offset:offset + rank])
-        new = result.new_factors.gather(1, window_row[..., None].expand(-1, -1, rank))
-        out[..., offset:offset + rank] = torch.where(in_window[..., None], new, rotated)
-        # A text rank below the record's width: the window's records had stale columns.
-        width = layout.rank_k if offset == layout.k_offset else layout.rank_v
-        out[..., offset + rank:offset + width] *= ~in_window[..., None]
+        # Text rank below the record's width: zero columns past it (the window's rows were stale).
+        rotated = torch.nn.functional.pad(torch.matmul(old, result.rotation), (0, width - rank))
+        new = torch.nn.functional.pad(result.new_factors, (0, width - rank))
+        new = new.gather(1, window_row[..., None].expand(-1, -1, width))
+        blocks.append(torch.where(in_window[..., None], new, torch.where(old_text[..., None], rotated, stored)))
     importance = torch.where(in_window, pool.window_importance[slots].gather(1, window_row),
                              records[..., layout.importance_offset])
-    out[..., layout.importance_offset] = importance
     modality = torch.where(in_window, TEXT, records[..., layout.flags_offset] % 2)
     group = 0
     if plan.tracks_importance and plan.num_groups > 1:
         group = groups_by_importance(importance, c_lens[:, 0] + folds.counts, plan.group_fractions)
-    out[..., layout.flags_offset] = encode_flags(modality, group)
+    out = torch.cat([*blocks, importance[..., None], encode_flags(modality, group)[..., None].float()], dim=-1)
     flat[folds.valid_slots] = out.reshape(-1, layout.width)[folds.valid_index].to(pages.dtype)

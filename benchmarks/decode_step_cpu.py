@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""One layer's decode step on this CPU: AttentionPack's PyTorch path against dense SDPA.
+
+For each (batch, context) the script runs 40 consecutive decode steps of one layer at
+SmolLM2-135M's attention geometry (9 query heads, 3 KV heads x 64), rank 64, window
+32 (so one window fold falls in the run), through `schedule_decode` (the per-step
+metadata, once for all layers, timed apart) and `decode_and_fold` (window append,
+latent attention, importance EMA with partial rank, the due folds). Dense is
+`scaled_dot_product_attention` over contiguous K/V of the same length, a lower bound
+for any dense paged kernel. Medians and means (the mean includes the fold step),
+single-threaded, as vLLM's CPU worker computes on one core here. It also counts the
+aten ops and host reads of one plain step (tests/op_counter.py's counter).
+
+    .venv/bin/python benchmarks/decode_step_cpu.py [--threads 1]
+
+Writes results/decode_step_cpu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the cache builder and op counter are test tooling
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _environment import environment  # noqa: E402
+from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
+from attentionpack_vllm.decode import decode_and_fold, schedule_decode  # noqa: E402
+from op_counter import OpCounter  # noqa: E402
+from scenario import build_scenario  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_SIZE, STEPS = 9, 3, 64, 40
+SHAPES = ((1, 64), (1, 512), (10, 900), (16, 800))
+
+
+def run_case(batch: int, context: int, partial: bool) -> dict:
+    config = AttentionPackConfig.from_dict({"rank": 64, "window_size": 32, "partial_rank_values": partial})
+    sc = build_scenario(config, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, prompt_lens=[context] * batch,
+                        max_new_tokens=STEPS + 1, has_image=False)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, HEADS, HEAD_SIZE, generator=gen)
+    k = torch.randn(batch, KV_HEADS * HEAD_SIZE, generator=gen)
+    v = torch.randn(batch, KV_HEADS * HEAD_SIZE, generator=gen)
+    steps, metadata, ops = [], [], None
+    for step in range(STEPS):
+        sc.seq_lens = [s + 1 for s in sc.seq_lens]
+        start = time.perf_counter()
+        decode, folds = schedule_decode(sc.tracker, sc.plan, sc.block_table, sc.slot_ids.tolist(),
+                                        sc.seq_lens, sc.pages.shape[1])
+        metadata.append(time.perf_counter() - start)
+        if step == 1:
+            with OpCounter() as counter:
+                decode_and_fold(q, k, v, sc.pages, sc.pool, sc.plan, decode, folds, HEAD_SIZE ** -0.5)
+            ops = {"working": counter.working, "host_reads": counter.host_reads}
+            continue
+        start = time.perf_counter()
+        decode_and_fold(q, k, v, sc.pages, sc.pool, sc.plan, decode, folds, HEAD_SIZE ** -0.5)
+        steps.append(time.perf_counter() - start)
+    keys = torch.randn(batch, KV_HEADS, context, HEAD_SIZE)
+    values = torch.randn(batch, KV_HEADS, context, HEAD_SIZE)
+    query = torch.randn(batch, HEADS, 1, HEAD_SIZE)
+    dense = []
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+        dense.append(time.perf_counter() - start)
+    us = lambda xs: round(1e6 * xs, 1)  # noqa: E731
+    row = {"batch": batch, "context": context, "partial_rank": partial,
+           "attentionpack_median_us": us(statistics.median(steps)),
+           "attentionpack_mean_us": us(statistics.fmean(steps)),
+           "metadata_per_step_us": us(statistics.median(metadata)),
+           "dense_sdpa_median_us": us(statistics.median(dense)),
+           "plain_step_ops": ops}
+    row["ratio_median_to_dense"] = round(row["attentionpack_median_us"] / row["dense_sdpa_median_us"], 2)
+    print(f"[decode_step_cpu] batch {batch}, context {context}, partial rank {'on' if partial else 'off'}: "
+          f"{row['attentionpack_median_us']:.0f} us median ({row['attentionpack_mean_us']:.0f} mean with the fold), "
+          f"dense SDPA {row['dense_sdpa_median_us']:.0f} us, metadata {row['metadata_per_step_us']:.0f} us/step, "
+          f"{ops['working']} ops, {ops['host_reads']} host reads", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_step_cpu.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [run_case(b, c, p) for b, c in SHAPES for p in (False, True)]
+    result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "threads": args.threads, "geometry": {"heads": HEADS, "kv_heads": KV_HEADS,
+                                                   "head_size": HEAD_SIZE, "rank": 64, "window": 32},
+              "environment": environment(), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"[decode_step_cpu] saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
