@@ -28,11 +28,13 @@ Methods (`SvdSettings.method`):
   The small eigenproblem that follows, and a fold's (R + m)-square Gram matrix, are
   solved by simultaneous (orthogonal) iteration with CholeskyQR, started from the
   coordinate axes in order of energy (for a fold: the old basis first).
-- "auto": "randomized" on CUDA; elsewhere the fastest exact-accuracy method
-  measured on CPU: "gram" to factorise, "exact" to fold (`resolve_method`).
+- "auto": "randomized" on CUDA, "gram" elsewhere (`resolve_method`).
 
-Small Gram matrices and every CholeskyQR are computed in float64 (cheap at these
-sizes); the products with the [num_tokens, kv_width] data stay in float32.
+Every CholeskyQR and small eigenproblem runs in float64 (cheap at these sizes). A
+"randomized" factorisation keeps its products with the [num_tokens, kv_width] data in
+float32; "gram" works in float64 throughout; a fold works in float64 on the basis and
+new rows (rank + window rows) and touches the old factors only in F^T F. Outputs are
+float32.
 
 This module imports only torch, so benchmarks/factorize_bench.py can load it on a
 machine without vLLM.
@@ -53,8 +55,9 @@ NEGLIGIBLE = 1e-6
 # (each step multiplies by the squared Gram matrix, then CholeskyQR).
 EIGEN_STEPS_FACTORIZE = 6   # cold start: the sketch's axes, ordered by energy
 EIGEN_STEPS_FOLD = 3        # warm start: the old basis, then the new directions
-# Relative diagonal shift that keeps every Cholesky factorisation defined (float64):
-# directions with less energy than this fraction of the total come out shrunk.
+# Diagonal shift (per column, relative to unit columns) that keeps every float64
+# Cholesky factorisation defined: a column whose part outside the earlier columns is
+# below about sqrt(shift) of its length comes out shrunk, not blown up from round-off.
 CHOLESKY_SHIFT = 1e-13
 SKETCH_SEED = 0
 
@@ -90,47 +93,33 @@ class Fold:
     basis: torch.Tensor        # [..., rank, kv_width], orthonormal (or zero) rows
 
 
-OPERATIONS = ("factorize", "fold")
+def resolve_method(method: str, device: torch.device | str) -> str:
+    """The method that runs on `device`: "auto" is "randomized" on CUDA, "gram" elsewhere.
 
-
-def resolve_method(method: str, device: torch.device | str, operation: str = "factorize") -> str:
-    """The method that runs `operation` ("factorize" or "fold") on `device`.
-
-    "auto" is "randomized" on CUDA, which avoids cuSOLVER's batched small
-    decompositions. Elsewhere it is the fastest method of exact accuracy measured
-    on CPU (benchmarks/results/factorize_bench_cpu.json): "gram" to factorise and
-    "exact" to fold. Any other method is returned as it is.
+    On CUDA "randomized" avoids cuSOLVER's batched small decompositions. On CPU
+    "gram" is as accurate as "exact" and measured fastest of the two at SmolLM2's
+    KV width, for factorising and for folds (benchmarks/results/factorize_bench_cpu.json).
+    Any other method is returned as it is.
     """
     if method not in METHODS:
         raise ValueError(f"attentionpack setting 'svd' = {method!r} is invalid: "
                          f"expected one of {list(METHODS)}")
-    if operation not in OPERATIONS:
-        raise ValueError(f"operation {operation!r} is not one of {list(OPERATIONS)}")
     if method != "auto":
         return method
-    if torch.device(device).type == "cuda":
-        return "randomized"
-    return "gram" if operation == "factorize" else "exact"
-
-
-_HOW = {
-    "exact": "torch.linalg.svd",
-    "gram": "float64 Gram matrix + torch.linalg.eigh",
-}
+    return "randomized" if torch.device(device).type == "cuda" else "gram"
 
 
 def describe(svd: SvdSettings, device: torch.device | str) -> str:
-    """One line for the startup log: the methods that factorise and fold on `device`, and how."""
-    how = dict(_HOW, randomized=(
-        f"randomized range finder (rank + {svd.oversample} columns, {svd.power_iters} power "
-        f"iterations), CholeskyQR, simultaneous iteration ({EIGEN_STEPS_FACTORIZE} steps; "
-        f"{EIGEN_STEPS_FOLD} per fold): matrix products and Cholesky only"))
-    kind = torch.device(device).type
-    factorize_with, fold_with = (resolve_method(svd.method, device, op) for op in OPERATIONS)
-    if factorize_with == fold_with:
-        return f"svd={svd.method} on {kind}: {factorize_with} ({how[factorize_with]})"
-    return (f"svd={svd.method} on {kind}: prefill {factorize_with} ({how[factorize_with]}), "
-            f"folds {fold_with} ({how[fold_with]})")
+    """One line for the startup log: the method that runs on `device`, and how."""
+    method = resolve_method(svd.method, device)
+    how = {
+        "exact": "torch.linalg.svd",
+        "gram": "float64 Gram matrix + torch.linalg.eigh",
+        "randomized": (f"randomized range finder (rank + {svd.oversample} columns, {svd.power_iters} power "
+                       f"iterations), CholeskyQR, simultaneous iteration ({EIGEN_STEPS_FACTORIZE} steps; "
+                       f"{EIGEN_STEPS_FOLD} per fold): matrix products and Cholesky only"),
+    }[method]
+    return f"svd={svd.method} on {torch.device(device).type}: {method} ({how})"
 
 
 # ---------------------------------------------------------------------------
@@ -142,32 +131,40 @@ def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, cols - t.shape[-1], 0, rows - t.shape[-2]))
 
 
-def _cholesky_qr(y: torch.Tensor, passes: int = 1) -> torch.Tensor:
-    """Orthonormalise the columns of y [..., n, c] in order (CholeskyQR, `passes` times).
+def _orthonormalizer(gram: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """A [..., k, k] such that Y @ A has orthonormal columns, for any Y with Y^T Y = gram.
 
-    Each pass scales the columns to unit norm, factors the float64 Gram matrix
-    y^T y + shift * I = L L^T and returns y L^-T (in y's dtype at the end). The shift
-    (`CHOLESKY_SHIFT` times the number of columns) keeps the factorisation defined
-    for rank-deficient y: a zero column stays zero, and a column with almost nothing
-    outside the earlier ones comes out short instead of as amplified round-off. A
-    second pass restores orthogonality lost to round-off.
+    gram: float64 [..., k, k]. Each pass is one CholeskyQR step done on the Gram
+    matrix alone: scale the columns to unit norm, factor the scaled Gram matrix +
+    shift * I = L L^T, and take A = D L^-T. The shift (`CHOLESKY_SHIFT` times k)
+    keeps the factorisation defined when Y is rank-deficient: a zero column stays
+    zero, and a column with almost nothing outside the earlier ones comes out short
+    instead of as amplified round-off. A second pass restores orthogonality lost to
+    round-off and drops the columns the first one left short (less than half their
+    length: nothing of their own beyond about sqrt(shift)). Y itself is never touched,
+    so the cost does not depend on Y's length; but the Gram matrix squares Y's
+    condition, so a caller that needs Y A orthonormal to round-off finishes with an
+    explicit pass.
     """
-    dtype = y.dtype
-    y = y.double()
-    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
-    for _ in range(passes):
-        y = y / (y.norm(dim=-2, keepdim=True) + 1e-300)    # unit columns: the shift is relative to each
-        gram = y.mT @ y
-        shift = CHOLESKY_SHIFT * y.shape[-1]
-        lower, _ = torch.linalg.cholesky_ex(gram + shift * eye)
-        inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-        y = y @ inverse.mT
-    return y.to(dtype)
+    k = gram.shape[-1]
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    total = eye.expand_as(gram)
+    for pass_ in range(passes):
+        diagonal = gram.diagonal(dim1=-2, dim2=-1)
+        floor = 0.25 if pass_ else 0.0
+        scale = torch.where(diagonal > floor, diagonal.clamp_min(1e-300).rsqrt(), torch.zeros_like(diagonal))
+        scaled = gram * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+        lower, _ = torch.linalg.cholesky_ex(scaled + CHOLESKY_SHIFT * k * eye)
+        step = scale.unsqueeze(-1) * torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).mT
+        total = total @ step
+        gram = step.mT @ gram @ step
+    return total
 
 
-def _orthonormal_rows(rows: torch.Tensor, passes: int = 2) -> torch.Tensor:
-    """Orthonormalise the rows of [..., k, d] in order (zero rows stay zero)."""
-    return _cholesky_qr(rows.mT, passes).mT
+def _cholesky_qr(y: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """Orthonormalise the columns of y [..., n, c] in order (CholeskyQR in float64; y's dtype out)."""
+    y64 = y.double()
+    return (y64 @ _orthonormalizer(y64.mT @ y64, passes)).to(y.dtype)
 
 
 def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,17 +257,18 @@ def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> to
     """
     n, d = x.shape[-2:]
     columns = r + svd.oversample
-    if exact:
-        x = x.double()
     if d <= n and (exact or d <= columns):
-        vectors, energies = _top_eigenvectors(x.mT.double() @ x.double(), r, exact, EIGEN_STEPS_FACTORIZE)
-        directions = _drop_negligible(vectors, energies)                 # [B, d, r]
-    else:
-        sketch = x.mT if (exact or n <= columns) else _range_sketch(x, columns, svd.power_iters)
-        sketch = sketch.double()                                          # [B, d, c]
-        vectors, energies = _top_eigenvectors(sketch.mT @ sketch, r, exact, EIGEN_STEPS_FACTORIZE)
-        directions = sketch @ _drop_negligible(vectors, energies)         # [B, d, r]
-    return _orthonormal_rows(directions.mT).float()
+        x = x.double()
+        vectors, energies = _top_eigenvectors(x.mT @ x, r, exact, EIGEN_STEPS_FACTORIZE)
+        return _drop_negligible(vectors, energies).mT.float()            # eigenvectors of X^T X
+    sketch = x.mT if (exact or n <= columns) else _range_sketch(x, columns, svd.power_iters)
+    sketch = sketch.double()                                              # [B, d, c]
+    gram = sketch.mT @ sketch
+    vectors, energies = _top_eigenvectors(gram, r, exact, EIGEN_STEPS_FACTORIZE)
+    coeffs = _drop_negligible(vectors, energies)                          # [B, c, r]
+    # The directions sketch @ coeffs, normalised through their Gram matrix coeffs^T gram coeffs.
+    coeffs = coeffs @ _orthonormalizer(coeffs.mT @ gram @ coeffs)
+    return (sketch @ coeffs).mT.float()
 
 
 def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()) -> LowRank:
@@ -308,46 +306,61 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
             or not old_factors.shape[0] == basis.shape[0] == new_rows.shape[0]):
         raise ValueError(f"fold_batch: shapes do not agree: old_factors {list(old_factors.shape)}, "
                          f"basis {list(basis.shape)}, new_rows {list(new_rows.shape)}")
-    method = resolve_method(svd.method, new_rows.device, "fold")
+    method = resolve_method(svd.method, new_rows.device)
     old, basis, new_rows = old_factors.float(), basis.float(), new_rows.float()
     directions = new_rows
     if new_rows.shape[1] > rank:
         directions = factorize_batch(new_rows, rank, svd).basis
     if method == "exact":
-        new_basis = _fold_basis_exact(old, basis, directions, new_rows, rank)
+        result = _fold_exact(old, basis, directions, new_rows, rank)
     else:
-        new_basis = _fold_basis_gram(old, basis, directions, new_rows, rank, exact=(method == "gram"))
+        result = _fold_gram(old, basis, directions, new_rows, rank, exact=(method == "gram"))
     d = basis.shape[-1]
-    new_basis = _pad(new_basis, rank, d)
-    return Fold(rotation=(basis.double() @ new_basis.mT.double()).float(),
-                new_factors=(new_rows.double() @ new_basis.mT.double()).float(),
-                basis=new_basis)
+    return Fold(rotation=_pad(result.rotation, basis.shape[1], rank),
+                new_factors=_pad(result.new_factors, new_rows.shape[1], rank),
+                basis=_pad(result.basis, rank, d))
 
 
-def _fold_basis_exact(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
-                      new_rows: torch.Tensor, rank: int) -> torch.Tensor:
+def _fold_exact(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
+                new_rows: torch.Tensor, rank: int) -> Fold:
     """The oracle: QR frame, SVD of the stacked coordinates [old F @ B Q^T; new Q^T]."""
     frame = torch.linalg.qr(torch.cat([basis, directions], dim=1).mT)[0].mT          # [B, k, d]
     coords = torch.cat([old @ (basis @ frame.mT), new_rows @ frame.mT], dim=1)         # [B, T + m, k]
     _, s, vh = torch.linalg.svd(coords, full_matrices=False)
     r = min(rank, s.shape[-1])
     keep = s[..., :r] > s[..., :1] * NEGLIGIBLE
-    return (vh[..., :r, :] * keep.unsqueeze(-1)) @ frame
+    new_basis = (vh[..., :r, :] * keep.unsqueeze(-1)) @ frame                        # [B, r, d]
+    return Fold(rotation=basis @ new_basis.mT, new_factors=new_rows @ new_basis.mT, basis=new_basis)
 
 
-def _fold_basis_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
-                     new_rows: torch.Tensor, rank: int, exact: bool) -> torch.Tensor:
-    """CholeskyQR frame; the Gram matrix of the combined data in it, from F^T F; its top eigenvectors."""
-    basis, new_rows = basis.double(), new_rows.double()
-    frame = _orthonormal_rows(torch.cat([basis, directions.double()], dim=1))        # [B, k, d]
-    basis_coords = basis @ frame.mT                                                  # [B, R, k]
-    new_coords = new_rows @ frame.mT                                                 # [B, m, k]
-    old_gram = old.double().mT @ old.double()                                        # [B, R, R]
-    gram = basis_coords.mT @ old_gram @ basis_coords + new_coords.mT @ new_coords    # [B, k, k]
-    r = min(rank, gram.shape[-1])
-    vectors, energies = _top_eigenvectors(gram, r, exact, EIGEN_STEPS_FOLD)
-    # One CholeskyQR pass: the rows are orthonormal already up to round-off.
-    return _orthonormal_rows(_drop_negligible(vectors, energies).mT @ frame, passes=1).float()
+def _fold_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
+               new_rows: torch.Tensor, rank: int, exact: bool) -> Fold:
+    """The fold through Gram matrices: S = [basis; directions] enters at width d only in
+    S S^T, in the new basis rows M^T S and in their Gram matrix.
+
+    With Y = S^T and A = `_orthonormalizer(S S^T)`, Y A is an orthonormal frame; a row
+    v has coordinates (v S^T) A in it, so the old tokens' Gram matrix there is
+    A^T (S B^T) F^T F (B S^T) A and the new rows' (N S^T) A. Its top eigenvectors W
+    give the new basis rows M^T S with M = A W, orthonormalised by one explicit
+    CholeskyQR pass (M <- M A'), then the rotation B S^T M and the new factors N S^T M.
+    """
+    stack = torch.cat([basis, directions], dim=1).double()                          # [B, k, d]
+    stack_gram = stack @ stack.mT                                                     # [B, k, k]
+    r_old = basis.shape[1]
+    new_by_stack = stack_gram[:, r_old:] if directions is new_rows else new_rows.double() @ stack.mT
+    frame = _orthonormalizer(stack_gram, passes=2)                                    # [B, k, k]
+    basis_coords = stack_gram[:, :r_old] @ frame                                      # [B, R, k]
+    new_coords = new_by_stack @ frame                                                 # [B, m, k]
+    old_gram = old.double().mT @ old.double()                                         # [B, R, R]
+    gram = basis_coords.mT @ old_gram @ basis_coords + new_coords.mT @ new_coords     # [B, k, k]
+    vectors, energies = _top_eigenvectors(gram, min(rank, gram.shape[-1]), exact, EIGEN_STEPS_FOLD)
+    coeffs = frame @ _drop_negligible(vectors, energies)                              # [B, k, r]
+    rows = coeffs.mT @ stack                                                          # [B, r, d]
+    fix = _orthonormalizer(rows @ rows.mT)
+    coeffs = coeffs @ fix
+    return Fold(rotation=(stack_gram[:, :r_old] @ coeffs).float(),
+                new_factors=(new_by_stack @ coeffs).float(),
+                basis=(fix.mT @ rows).float())
 
 
 def fold(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,

@@ -29,13 +29,19 @@ rank-64 factorisation, the window mixes their directions with new ones.
 
 Torch only: factorize.py is loaded from the checkout by path; vLLM is never imported.
 
-    python benchmarks/factorize_bench.py            # full grid (GPU: about a minute; CPU: far longer)
-    python benchmarks/factorize_bench.py --quick    # CPU-sized: compress at batch 1 / 4 (exact at 1 only),
-                                                     # the paper sample's first 4 layers, 3 repetitions
-    python benchmarks/factorize_bench.py --smoke    # tiny shapes: checks the script (tests)
+    python benchmarks/factorize_bench.py                      # full grid (GPU: under a minute)
+    python benchmarks/factorize_bench.py --quick --threads 1  # CPU-sized, about 5 minutes here
+    python benchmarks/factorize_bench.py --smoke              # tiny shapes: checks the script
 
+--quick: compress at batch 1 and 4 (exact at batch 1 only), the paper sample's first 2
+layers, folds as in the full grid, 5 repetitions (2 for the paper sample). --threads 1
+gives steady timings on a CPU that other jobs share.
+
+The cases run in the order paper_sample, fold, compress; on a GPU no new configuration
+starts after 45 s (`--max-seconds`; benchmarks/gpu_check.sh gives the step 60 s).
 Saves results/factorize_bench_<device>.json ("cpu" or the card's name; the JSON holds
-the command, date, device, mode and sizes) and a PNG when matplotlib is installed.
+the command, date, device, mode and sizes) after every configuration, and a PNG when
+matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -79,12 +85,12 @@ def sizes(args) -> dict:
     if args.smoke:
         return dict(width=128, widths=[128, 48], image=64, text=12, layers=2, rank=16, prefix=4, window=8,
                     old=32, compress_batches=[1, 2], fold_batches=[1, 2], exact_compress_max_batch=2,
-                    exact_paper=True, reps=1)
+                    reps=1)
     grid = dict(width=4096, widths=[4096, 192], image=576, text=50, layers=32, rank=RANK,
                 prefix=PREFIX_COLUMNS, window=32, old=1024, compress_batches=[1, 16, 64],
-                fold_batches=[1, 16, 64], exact_compress_max_batch=64, exact_paper=True, reps=5)
+                fold_batches=[1, 16, 64], exact_compress_max_batch=64, reps=5)
     if args.quick:
-        grid.update(layers=4, compress_batches=[1, 4], exact_compress_max_batch=1, reps=3)
+        grid.update(layers=2, compress_batches=[1, 4], exact_compress_max_batch=1, reps=5)
     return grid
 
 
@@ -124,18 +130,22 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, reps: int, warmup: int = 1) -> dict:
-    """Median and minimum wall time of fn() in ms (synchronised on a GPU)."""
-    for _ in range(warmup):
+def time_interleaved(fns: dict, device, reps: int) -> dict:
+    """{name: {ms_median, ms_min, reps}} of each fn() (wall time, synchronised on a GPU).
+
+    One warm-up call each, then `reps` rounds in which every fn runs once in turn, so
+    that other work on a shared machine slows all of them alike."""
+    for fn in fns.values():
         fn()
     synchronize(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return {"ms_median": statistics.median(times), "ms_min": min(times), "reps": reps}
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: {"ms_median": statistics.median(t), "ms_min": min(t), "reps": reps} for name, t in times.items()}
 
 
 def energy_ratio(x: torch.Tensor, low, reference, columns: int | None = None) -> float:
@@ -150,110 +160,107 @@ def folded_lowrank(old_factors, fold, new_rows_count):
                       fold.basis)
 
 
+def first(low, count: int):
+    return fz.LowRank(low.factors[:count], low.basis[:count])
+
+
 # ---------------------------------------------------------------------------
 # Cases
 # ---------------------------------------------------------------------------
 
-def bench_compress(grid, methods, device, say) -> list[dict]:
-    rows = []
+def bench_compress(grid, methods, device, say):
+    """Yields the rows of one configuration (width, batch) at a time."""
     gen = torch.Generator().manual_seed(0)
     for width, batch in ((w, b) for w in grid["widths"] for b in grid["compress_batches"]):
+        rows = []
         x = kv_like(batch, grid["image"], width, gen, device)
-        reference = None
-        for method in methods:
-            row = dict(case="compress", method=method, batch=batch, tokens=grid["image"], width=width,
-                       rank=grid["rank"])
-            if method == "exact" and batch > grid["exact_compress_max_batch"]:
-                rows.append(dict(row, skipped="exact SVD at this batch takes too long here"))
-                say(f"compress  width {width:>4} batch {batch:>3}  {method:<10}  skipped")
-                continue
-            settings = fz.SvdSettings(method)
-            run = lambda: fz.factorize_batch(x, grid["rank"], settings)  # noqa: E731
-            row.update(time_ms(run, device, grid["reps"]))
-            low = run()
-            if reference is None:
-                reference = low if method == "exact" else fz.factorize_batch(x[:2], grid["rank"],
-                                                                             fz.SvdSettings("exact"))
-            n_ref = reference.factors.shape[0]
-            sub = fz.LowRank(low.factors[:n_ref], low.basis[:n_ref])
-            row.update(energy_ratio=energy_ratio(x[:n_ref], sub, reference),
-                       energy_ratio_first16=energy_ratio(x[:n_ref], sub, reference, grid["prefix"]),
+        base = dict(case="compress", batch=batch, tokens=grid["image"], width=width, rank=grid["rank"])
+        timed = [m for m in methods if m != "exact" or batch <= grid["exact_compress_max_batch"]]
+        for method in sorted(set(methods) - set(timed)):
+            rows.append(dict(base, method=method, skipped="exact SVD at this batch takes too long here"))
+            say(f"compress  width {width:>4} batch {batch:>3}  {method:<10}  skipped")
+        runs = {m: (lambda s=fz.SvdSettings(m): fz.factorize_batch(x, grid["rank"], s)) for m in timed}
+        times = time_interleaved(runs, device, grid["reps"])
+        n_ref = min(batch, 2)
+        reference = fz.factorize_batch(x[:n_ref], grid["rank"], fz.SvdSettings("exact"))
+        for method in timed:
+            low = first(runs[method](), n_ref)
+            row = dict(base, method=method, **times[method],
+                       energy_ratio=energy_ratio(x[:n_ref], low, reference),
+                       energy_ratio_first16=energy_ratio(x[:n_ref], low, reference, grid["prefix"]),
                        accuracy_over=f"{n_ref} of {batch} matrices")
             rows.append(row)
-            say(f"compress  width {width:>4} batch {batch:>3}  {method:<10} {row['ms_median']:>10.2f} ms   "
-                f"energy vs exact "
-                f"{row['energy_ratio']:.5f} (first {grid['prefix']} columns {row['energy_ratio_first16']:.5f})")
-    return rows
+            say(f"compress  width {width:>4} batch {batch:>3}  {method:<10} {row['ms_median']:>10.2f} ms "
+                f"(min {row['ms_min']:.2f})   energy vs exact {row['energy_ratio']:.5f} "
+                f"(first {grid['prefix']} columns {row['energy_ratio_first16']:.5f})")
+        yield rows
 
 
-def bench_paper_sample(grid, methods, device, say) -> list[dict]:
+def bench_paper_sample(grid, methods, device, say):
+    """Yields its rows once (one configuration)."""
     rows = []
     gen = torch.Generator().manual_seed(1)
-    layers = grid["layers"]
+    layers, rank = grid["layers"], grid["rank"]
     image = kv_like(2 * layers, grid["image"], grid["width"], gen, device)   # [K, V] per layer
     text = kv_like(2 * layers, grid["text"], grid["width"], gen, device)
-    reference = {name: fz.factorize_batch(x[:2], grid["rank"], fz.SvdSettings("exact"))
-                 for name, x in (("image", image), ("text", text))}
-    for method in methods:
-        settings = fz.SvdSettings(method)
-        for schedule in ("per_layer", "all_layers"):
-            row = dict(case="paper_sample", method=method, schedule=schedule, layers=layers,
-                       image_tokens=grid["image"], text_tokens=grid["text"], width=grid["width"],
-                       rank=grid["rank"], calls=(2 * layers if schedule == "per_layer" else 2))
-            if method == "exact" and not grid["exact_paper"]:
-                rows.append(dict(row, skipped="exact SVD of the whole sample takes minutes here"))
-                say(f"paper     {schedule:<10}  {method:<10}  skipped")
-                continue
+    reference = {"image": fz.factorize_batch(image[:2], rank, fz.SvdSettings("exact")),
+                 "text": fz.factorize_batch(text[:2], rank, fz.SvdSettings("exact"))}
 
-            def run():
-                if schedule == "all_layers":
-                    return [fz.factorize_batch(image, grid["rank"], settings),
-                            fz.factorize_batch(text, grid["rank"], settings)]
-                for layer in range(layers):
-                    fz.factorize_batch(image[2 * layer:2 * layer + 2], grid["rank"], settings)
-                    fz.factorize_batch(text[2 * layer:2 * layer + 2], grid["rank"], settings)
+    def per_layer(settings):
+        for layer in range(layers):
+            fz.factorize_batch(image[2 * layer:2 * layer + 2], rank, settings)
+            fz.factorize_batch(text[2 * layer:2 * layer + 2], rank, settings)
 
-            row.update(time_ms(run, device, max(1, grid["reps"] // 2)))
-            row["ms_per_layer"] = row["ms_median"] / layers
-            if schedule == "all_layers":
-                lows = run()
-                for name, x, low in (("image", image, lows[0]), ("text", text, lows[1])):
-                    sub = fz.LowRank(low.factors[:2], low.basis[:2])
-                    row[f"energy_ratio_{name}"] = energy_ratio(x[:2], sub, reference[name])
-                row["accuracy_over"] = "the first 2 matrices (layer 0's K and V) of each modality"
-            if layers != 32:
-                row["ms_32_layers_scaled"] = row["ms_per_layer"] * 32
-            rows.append(row)
-            acc = (f"   energy vs exact image {row['energy_ratio_image']:.5f}, text {row['energy_ratio_text']:.5f}"
-                   if "energy_ratio_image" in row else "")
-            say(f"paper     {schedule:<10}  {method:<10} {row['ms_median']:>10.2f} ms for {layers} layers "
-                f"({row['ms_per_layer']:.2f} ms per layer){acc}")
-    return rows
+    def all_layers(settings):
+        return fz.factorize_batch(image, rank, settings), fz.factorize_batch(text, rank, settings)
+
+    runs = {(m, schedule): (lambda s=fz.SvdSettings(m), f=f: f(s))
+            for m in methods for schedule, f in (("per_layer", per_layer), ("all_layers", all_layers))}
+    times = time_interleaved(runs, device, max(1, grid["reps"] // 2))
+    for (method, schedule), run in runs.items():
+        row = dict(case="paper_sample", method=method, schedule=schedule, layers=layers,
+                   image_tokens=grid["image"], text_tokens=grid["text"], width=grid["width"], rank=rank,
+                   calls=(2 * layers if schedule == "per_layer" else 2), **times[(method, schedule)])
+        row["ms_per_layer"] = row["ms_median"] / layers
+        if layers != 32:
+            row["ms_32_layers_scaled"] = row["ms_per_layer"] * 32
+        acc = ""
+        if schedule == "all_layers":
+            for name, x, low in zip(("image", "text"), (image, text), run()):
+                row[f"energy_ratio_{name}"] = energy_ratio(x[:2], first(low, 2), reference[name])
+            row["accuracy_over"] = "the first 2 matrices (layer 0's K and V) of each modality"
+            acc = f"   energy vs exact image {row['energy_ratio_image']:.5f}, text {row['energy_ratio_text']:.5f}"
+        rows.append(row)
+        say(f"paper     {schedule:<10}  {method:<10} {row['ms_median']:>10.2f} ms for {layers} layers "
+            f"({row['ms_per_layer']:.2f} ms per layer){acc}")
+    yield rows
 
 
-def bench_fold(grid, methods, device, say) -> list[dict]:
-    rows = []
+def bench_fold(grid, methods, device, say):
+    """Yields the rows of one configuration (width, batch) at a time."""
     gen = torch.Generator().manual_seed(2)
     for width, batch in ((w, b) for w in grid["widths"] for b in grid["fold_batches"]):
+        rows = []
         factors, basis, new = fold_inputs(batch, width, grid, gen, device)
         data = torch.cat([factors @ basis, new], dim=1)
-        reference = fz.fold_batch(factors, basis, new, grid["rank"], fz.SvdSettings("exact"))
-        ref_low = folded_lowrank(factors, reference, new.shape[1])
+        runs = {m: (lambda s=fz.SvdSettings(m): fz.fold_batch(factors, basis, new, grid["rank"], s))
+                for m in methods}
+        times = time_interleaved(runs, device, grid["reps"])
+        reference = folded_lowrank(factors, fz.fold_batch(factors, basis, new, grid["rank"],
+                                                          fz.SvdSettings("exact")), new.shape[1])
         for method in methods:
-            settings = fz.SvdSettings(method)
-            run = lambda: fz.fold_batch(factors, basis, new, grid["rank"], settings)  # noqa: E731
+            low = folded_lowrank(factors, runs[method](), new.shape[1])
             row = dict(case="fold", method=method, batch=batch, old_tokens=grid["old"], window=grid["window"],
-                       width=width, rank=grid["rank"])
-            row.update(time_ms(run, device, grid["reps"]))
+                       width=width, rank=grid["rank"], **times[method],
+                       energy_ratio=energy_ratio(data, low, reference),
+                       energy_ratio_first16=energy_ratio(data, low, reference, grid["prefix"]))
             row["ms_per_layer_k_and_v"] = 2 * row["ms_median"]
-            low = folded_lowrank(factors, run(), new.shape[1])
-            row.update(energy_ratio=energy_ratio(data, low, ref_low),
-                       energy_ratio_first16=energy_ratio(data, low, ref_low, grid["prefix"]))
             rows.append(row)
             say(f"fold      width {width:>4} batch {batch:>3}  {method:<10} {row['ms_median']:>10.2f} ms "
-                f"({row['ms_per_layer_k_and_v']:.2f} ms per layer, K and V)   energy vs exact fold "
-                f"{row['energy_ratio']:.5f} (first {grid['prefix']} columns {row['energy_ratio_first16']:.5f})")
-    return rows
+                f"(min {row['ms_min']:.2f}; {row['ms_per_layer_k_and_v']:.2f} ms per layer, K and V)   "
+                f"energy vs exact fold {row['energy_ratio']:.5f} "
+                f"(first {grid['prefix']} columns {row['energy_ratio_first16']:.5f})")
+        yield rows
 
 
 # ---------------------------------------------------------------------------
@@ -362,14 +369,21 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--cases", nargs="+", choices=("compress", "paper_sample", "fold"),
-                   default=["compress", "paper_sample", "fold"])
+    p.add_argument("--cases", nargs="+", choices=("paper_sample", "fold", "compress"),
+                   default=["paper_sample", "fold", "compress"])
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new configuration after this many seconds (default: 45 on a GPU, "
+                        "none on CPU); what ran is saved")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and PNG")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives steady timings on a CPU that other jobs share)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     grid = sizes(args)
     started = time.time()
@@ -390,7 +404,7 @@ def main(argv=None) -> int:
         settings=dict(oversample=fz.SvdSettings().oversample, power_iters=fz.SvdSettings().power_iters,
                       eigen_steps_factorize=fz.EIGEN_STEPS_FACTORIZE, eigen_steps_fold=fz.EIGEN_STEPS_FOLD),
         auto=fz.describe(fz.SvdSettings(), device),
-        auto_methods={op: fz.resolve_method("auto", device, op) for op in fz.OPERATIONS},
+        auto_method=fz.resolve_method("auto", device),
         note=("times: wall clock per call(s), median over reps, synchronised on a GPU; energy_ratio: "
               "captured energy at the rank over exact SVD's (smallest in the batch); synthetic data "
               "(power-law spectrum, 2 % noise)"),
@@ -398,14 +412,30 @@ def main(argv=None) -> int:
     say(f"device {result['device']}; torch {torch.__version__}; mode {result['mode']}; auto: {result['auto']}")
     cases = {"compress": bench_compress, "paper_sample": bench_paper_sample, "fold": bench_fold}
     json_path = args.out / f"{stem}.json"
-    for case in args.cases:
-        with torch.inference_mode():
-            result["rows"] += cases[case](grid, args.methods, device, say)
+    budget = args.max_seconds
+    if budget is None and device.type == "cuda":
+        budget = 45.0      # benchmarks/gpu_check.sh gives this step 60 s
+    result["max_seconds"] = budget
+
+    def save() -> None:
         result["targets"] = targets(result["rows"], device)
         result["fastest"] = fastest(result["rows"])
         result["vllm_imported"] = "vllm" in sys.modules
         result["package_imported"] = "attentionpack_vllm" in sys.modules
         json_path.write_text(json.dumps(result, indent=1) + "\n")
+
+    with torch.inference_mode():
+        for case in args.cases:
+            for rows in cases[case](grid, args.methods, device, say):
+                result["rows"] += rows
+                save()
+                if budget and time.time() - started > budget:
+                    break
+            if budget and time.time() - started > budget:
+                result["stopped"] = f"time budget of {budget:.0f} s reached after the {case} rows above"
+                say(result["stopped"])
+                save()
+                break
     say(f"targets: {result['targets']}")
     say(f"saved {json_path}")
     png = args.out / f"{stem}.png"

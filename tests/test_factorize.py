@@ -32,11 +32,10 @@ def settings(method):
 # ---------------------------------------------------------------------------
 
 def test_auto_resolves_per_device_and_methods_match_the_config():
-    assert resolve_method("auto", "cpu") == "gram" and resolve_method("auto", "cpu", "fold") == "exact"
-    for operation in ("factorize", "fold"):
-        assert resolve_method("auto", torch.device("cuda"), operation) == "randomized"   # no GPU needed
-        for method in METHODS:
-            assert resolve_method(method, "cuda", operation) == method == resolve_method(method, "cpu", operation)
+    assert resolve_method("auto", "cpu") == "gram"
+    assert resolve_method("auto", torch.device("cuda")) == "randomized"   # no GPU needed
+    for method in METHODS:
+        assert resolve_method(method, "cuda") == method == resolve_method(method, "cpu")
     assert set(SVD_METHODS) == set(fz.METHODS)
     assert SvdSettings().method == "auto"
 
@@ -51,8 +50,7 @@ def test_bad_method_is_refused_naming_the_setting():
 
 
 def test_describe_names_the_resolved_method():
-    assert describe(SvdSettings(), "cpu").startswith("svd=auto on cpu: prefill gram (float64 Gram")
-    assert "folds exact (torch.linalg.svd)" in describe(SvdSettings(), "cpu")
+    assert describe(SvdSettings(), "cpu") == "svd=auto on cpu: gram (float64 Gram matrix + torch.linalg.eigh)"
     text = describe(SvdSettings("auto", 16, 2), "cuda")
     assert text.startswith("svd=auto on cuda: randomized (")
     assert "16 columns" in text and "2 power iterations" in text

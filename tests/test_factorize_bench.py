@@ -14,7 +14,7 @@ def test_smoke_run_writes_results_without_vllm(tmp_path):
     result = json.loads((tmp_path / "factorize_bench_cpu_smoke.json").read_text())
     assert result["vllm_imported"] is False and result["package_imported"] is False
     assert result["command"] and result["date"] and result["device"].startswith("CPU")
-    assert result["auto_methods"] == {"factorize": "gram", "fold": "exact"}
+    assert result["auto_method"] == "gram"
     cases = {(r["case"], r["method"]) for r in result["rows"]}
     assert cases == {(c, m) for c in ("compress", "paper_sample", "fold") for m in ("exact", "gram", "randomized")}
     for row in result["rows"]:
@@ -23,3 +23,13 @@ def test_smoke_run_writes_results_without_vllm(tmp_path):
         if ratio is not None:
             assert 0.9 < ratio <= 1 + 1e-6, row
     assert "compress" in out.stdout and "saved" in out.stdout
+
+
+def test_time_budget_stops_after_the_running_configuration(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--out", str(tmp_path),
+                          "--cases", "fold", "--methods", "gram", "--max-seconds", "0.001"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads((tmp_path / "factorize_bench_cpu_smoke.json").read_text())
+    assert [(r["case"], r["method"], r["width"], r["batch"]) for r in result["rows"]] == [("fold", "gram", 128, 1)]
+    assert "time budget" in result["stopped"]
