@@ -22,6 +22,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import runtime
 from .decode import decode_and_fold, schedule_decode
+from .factorize import describe as describe_factorisation
 from .kernels.decode_inputs import DecodeBatch
 from .memory import MemoryReport
 from .paged_store import FoldBatch
@@ -214,6 +215,7 @@ class AttentionPackImpl(AttentionImpl):
         logger.info_once("AttentionPack: decode with the %s",
                          "Triton kernel" if "triton" in self.decode_attention.__module__
                          else "PyTorch latent-space path")
+        logger.info_once("AttentionPack: factorisation %s", describe_factorisation(self.plan.svd, self.device))
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         # Allocated here, before vLLM sizes the KV cache, so the pools are counted.

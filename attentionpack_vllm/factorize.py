@@ -27,7 +27,8 @@ Methods (`SvdSettings.method`):
   Gaussian columns, `power_iters` power iterations), orthonormalised by CholeskyQR.
   The small eigenproblem that follows, and a fold's (R + m)-square Gram matrix, are
   solved by simultaneous (orthogonal) iteration with CholeskyQR, started from the
-  coordinate axes in order of energy (for a fold: the old basis first).
+  coordinate axes in order of their energy (for a fold: the old basis directions and
+  the new ones, so the start is already close).
 - "auto": "randomized" on CUDA, "gram" elsewhere (`resolve_method`).
 
 Every CholeskyQR and small eigenproblem runs in float64 (cheap at these sizes). A
@@ -181,7 +182,6 @@ def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tu
     if exact:
         values, vectors = torch.linalg.eigh(gram)
         return vectors.flip(-1)[..., :r], values.flip(-1)[..., :r].clamp_min(0)
-    c = gram.shape[-1]
     order = gram.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)       # [..., c]
     vectors = torch.zeros_like(gram).scatter_(-2, order.unsqueeze(-2), 1.0)        # axes e_order[j]
     squared = gram @ gram

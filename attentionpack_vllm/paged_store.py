@@ -91,7 +91,12 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
             ("v", values[new_mask], pool.basis_v, plan.ranks_v[modality], layout.v_offset, layout.rank_v),
         ):
             old_factors = old_records[:, offset:offset + rank]
-            result = factorize.fold(old_factors, basis[slot, modality, :rank], rows, rank, plan.svd)
+            if start == 0:  # a new request: nothing to fold into, factorise the rows alone
+                low = factorize.factorize(rows, rank, plan.svd)
+                result = factorize.Fold(rotation=torch.zeros(rank, rank, device=rows.device),
+                                        new_factors=low.factors, basis=low.basis)
+            else:
+                result = factorize.fold(old_factors, basis[slot, modality, :rank], rows, rank, plan.svd)
             basis[slot, modality, :rank] = result.basis.to(basis.dtype)
             # Pad to the record's width so no stale column survives past this rank.
             pad = lambda t: torch.nn.functional.pad(t, (0, width - rank))  # noqa: E731

@@ -30,8 +30,9 @@ rank-64 factorisation, the window mixes their directions with new ones.
 Torch only: factorize.py is loaded from the checkout by path; vLLM is never imported.
 
     python benchmarks/factorize_bench.py                      # full grid (GPU: under a minute)
-    python benchmarks/factorize_bench.py --quick --threads 1  # CPU-sized, about 5 minutes here
+    python benchmarks/factorize_bench.py --quick --threads 1  # CPU-sized, about 3 minutes here
     python benchmarks/factorize_bench.py --smoke              # tiny shapes: checks the script
+    python benchmarks/factorize_bench.py --replot results/factorize_bench_<device>.json   # redraw its plot
 
 --quick: compress at batch 1 and 4 (exact at batch 1 only), the paper sample's first 2
 layers, folds as in the full grid, 5 repetitions (2 for the paper sample). --threads 1
@@ -348,7 +349,7 @@ def plot(result: dict, path: Path) -> bool:
             for x, r in points:
                 ratio = r.get("energy_ratio", r.get("energy_ratio_image"))
                 if ratio is not None:
-                    ax.text(x, r["ms_median"], f"{ratio:.4f}", ha="center", va="bottom", fontsize=6, rotation=90)
+                    ax.text(x, r["ms_median"], f"{ratio:.5f}", ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_xticks([j + width for j in range(len(labels))], labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("ms per call (median)")
@@ -377,11 +378,16 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and PNG")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives steady timings on a CPU that other jobs share)")
+    p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot of a saved run")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        png = args.replot.with_suffix(".png")
+        print(f"saved {png}" if plot(json.loads(args.replot.read_text()), png) else "matplotlib is not installed")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
