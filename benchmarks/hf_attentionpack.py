@@ -84,9 +84,10 @@ class PackedCache:
 
     def __init__(self, config: AttentionPackConfig, num_layers: int, num_kv_heads: int,
                  head_size: int, max_tokens: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, seed: int = 0):
+                 dtype: torch.dtype = torch.float32, seed: int = 0, has_image: bool = False):
         self.config = config
-        self.plan = CompressionPlan.build(config, num_kv_heads, head_size)
+        # A text-only model gets text-only slots, as in vLLM; set `has_image` to pass image masks.
+        self.plan = CompressionPlan.build(config, num_kv_heads, head_size, has_image=has_image)
         num_blocks = -(-max_tokens // block_size)
         gen = torch.Generator().manual_seed(seed)
         # Blocks in shuffled order, with spare blocks, as vLLM's allocator hands them out.

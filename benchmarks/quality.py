@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import hf_attentionpack as hfap  # noqa: E402
 from _environment import environment  # noqa: E402
 
-from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
+from attentionpack_vllm.config import SVD_METHODS, AttentionPackConfig  # noqa: E402
 from attentionpack_vllm.factorize import (factorize, per_head_reconstruction,  # noqa: E402
                                           relative_error, stored_elements)
 from attentionpack_vllm.memory import MemoryReport  # noqa: E402
@@ -107,14 +107,19 @@ def label(rank: int, partial: bool) -> str:
     return f"{'full' if rank >= FULL else rank}/{'on' if partial else 'off'}"
 
 
+SVD_METHOD: str | None = None  # --svd: the factorisation method of every setting (None: the default)
+
+
 def settings(rank: int, partial: bool) -> dict:
-    return {"rank": rank, "partial_rank_values": partial}
+    extra = {} if SVD_METHOD is None else {"svd": SVD_METHOD}
+    return {"rank": rank, "partial_rank_values": partial, **extra}
 
 
 def kv_bytes(rank: int | None) -> int:
     """KV bytes of one request of MEMORY_TOKENS tokens, all layers, fp32 (None: dense)."""
     config = AttentionPackConfig.from_dict(settings(rank or FULL, False))
-    report = MemoryReport.of(CompressionPlan.build(config, NUM_KV_HEADS, HEAD_SIZE), CACHE_DTYPE)
+    report = MemoryReport.of(CompressionPlan.build(config, NUM_KV_HEADS, HEAD_SIZE, has_image=False),
+                             CACHE_DTYPE)
     dense, packed = report.request_bytes(MEMORY_TOKENS, NUM_LAYERS)
     return dense if rank is None else packed
 
@@ -588,7 +593,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "quality",
                         help="results file stem (default benchmarks/results/quality: "
                              "quality.json and quality.png, whatever the mode)")
+    parser.add_argument("--svd", choices=list(SVD_METHODS), default=None,
+                        help="factorisation method of every AttentionPack setting (default: the "
+                             "settings' default, auto)")
     args = parser.parse_args(argv)
+    global SVD_METHOD
+    SVD_METHOD = args.svd
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(args.parts) - {"ppl", "vllm", "claims"}
     if unknown:
@@ -624,7 +634,7 @@ def main(argv=None) -> int:
         "model": {"name": "SmolLM2-135M-Instruct", "path": str(model_dir),
                   "description": describe_model(model_dir), "source": str(smollm2_gguf_path()),
                   "weights": "GGUF Q4_1 dequantised to float32"},
-        "settings": {"ranks": ranks, "partial_rank": partials, "full_rank": FULL,
+        "settings": {"ranks": ranks, "partial_rank": partials, "full_rank": FULL, "svd": args.svd or "default",
                      "passkey": {"ranks": passkey_ranks, "partial_rank": passkey_partial,
                                  "filler_tokens": passkey_lengths},
                      "defaults": AttentionPackConfig().to_dict(), "prefix_tokens": PREFIX,
