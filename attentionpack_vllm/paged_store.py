@@ -27,13 +27,6 @@ def page_slots(block_table_row: torch.Tensor, start: int, end: int, block_size: 
     return block_table_row.long()[pos // block_size] * block_size + pos % block_size
 
 
-def batch_page_slots(block_table: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
-    """Flat page slots of positions [0, max_len) of every request: [batch, max_len] int64."""
-    pos = torch.arange(max_len, device=block_table.device)
-    blocks = block_table.long()[:, (pos // block_size).clamp_max(block_table.shape[1] - 1)]
-    return blocks * block_size + pos % block_size
-
-
 def read_records(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """[len(slots), width] records at flat slots."""
     return pages.view(-1, pages.shape[-1])[slots]

@@ -76,12 +76,6 @@ class LatentSpec:
         edges = sorted({0, rank} | {c for m in self.modalities for c in table[m] if 0 < c < rank})
         return tuple(zip(edges[:-1], edges[1:]))
 
-    def cols_table(self, which: str, device) -> torch.Tensor:
-        """[2, num_groups] int64 tensor of the columns read per (modality, group).
-
-        Made once per spec and device (the decode step asks for it in every layer)."""
-        return _cols_table(self.group_cols_k if which == "k" else self.group_cols_v, str(device))
-
     def cols_by_flag(self, which: str, device) -> torch.Tensor:
         """[2 * num_groups] int64: the columns a token reads, indexed by its flags value
         (modality + 2 * group), so one lookup replaces decoding the flags."""
@@ -131,11 +125,6 @@ class DecodeBatch:
         if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != torch.device(device):
             buf = self.scratch[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
-
-
-@functools.lru_cache(maxsize=64)
-def _cols_table(table: tuple, device: str) -> torch.Tensor:
-    return torch.tensor(table, dtype=torch.int64, device=device)
 
 
 @functools.lru_cache(maxsize=64)

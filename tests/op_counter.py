@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that only reinterpret or allocate memory: not counted as work.
