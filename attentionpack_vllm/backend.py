@@ -98,7 +98,7 @@ class AttentionPackMetadata:
     decode_tokens: slice | torch.Tensor  # their tokens in the batch
     folds: FoldBatch | None             # windows that fill in this step and fold after it
     prefill_rows: list[int]
-    prefill_window_lens: dict[int, int]  # prefill row -> window rows left by one-token chunks
+    prefill_exact_lens: dict[int, int]  # prefill row -> exact rows (sinks + window) it held
     image_masks: dict[int, torch.Tensor]  # prefill row -> [query_len] bool
     is_profiling: bool                  # rows that belong to no request (dummy runs)
 
@@ -106,8 +106,9 @@ class AttentionPackMetadata:
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
     """Per-step metadata, once for all layers: row kinds, slots, the decode batch and its folds.
 
-    The host-side window lengths of every slot live here (`WindowTracker`): the builder
-    sees every step, so it decides which windows fold without reading the device.
+    The host-side exact-row lengths of every slot (sinks and window) live here
+    (`WindowTracker`): the builder sees every step, so it decides which windows fold
+    without reading the device.
     """
 
     # Decode rows (one new token) first, so their tokens are one slice of the batch.
@@ -122,7 +123,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self.plan = CompressionPlan.build(config, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                                           has_image=runtime.model_has_images(vllm_config))
         self.block_size = kv_cache_spec.block_size
-        self.windows = WindowTracker(runtime.num_request_slots(vllm_config), self.plan.window_size)
+        self.windows = WindowTracker.for_plan(runtime.num_request_slots(vllm_config), self.plan)
         self.with_index = not runtime.uses_triton(config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -139,17 +140,18 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         md = AttentionPackMetadata(
             num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl, context_lens=context_lens,
             block_table=block_table, slot_ids=slots or [], decode=None, decode_tokens=slice(0, 0),
-            folds=None, prefill_rows=[], prefill_window_lens={}, image_masks={},
+            folds=None, prefill_rows=[], prefill_exact_lens={}, image_masks={},
             is_profiling=slots is None)
         if slots is None:
             return md
         decode_rows = [i for i in range(num_reqs) if query_lens[i] == 1 and context_lens[i] > 0]
         decode_set = set(decode_rows)
         md.prefill_rows = [i for i in range(num_reqs) if query_lens[i] > 0 and i not in decode_set]
-        # Prefill chunks fold what is left in their window first; then it is empty.
-        md.prefill_window_lens = {row: self.windows.length(slots[row]) if context_lens[row] else 0
-                                  for row in md.prefill_rows}
-        self.windows.clear([slots[row] for row in md.prefill_rows])
+        # Prefill chunks fold what is left in their window first; then only sinks remain.
+        md.prefill_exact_lens = {row: self.windows.length(slots[row]) if context_lens[row] else 0
+                                 for row in md.prefill_rows}
+        self.windows.prefilled([slots[row] for row in md.prefill_rows],
+                               [seq_lens_host[row] for row in md.prefill_rows])
         if decode_rows:
             md.decode, md.folds = self._decode_inputs(decode_rows, block_table, slots, seq_lens_host)
             if decode_rows == list(range(len(decode_rows))) and qsl[:len(decode_rows)] == decode_rows:
@@ -263,5 +265,5 @@ class AttentionPackImpl(AttentionImpl):
             output[tokens] = prefill_request(
                 query[tokens], keys[tokens], values[tokens], is_image, pages, self.pool, self.plan,
                 md.slot_ids[row], md.block_table[row], md.context_lens[row],
-                md.prefill_window_lens[row], self.scale)
+                md.prefill_exact_lens[row], self.scale)
         return output

@@ -2,10 +2,11 @@
 
 The dict is what `--additional-config '{"attentionpack": {...}}'` hands over. Every
 invalid value raises `AttentionPackConfigError` naming the key, the value and what
-is accepted. Defaults: rank 64 for every matrix and modality, and partial rank off
-(measured: it costs next-token agreement and a per-step importance update). Turned
-on, the groups are the paper's: top 25 % of tokens at full rank, the rest at a
-quarter of the rank, values only, EMA weight 0.25.
+is accepted. Defaults: rank 64 for every matrix and modality, the first 4 tokens of
+each request and its newest 64 decode tokens kept exact, and partial rank off (each
+measured with benchmarks/quality.py; partial rank costs next-token agreement and a
+per-step importance update). Turned on, the groups are the paper's: top 25 % of
+tokens at full rank, the rest at a quarter of the rank, values only, EMA weight 0.25.
 """
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ class AttentionPackConfig:
     partial_rank_values: bool = False
     # importance <- ema_weight * importance + (1 - ema_weight) * new_score
     ema_weight: float = 0.25
-    # Newest decode tokens kept at full rank before they are folded into the text basis.
-    window_size: int = 32
+    # Newest decode tokens kept at full rank before they are folded into the text basis
+    # (64: measured against 16 / 32 / 128 in benchmarks/quality.py).
+    window_size: int = 64
+    # First tokens of each request kept at full precision for its whole life (attention
+    # sinks; 0 turns them off). They are never factorised.
+    sink_tokens: int = 4
     # Factorisation method (see factorize.py): "auto" is "randomized" on CUDA (matrix
     # products and Cholesky only) and "gram" on CPU (float64 Gram eigendecomposition,
     # as accurate as "exact"); "exact" is torch.linalg.svd.
@@ -69,7 +74,7 @@ class AttentionPackConfig:
     def __post_init__(self) -> None:
         for key in RANK_KEYS + ("window_size",):
             _check_int(key, getattr(self, key), minimum=1)
-        for key in ("svd_oversample", "svd_power_iters"):
+        for key in ("svd_oversample", "svd_power_iters", "sink_tokens"):
             _check_int(key, getattr(self, key), minimum=0)
         for key in ("partial_rank_keys", "partial_rank_values"):
             if not isinstance(getattr(self, key), bool):

@@ -35,14 +35,15 @@ def schedule_decode(tracker: WindowTracker, plan: CompressionPlan, block_table: 
     `with_index` builds the PyTorch path's index tensors (the importance EMA needs
     them on any path).
     """
-    window_lens, due = tracker.advance(slot_ids)
-    batch = make_decode_batch(block_table, slot_ids, seq_lens, window_lens, window_size=plan.window_size,
+    exact_lens, due = tracker.advance(slot_ids)
+    batch = make_decode_batch(block_table, slot_ids, seq_lens, exact_lens, window_size=plan.exact_rows,
                               block_size=block_size, with_index=with_index or plan.tracks_importance)
     if not due:
         return batch, None
     rows = torch.tensor(due, dtype=torch.int64, device=block_table.device)
     folds = make_fold_batch(block_table[rows], [slot_ids[i] for i in due],
-                            [seq_lens[i] - window_lens[i] for i in due], [window_lens[i] for i in due],
+                            [seq_lens[i] - exact_lens[i] for i in due],
+                            [exact_lens[i] - plan.sink_tokens for i in due],
                             block_size)
     return batch, folds
 

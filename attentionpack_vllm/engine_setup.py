@@ -57,9 +57,9 @@ def prepare_engine(args, model_config) -> None:
                        "not more. Set `rank` (or rank_text_key, rank_text_value, "
                        "rank_vision_key, rank_vision_value) well below the KV width, %d, to "
                        "save memory.", plan.kv_width)
-    logger.info("AttentionPack fixed bytes per request: %d over %d layers (bases and a %d-token "
-                "window); compression pays from %s tokens per request",
-                report.slot_bytes * layers, layers, plan.window_size,
+    logger.info("AttentionPack fixed bytes per request: %d over %d layers (bases, %d sink tokens, "
+                "a %d-token window); compression pays from %s tokens per request",
+                report.slot_bytes * layers, layers, plan.sink_tokens, plan.window_size,
                 report.crossover_tokens() or "no number of")
     shape = WorkerShape.of(model_config, args)
     if shape.workers > 1:

@@ -2,9 +2,11 @@
 
 Pages are `[num_blocks, block_size, width]` records (see kernels/layout.py), addressed
 through block tables and flat slots exactly as vLLM addresses its pages. A request's
-positions [0, compressed_len) are factors in the pages; positions
-[compressed_len, compressed_len + window_len) are full-rank rows in its slot's window
-(their page rows are written when the window is folded).
+first `sink_tokens` tokens are exact rows in its slot (never factorised); the tokens
+after them are factor records [0, compressed_len) in its pages, in order, and its
+newest decode tokens are the window's exact rows (their records are written when the
+window is folded). Attention does not depend on where a key sits, so records need not
+sit at their token's position: the pages keep `sink_tokens` spare rows at the end.
 """
 from __future__ import annotations
 
@@ -51,10 +53,10 @@ def write_records(pages: torch.Tensor, slots: torch.Tensor, plan: CompressionPla
 def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_row: torch.Tensor,
                     plan: CompressionPlan, start: int, keys: torch.Tensor, values: torch.Tensor,
                     is_image: torch.Tensor, importance: torch.Tensor | None = None) -> None:
-    """Store positions [start, start + len(keys)) of a request as factors.
+    """Store a request's tokens as factor records [start, start + len(keys)).
 
     keys, values: [num_tokens, kv_width] (heads concatenated, keys after RoPE);
-    is_image: [num_tokens] bool. Positions before `start` must already be factors in
+    is_image: [num_tokens] bool. Records before `start` must already be factors in
     the pages (a later prefill chunk, or a window fold); each modality's new rows
     are folded into that modality's basis and the stored factors are rotated.
     A new request's slot must be reset first (`SlotPool.reset`). `importance`
@@ -106,7 +108,7 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
 class FoldBatch:
     """Requests whose windows fold into the text basis together, with their page index.
 
-    Positions [0, compressed_len) of a request are factors before the fold and
+    Records [0, compressed_len) of a request are factors before the fold and
     [0, compressed_len + count) after it. Every shape is known on the host.
     """
 
@@ -162,6 +164,7 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     old_text = ((records[..., layout.flags_offset] % 2) == TEXT) & (positions < c_lens)
 
     window_mask = torch.arange(plan.window_size, device=pages.device)[None, :] < folds.counts[:, None]
+    sinks = plan.sink_tokens  # the window's rows come after the sinks, which never fold
     blocks = []  # the records' K' and V' columns, rebuilt whole (no strided writes)
     for window, basis, rank, offset, width in (
         (pool.window_k, pool.basis_k, plan.ranks_k[TEXT], layout.k_offset, layout.rank_k),
@@ -169,7 +172,7 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     ):
         stored = records[..., offset:offset + width]
         old = stored[..., :rank] * old_text[..., None]
-        rows = window[slots].float() * window_mask[..., None]
+        rows = window[slots, sinks:].float() * window_mask[..., None]
         result = factorize.fold_batch(old, basis[slots, TEXT, :rank].float(), rows, rank, plan.svd)
         basis[slots, TEXT, :rank] = result.basis.to(basis.dtype)
         # Text rank below the record's width: zero columns past it (the window's rows were stale).
@@ -177,7 +180,7 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
         new = torch.nn.functional.pad(result.new_factors, (0, width - rank))
         new = new.gather(1, window_row[..., None].expand(-1, -1, width))
         blocks.append(torch.where(in_window[..., None], new, torch.where(old_text[..., None], rotated, stored)))
-    importance = torch.where(in_window, pool.window_importance[slots].gather(1, window_row),
+    importance = torch.where(in_window, pool.window_importance[slots, sinks:].gather(1, window_row),
                              records[..., layout.importance_offset])
     modality = torch.where(in_window, TEXT, records[..., layout.flags_offset] % 2)
     group = 0

@@ -28,6 +28,7 @@ class CompressionPlan:
     ema_weight: float
     window_size: int
     svd: SvdSettings
+    sink_tokens: int = 0       # first tokens of a request kept exact (the slot's first exact rows)
     has_image: bool = True     # slots hold image bases (a multimodal model)
 
     @classmethod
@@ -48,6 +49,7 @@ class CompressionPlan:
             window_size=config.window_size,
             svd=SvdSettings(config.svd, config.svd_oversample, config.svd_power_iters),
             has_image=has_image,
+            sink_tokens=config.sink_tokens,
         )
 
     @property
@@ -57,6 +59,11 @@ class CompressionPlan:
     @property
     def layout(self) -> RecordLayout:
         return RecordLayout(rank_k=max(self.ranks_k), rank_v=max(self.ranks_v))
+
+    @property
+    def exact_rows(self) -> int:
+        """Full-precision rows of a slot: the sinks, then the window."""
+        return self.sink_tokens + self.window_size
 
     @property
     def num_modalities(self) -> int:

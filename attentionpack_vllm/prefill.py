@@ -1,9 +1,10 @@
 """Prefill of one request (or one chunk of it): exact attention, then compression.
 
 A first chunk attends causally over its own exact keys and values. A later chunk
-attends over the earlier chunks rebuilt from their factors plus its own exact rows.
-Then the chunk's keys and values are folded into the request's per-modality bases,
-and each new token's importance starts from the chunk's last query.
+attends over the earlier chunks (sinks exact, the rest rebuilt from their factors)
+plus its own exact rows. Then the chunk's first tokens fill the request's sink rows
+while any are free, the rest are folded into the request's per-modality bases, and
+each new token's importance starts from the chunk's last query.
 """
 from __future__ import annotations
 
@@ -49,10 +50,11 @@ def last_token_importance(query_last: torch.Tensor, keys: torch.Tensor, scale: f
 
 
 def reconstruct_prefix(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_row: torch.Tensor,
-                       compressed_len: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense keys and values of a request's factor tokens, [compressed_len, kv_width] float32."""
+                       num_records: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense keys and values of a request's first `num_records` factor records,
+    [num_records, kv_width] float32."""
     layout = plan.layout
-    records = read_records(pages, page_slots(block_table_row, 0, compressed_len, pages.shape[1])).float()
+    records = read_records(pages, page_slots(block_table_row, 0, num_records, pages.shape[1])).float()
     is_image = ((records[:, layout.flags_offset].round().long() % 2) == IMAGE)[:, None]
     k_fac = records[:, layout.k_offset:layout.k_offset + layout.rank_k]
     v_fac = records[:, layout.v_offset:layout.v_offset + layout.rank_v]
@@ -75,29 +77,51 @@ def prefill_request(
     slot: int,
     block_table_row: torch.Tensor,  # [max_blocks]
     context_len: int,           # tokens of this request already cached
-    window_len: int,            # of those, the newest ones still in the window
+    exact_len: int,             # of those, the ones in the slot's exact rows (sinks + window)
     scale: float,
 ) -> torch.Tensor:
-    """Attend, then compress the chunk; returns [num_tokens, num_heads, head_size].
+    """Attend, then store the chunk; returns [num_tokens, num_heads, head_size].
 
     The window (rows left by one-token chunks) is folded first, so that every earlier
-    position is a factor; the caller clears the window's host-side length.
+    token is a sink or a factor; afterwards the slot holds min(sink_tokens, context_len
+    + num_tokens) exact rows (`WindowTracker.prefilled`).
     """
+    sinks = min(exact_len, plan.sink_tokens)
+    window_len = exact_len - sinks
+    num_records = context_len - exact_len
     if context_len == 0:
         pool.reset(slot)  # a new request, or a preempted one starting over
     elif window_len:
-        folds = make_fold_batch(block_table_row[None], [slot], [context_len - window_len], [window_len],
-                                pages.shape[1])
+        folds = make_fold_batch(block_table_row[None], [slot], [num_records], [window_len], pages.shape[1])
         fold_windows(pages, pool, plan, folds)
-    prefix_k, prefix_v = reconstruct_prefix(pages, pool, slot, block_table_row, context_len, plan)
-    all_k = torch.cat([prefix_k, keys.float()])
-    all_v = torch.cat([prefix_v, values.float()])
+        num_records += window_len
+    prefix_k, prefix_v = reconstruct_prefix(pages, pool, slot, block_table_row, num_records, plan)
+    # Attention ignores the keys' order: the sinks first, then the records, then the chunk.
+    all_k = torch.cat([pool.window_k[slot, :sinks].float(), prefix_k, keys.float()])
+    all_v = torch.cat([pool.window_v[slot, :sinks].float(), prefix_v, values.float()])
     out = causal_attention(query, all_k, all_v, scale)
     importance = last_token_importance(query[-1], all_k, scale)[context_len:]
-    compress_tokens(pages, pool, slot, block_table_row, plan, context_len, keys, values, is_image, importance)
-    if plan.tracks_importance and plan.num_groups > 1:
-        regroup(pages, plan, block_table_row, context_len + keys.shape[0])
+    store_tokens(pages, pool, plan, slot, block_table_row, sinks, num_records, keys, values, is_image,
+                 importance)
     return out
+
+
+def store_tokens(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, slot: int,
+                 block_table_row: torch.Tensor, sinks: int, num_records: int, keys: torch.Tensor,
+                 values: torch.Tensor, is_image: torch.Tensor, importance: torch.Tensor) -> None:
+    """Store a request's next tokens after its `sinks` sink rows and `num_records` factor
+    records (its window empty): free sink rows take the first tokens, the rest become
+    factor records, and with partial rank the request's records are regrouped."""
+    take = max(min(plan.sink_tokens - sinks, keys.shape[0]), 0)
+    if take:
+        pool.window_k[slot, sinks:sinks + take] = keys[:take].to(pool.window_k.dtype)
+        pool.window_v[slot, sinks:sinks + take] = values[:take].to(pool.window_v.dtype)
+    if take == keys.shape[0]:
+        return
+    compress_tokens(pages, pool, slot, block_table_row, plan, num_records, keys[take:], values[take:],
+                    is_image[take:], importance[take:])
+    if plan.tracks_importance and plan.num_groups > 1:
+        regroup(pages, plan, block_table_row, num_records + keys.shape[0] - take)
 
 
 def regroup(pages: torch.Tensor, plan: CompressionPlan, block_table_row: torch.Tensor, length: int) -> None:

@@ -2,8 +2,9 @@
 
 One pool per layer, allocated once. A slot holds, for its request, the key and value
 bases of each modality the plan has (text only, or text and image; zero rows past a
-segment's rank), the window of newest decode tokens at full rank and those tokens'
-importance scores. How many window rows are valid is host-side state
+segment's rank) and its exact rows at full precision: the sink tokens (the request's
+first `sink_tokens`), then the window of newest decode tokens, with those tokens'
+importance scores. How many exact rows are valid is host-side state
 (`windows.WindowTracker`), the same for every layer. `reset` clears everything a
 previous request left.
 """
@@ -20,14 +21,14 @@ from .plan import CompressionPlan
 class SlotPool:
     basis_k: torch.Tensor             # [num_slots, M, rank_k, kv_width] (M = plan.num_modalities)
     basis_v: torch.Tensor             # [num_slots, M, rank_v, kv_width]
-    window_k: torch.Tensor            # [num_slots, window_size, kv_width]
-    window_v: torch.Tensor            # [num_slots, window_size, kv_width]
-    window_importance: torch.Tensor   # [num_slots, window_size] float32
+    window_k: torch.Tensor            # [num_slots, exact_rows, kv_width]: sinks, then window
+    window_v: torch.Tensor            # [num_slots, exact_rows, kv_width]
+    window_importance: torch.Tensor   # [num_slots, exact_rows] float32
 
     @classmethod
     def allocate(cls, plan: CompressionPlan, num_slots: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> "SlotPool":
-        layout, width, window = plan.layout, plan.kv_width, plan.window_size
+        layout, width, window = plan.layout, plan.kv_width, plan.exact_rows
         zeros = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
         return cls(
             basis_k=zeros(num_slots, plan.num_modalities, layout.rank_k, width),
@@ -52,7 +53,7 @@ class SlotPool:
     def slot_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
         """Bytes of one slot (what `allocate` takes per slot)."""
         item = torch.empty((), dtype=dtype).element_size()
-        layout, width, window = plan.layout, plan.kv_width, plan.window_size
+        layout, width, window = plan.layout, plan.kv_width, plan.exact_rows
         elements = plan.num_modalities * (layout.rank_k + layout.rank_v) * width + 2 * window * width
         return elements * item + window * 4
 

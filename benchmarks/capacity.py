@@ -5,7 +5,7 @@ tokens plus text) and Qwen2-VL-7B's (28 layers, 4 KV heads x 128), across ranks 
 request lengths, from the project's own byte accounting (`MemoryReport`, which the
 tests check against the tensors actually allocated). Both parts are reported: the
 per-token records and the fixed per-request slot (bases of both modalities and the
-full-rank window). With `--check-vllm`, vLLM itself is started on random-weight
+full-rank sink tokens and window, at their defaults). With `--check-vllm`, vLLM itself is started on random-weight
 models of LLaVA-1.5-7B's and Qwen2-VL-7B's attention geometry (2 layers each) dense
 and with AttentionPack, and the KV cache tokens it reports are set beside the
 accounting.
@@ -49,9 +49,10 @@ RANKS = (16, 32, 64, 128)
 LENGTHS = (64, 128, 256, 626, 1024, 2048, 4096, 8192)
 
 
-def per_request(model: str, rank: int, tokens: int, window: int = 32) -> dict:
+def per_request(model: str, rank: int, tokens: int) -> dict:
+    """Bytes of one request at `rank` with every other setting at its default."""
     layers, kv_heads, head_size, _ = MODELS[model]
-    config = AttentionPackConfig.from_dict({"rank": rank, "window_size": window})
+    config = AttentionPackConfig.from_dict({"rank": rank})
     report = MemoryReport.of(CompressionPlan.build(config, kv_heads, head_size), torch.float16)
     dense, packed = report.request_bytes(tokens, layers)
     return {"model": model, "rank": rank, "tokens": tokens, "dense_bytes": dense,
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
 
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
-              "dtype": "float16", "window_size": 32,
+              "dtype": "float16", "window_size": AttentionPackConfig().window_size,
+              "sink_tokens": AttentionPackConfig().sink_tokens,
               "rows": rows, "paper_samples": samples}
     if args.check_vllm:
         result["vllm_check"] = {"kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": CHECK_SEQS,

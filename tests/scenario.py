@@ -10,9 +10,8 @@ from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.decode import decode_and_fold, schedule_decode
 from attentionpack_vllm.kernels.decode_inputs import make_decode_batch
 from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention
-from attentionpack_vllm.paged_store import compress_tokens
 from attentionpack_vllm.plan import CompressionPlan
-from attentionpack_vllm.prefill import regroup
+from attentionpack_vllm.prefill import store_tokens
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.windows import WindowTracker
 from attentionpack_vllm.kernels.reference import dense_attention
@@ -42,9 +41,14 @@ class Scenario:
     def batch(self) -> int:
         return len(self.seq_lens)
 
-    def window_lens(self) -> list[int]:
-        """Valid window rows of every request (host-side, as the decode step knows them)."""
+    def exact_lens(self) -> list[int]:
+        """Valid exact rows (sinks + window) of every request (host-side, as the decode
+        step knows them)."""
         return [self.tracker.length(int(s)) for s in self.slot_ids]
+
+    def window_lens(self) -> list[int]:
+        """Valid window rows of every request (the exact rows after the sinks)."""
+        return [self.tracker.window_length(int(s)) for s in self.slot_ids]
 
 
 def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size: int,
@@ -66,7 +70,7 @@ def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size:
     slot_ids = torch.randperm(num_slots, generator=gen)[:batch].to(torch.int32)
     pool = SlotPool.allocate(plan, num_slots, dtype)
     sc = Scenario(plan, pages, pool, block_table, slot_ids, list(prompt_lens),
-                  WindowTracker(num_slots, plan.window_size))
+                  WindowTracker.for_plan(num_slots, plan))
     image_spans = image_spans or [[] for _ in prompt_lens]
     for b, (length, spans) in enumerate(zip(prompt_lens, image_spans)):
         is_image = torch.zeros(length, dtype=torch.bool)
@@ -77,10 +81,9 @@ def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size:
         values = low_rank_rows(length, width, rank, gen)
         importance = torch.rand(length, generator=gen)
         pool.reset(int(slot_ids[b]))
-        compress_tokens(pages, pool, int(slot_ids[b]), block_table[b], plan, 0,
-                        keys.to(dtype), values.to(dtype), is_image, importance)
-        if plan.tracks_importance and plan.num_groups > 1:
-            regroup(pages, plan, block_table[b], length)  # as prefill_request does
+        store_tokens(pages, pool, plan, int(slot_ids[b]), block_table[b], 0, 0,  # as prefill_request does
+                     keys.to(dtype), values.to(dtype), is_image, importance)
+        sc.tracker.prefilled([int(slot_ids[b])], [length])
         sc.keys.append(keys.to(dtype).float())
         sc.values.append(values.to(dtype).float())
         sc.is_image.append(is_image)
@@ -121,7 +124,7 @@ def attend_now(sc: Scenario, query: torch.Tensor, scale: float, attention=latent
                need_probs: bool = False):
     """Latent-space attention of `query` ([batch, heads, head_size]) over the cache as it is
     (no token appended, no fold)."""
-    batch = make_decode_batch(sc.block_table, sc.slot_ids.tolist(), sc.seq_lens, sc.window_lens(),
-                              window_size=sc.plan.window_size, block_size=sc.pages.shape[1])
+    batch = make_decode_batch(sc.block_table, sc.slot_ids.tolist(), sc.seq_lens, sc.exact_lens(),
+                              window_size=sc.plan.exact_rows, block_size=sc.pages.shape[1])
     return attention(query, sc.pages, sc.pool.basis_k, sc.pool.basis_v, sc.pool.window_k,
                      sc.pool.window_v, batch, sc.plan.spec, scale, need_probs=need_probs)

@@ -33,6 +33,8 @@ def test_ranks_clamp_to_layer_width_and_groups_round_up():
     ({"rank_text_key": True}, "rank_text_key", "an integer >= 1"),
     ({"window_size": 0}, "window_size", "an integer >= 1"),
     ({"svd_power_iters": -1}, "svd_power_iters", "an integer >= 0"),
+    ({"sink_tokens": -1}, "sink_tokens", "an integer >= 0"),
+    ({"sink_tokens": 2.0}, "sink_tokens", "an integer >= 0"),
     ({"group_fractions": [0.3, 0.3]}, "group_fractions", "fractions summing to 1"),
     ({"group_fractions": [1.5, -0.5]}, "group_fractions", "numbers in [0, 1]"),
     ({"group_fractions": []}, "group_fractions", "a non-empty list of numbers"),

@@ -9,9 +9,9 @@ from attentionpack_vllm.importance import group_of_rank, groups_by_importance, u
 from attentionpack_vllm.kernels.decode_inputs import make_decode_batch
 from attentionpack_vllm.kernels.layout import IMAGE, TEXT, decode_flags
 from attentionpack_vllm.memory import MemoryReport
-from attentionpack_vllm.paged_store import compress_tokens, page_slots, read_records
+from attentionpack_vllm.paged_store import page_slots, read_records
 from attentionpack_vllm.plan import CompressionPlan
-from attentionpack_vllm.prefill import regroup
+from attentionpack_vllm.prefill import store_tokens
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.windows import WindowTracker
 from scenario import build_scenario, run_decode
@@ -32,10 +32,12 @@ def test_reused_slot_and_pages_carry_nothing_of_the_old_request():
     slot = int(dirty.slot_ids[0])
     dirty.pool.reset(slot)
     dirty.tracker.clear([slot])
-    compress_tokens(dirty.pages, dirty.pool, slot, dirty.block_table[0], dirty.plan, 0, *new,
-                    torch.zeros(30, dtype=torch.bool), read_records(fresh.pages, page_slots(
-                        fresh.block_table[0], 0, 30, 16))[:, fresh.plan.layout.importance_offset])
-    regroup(dirty.pages, dirty.plan, dirty.block_table[0], 30)
+    importance = torch.zeros(30)  # the records' starting scores, as the fresh store has them
+    importance[4:] = read_records(fresh.pages, page_slots(fresh.block_table[0], 0, 26, 16))[
+        :, fresh.plan.layout.importance_offset]
+    store_tokens(dirty.pages, dirty.pool, dirty.plan, slot, dirty.block_table[0], 0, 0, *new,
+                 torch.zeros(30, dtype=torch.bool), importance)
+    dirty.tracker.prefilled([slot], [30])
     dirty.keys, dirty.values, dirty.is_image, dirty.seq_lens = (
         [new[0].clone()], [new[1].clone()], [torch.zeros(30, dtype=torch.bool)], [30])
     for (a, _), (b, _) in zip(run_decode(fresh, 4, 9, oracle=False), run_decode(dirty, 4, 9, oracle=False)):
@@ -54,6 +56,18 @@ def test_window_tracker_folds_full_windows_and_restarts_them():
     assert tracker.length(1) == 0
 
 
+def test_window_tracker_fills_sinks_first_and_never_folds_them():
+    tracker = WindowTracker(num_slots=2, window_size=2, sink_tokens=3)
+    tracker.prefilled([0, 1], [1, 40])       # a one-token prompt; a long one
+    assert (tracker.length(0), tracker.length(1)) == (1, 3)
+    assert tracker.advance([0, 1]) == ([2, 4], [])   # slot 0: a sink row; slot 1: a window row
+    assert tracker.advance([0, 1]) == ([3, 5], [1])  # slot 1's window (2 rows) folds
+    assert (tracker.length(1), tracker.window_length(1)) == (3, 0)
+    assert tracker.advance([0]) == ([4], [])         # slot 0's sinks are full: its window starts
+    assert tracker.advance([0]) == ([5], [0])
+    assert tracker.length(0) == 3
+
+
 def test_importance_ema_matches_hand_computation():
     plan = CompressionPlan.build(AttentionPackConfig.from_dict({"ema_weight": 0.25, "rank": 8}), 1, 16)
     pool = SlotPool.allocate(plan, 3, torch.float32)
@@ -63,9 +77,9 @@ def test_importance_ema_matches_hand_computation():
     start = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     pages.view(-1, plan.layout.width)[slots, plan.layout.importance_offset] = start
     pool.window_importance[2, :2] = torch.tensor([6.0, 7.0])
-    batch = make_decode_batch(block_table, [2], [6], [2], window_size=plan.window_size, block_size=16)
+    batch = make_decode_batch(block_table, [2], [6], [2], window_size=plan.exact_rows, block_size=16)
     p_c = torch.tensor([[0.1, 0.2, 0.3, 0.1]])       # 4 factor tokens
-    p_w = torch.zeros(1, plan.window_size)
+    p_w = torch.zeros(1, plan.exact_rows)
     p_w[0, :2] = torch.tensor([0.2, 0.1])            # 2 window tokens
     update_importance(pages, pool, batch, p_c, p_w, plan)
     got = pages.view(-1, plan.layout.width)[slots[:4], plan.layout.importance_offset]
@@ -90,7 +104,7 @@ def test_group_of_rank_follows_fractions_rounding_up():
 
 
 def test_images_and_text_get_separate_bases():
-    config = AttentionPackConfig.from_dict({"rank": 4})
+    config = AttentionPackConfig.from_dict({"rank": 4, "sink_tokens": 0})  # every token a record
     sc = build_scenario(config, num_kv_heads=1, head_size=32, prompt_lens=[20],
                         image_spans=[[(5, 14)]], data_rank=32)
     slot = int(sc.slot_ids[0])
@@ -124,8 +138,10 @@ def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
 
 def test_cache_tokens_match_what_vllm_reported():
     """512 MiB, fp16, 2 layers of LLaVA-1.5-7B's geometry, blocks of 32, 4 slots: vLLM
-    reported 16,384 tokens dense and 992,096 at rank 64 (benchmarks/results/capacity.json)."""
-    plan = CompressionPlan.build(AttentionPackConfig(), num_kv_heads=32, head_size=128)
+    reported 16,384 tokens dense and 992,096 at rank 64 with a 32-token window and no sink
+    tokens (benchmarks/results/capacity.json)."""
+    plan = CompressionPlan.build(AttentionPackConfig(sink_tokens=0, window_size=32), num_kv_heads=32,
+                                 head_size=128)
     report = MemoryReport.of(plan, torch.float16)
     assert report.cache_tokens(512 * 2**20, 2, 32, 4) == (16_384, 992_096)
     assert report.cache_tokens(report.slot_bytes * 2 * 4, 2, 32, 4)[1] == 0  # pools take it all

@@ -7,7 +7,7 @@ from attentionpack_vllm.decode import decode_and_fold, schedule_decode
 from attentionpack_vllm.plan import CompressionPlan
 from attentionpack_vllm.prefill import causal_attention, prefill_request
 from attentionpack_vllm.slot_pool import SlotPool
-from attentionpack_vllm.kernels.reference import dense_attention
+from attentionpack_vllm.kernels.reference import dense_attention, reconstruct_request_kv
 from attentionpack_vllm.windows import WindowTracker
 
 
@@ -22,12 +22,14 @@ def test_causal_attention_matches_reference_with_offset():
     torch.testing.assert_close(causal_attention(q, k, v, 0.2), dense_causal(q, k, v, 0.2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("chunks", [[45], [16, 16, 13], [20, 1, 24]])
-def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks):
+def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks, sinks):
     gen = torch.Generator().manual_seed(1)
     num_heads, num_kv_heads, head_size, block_size = 4, 2, 32, 16
     width = num_kv_heads * head_size
-    config = AttentionPackConfig.from_dict({"rank": width, "partial_rank_values": False, "window_size": 3})
+    config = AttentionPackConfig.from_dict({"rank": width, "partial_rank_values": False, "window_size": 3,
+                                            "sink_tokens": sinks})
     plan = CompressionPlan.build(config, num_kv_heads, head_size)
     pages = torch.full((12, block_size, plan.layout.width), float("nan"))
     pool = SlotPool.allocate(plan, 2, torch.float32)
@@ -38,7 +40,7 @@ def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks):
     is_image = torch.zeros(total, dtype=torch.bool)
     is_image[3:19] = True  # one image inside the first chunk
     scale = head_size ** -0.5
-    tracker = WindowTracker(2, plan.window_size)
+    tracker = WindowTracker.for_plan(2, plan)
 
     def decode(qd, kd, vd, seq_len):
         batch, folds = schedule_decode(tracker, plan, block_table, [1], [seq_len], block_size)
@@ -52,7 +54,7 @@ def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks):
         else:
             out = prefill_request(q[sl], k[sl], v[sl], is_image[sl], pages, pool, plan, 1,
                                   block_table[0], start, tracker.length(1), scale)
-            tracker.clear([1])
+            tracker.prefilled([1], [start + n])
         expected = dense_causal(q[sl], k[:start + n], v[:start + n], scale)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
         start += n
@@ -62,3 +64,48 @@ def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks):
         k, v = torch.cat([k, kd]), torch.cat([v, vd])
         out = decode(qd, kd, vd, k.shape[0])
         torch.testing.assert_close(out, dense_attention(qd, k, v, scale)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunks", [[2, 30], [40], [1]])
+def test_sink_tokens_stay_exact_through_prefill_decode_and_folds(chunks):
+    """Rank 2 on random data loses most of every factor token; the first 4 tokens must
+    still be held bit for bit, also when the prompt is shorter than the sinks (decode
+    tokens fill them) and across window folds, and attention must read them exactly."""
+    gen = torch.Generator().manual_seed(3)
+    num_heads, num_kv_heads, head_size, block_size, sinks = 4, 2, 16, 16, 4
+    width = num_kv_heads * head_size
+    plan = CompressionPlan.build(AttentionPackConfig.from_dict(
+        {"rank": 2, "window_size": 3, "sink_tokens": sinks}), num_kv_heads, head_size)
+    pages = torch.full((8, block_size, plan.layout.width), float("nan"))
+    pool = SlotPool.allocate(plan, 2, torch.float32)
+    block_table = torch.tensor([[5, 1, 7, 3, 0]], dtype=torch.int32)
+    tracker = WindowTracker.for_plan(2, plan)
+    total, steps = sum(chunks), 10
+    q = torch.randn(total + steps, num_heads, head_size, generator=gen)
+    k, v = torch.randn(total + steps, width, generator=gen), torch.randn(total + steps, width, generator=gen)
+    scale = head_size ** -0.5
+    start, num_folds = 0, 0
+    for n in chunks:
+        prefill_request(q[start:start + n], k[start:start + n], v[start:start + n],
+                        torch.zeros(n, dtype=torch.bool), pages, pool, plan, 1, block_table[0], start,
+                        tracker.length(1), scale)
+        start += n
+        tracker.prefilled([1], [start])
+    for t in range(total, total + steps):
+        batch, folds = schedule_decode(tracker, plan, block_table, [1], [t + 1], block_size)
+        out = decode_and_fold(q[t:t + 1], k[t:t + 1], v[t:t + 1], pages, pool, plan, batch, folds, scale)
+        exact = tracker.length(1) if folds is None else batch.window_lens.tolist()[0]
+        held = min(t + 1, sinks)
+        assert torch.equal(pool.window_k[1, :held], k[:held]) and torch.equal(pool.window_v[1, :held], v[:held])
+        # Oracle: dense attention over the sinks and window as they are and the factor
+        # records rebuilt, in the state the step attended to (before its fold).
+        records = t + 1 - exact
+        num_folds += folds is not None
+        if folds is None:
+            keys, values = reconstruct_request_kv(pages, block_table[0], records, pool.basis_k[1],
+                                                  pool.basis_v[1], pool.window_k[1], pool.window_v[1],
+                                                  exact, plan.layout)
+            torch.testing.assert_close(out, dense_attention(q[t:t + 1], keys, values, scale)[0],
+                                       rtol=1e-4, atol=1e-4)
+    assert num_folds >= 2
+
