@@ -137,13 +137,12 @@ def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
 
 
 def test_cache_tokens_match_what_vllm_reported():
-    """512 MiB, fp16, 2 layers of LLaVA-1.5-7B's geometry, blocks of 32, 4 slots: vLLM
-    reported 16,384 tokens dense and 992,096 at rank 64 with a 32-token window and no sink
-    tokens (benchmarks/results/capacity.json)."""
-    plan = CompressionPlan.build(AttentionPackConfig(sink_tokens=0, window_size=32), num_kv_heads=32,
-                                 head_size=128)
+    """512 MiB, fp16, 2 layers of LLaVA-1.5-7B's geometry (a text-only stand-in, so text
+    bases only), blocks of 32, 4 slots, default settings: vLLM reported 16,384 tokens
+    dense and 999,136 at rank 64 (benchmarks/results/capacity.json)."""
+    plan = CompressionPlan.build(AttentionPackConfig(), num_kv_heads=32, head_size=128, has_image=False)
     report = MemoryReport.of(plan, torch.float16)
-    assert report.cache_tokens(512 * 2**20, 2, 32, 4) == (16_384, 992_096)
+    assert report.cache_tokens(512 * 2**20, 2, 32, 4) == (16_384, 999_136)
     assert report.cache_tokens(report.slot_bytes * 2 * 4, 2, 32, 4)[1] == 0  # pools take it all
 
 
