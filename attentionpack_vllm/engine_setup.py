@@ -113,7 +113,8 @@ def size_slot_pools(args, model_config) -> None:
             "AttentionPack: max_num_seqs lowered from %d to %d: %d request slots of %d bytes each "
             "(all %d layers of a worker) would take %d bytes, more than max_pool_fraction %g of "
             "the %d-byte KV cache budget (%s); %d slots take %d bytes. Raise the budget or "
-            "max_pool_fraction, or lower the ranks or window_size, to run more requests at once",
+            "max_pool_fraction, or lower the ranks, window_size or sink_tokens, to run more "
+            "requests at once",
             sizing.requested, sizing.kept, sizing.requested, slot_bytes, layers,
             sizing.requested_pool_bytes, sizing.max_fraction, budget_bytes, source,
             sizing.kept, sizing.pool_bytes)

@@ -104,8 +104,8 @@ def size_request_slots(requested: int, slot_bytes: int, budget_bytes: int,
     if slot_bytes >= budget_bytes:
         raise ValueError(
             f"one AttentionPack request slot ({slot_bytes} bytes over all layers) does not fit "
-            f"the KV cache budget ({budget_bytes} bytes): raise the budget or lower the ranks "
-            "or window_size")
+            f"the KV cache budget ({budget_bytes} bytes): raise the budget or lower the ranks, "
+            "window_size or sink_tokens")
     allowed = math.floor(budget_bytes * max_fraction) // slot_bytes
     kept = max(1, min(requested, allowed))
     return SlotSizing(requested=requested, kept=kept, slot_bytes=slot_bytes,
