@@ -15,10 +15,11 @@ def dense_causal(query, keys, values, scale):
     return dense_attention(query, keys, values, scale, causal=True)[0]
 
 
-def test_causal_attention_matches_reference_with_offset():
+@pytest.mark.parametrize("context", [7, 0])  # a later chunk; a whole prompt (SDPA's causal path)
+def test_causal_attention_matches_reference(context):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(5, 4, 32, generator=gen)
-    k, v = torch.randn(12, 64, generator=gen), torch.randn(12, 64, generator=gen)
+    k, v = torch.randn(context + 5, 64, generator=gen), torch.randn(context + 5, 64, generator=gen)
     torch.testing.assert_close(causal_attention(q, k, v, 0.2), dense_causal(q, k, v, 0.2), rtol=1e-5, atol=1e-5)
 
 
