@@ -95,10 +95,10 @@ class DecodeBatch:
     slot_ids: torch.Tensor          # [B] int64: the request's slot in the per-layer pools
     seq_lens: torch.Tensor          # [B] int32: tokens including the new one
     compressed_lens: torch.Tensor   # [B] int32: positions [0, c) are factors in the pages
-    window_lens: torch.Tensor       # [B] int32: positions [c, c + w) are full-rank window rows
+    window_lens: torch.Tensor       # [B] int32: valid exact rows (sinks, then window) of the slot
     new_window_rows: torch.Tensor   # [B] int64: window row the new token is written to
     max_compressed_len: int         # host: max(compressed_lens), the padded length T
-    window_size: int                # rows per window
+    window_size: int                # exact rows per slot (the plan's sinks + window)
     # The PyTorch path gathers whole pages: request b's first ceil(T / block_size) pages
     # in a row, T = max_compressed_len, padded with its first page.
     gather_blocks: torch.Tensor | None = None   # [B * pages_per_request] int64 page ids
