@@ -241,6 +241,7 @@ class AttentionPackImpl(AttentionImpl):
             self.process_weights_after_loading(query.dtype)
         width = self.plan.kv_width
         pages = kv_cache.view(kv_cache.shape[0], kv_cache.shape[-2], kv_cache.shape[-1])
+        pages = pages.view(self.plan.page_dtype(pages.dtype))  # int8 storage: rows of bytes
         keys, values = key.reshape(-1, width), value.reshape(-1, width)
         qsl = md.query_start_loc
         if md.is_profiling:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 RANK_KEYS = ("rank_vision_key", "rank_vision_value", "rank_text_key", "rank_text_value")
 SVD_METHODS = ("auto", "exact", "gram", "randomized")  # factorize.METHODS
 DECODE_KERNELS = ("auto", "torch", "triton")
+STORAGE_FORMATS = ("auto", "int8")
 
 
 class AttentionPackConfigError(ValueError):
@@ -70,6 +71,9 @@ class AttentionPackConfig:
     # Most of a worker's KV cache budget the per-request slot pools may take: when
     # max_num_seqs slots would take more, max_num_seqs is lowered at startup.
     max_pool_fraction: float = 0.5
+    # How factors, bases and exact rows are stored: "auto" in the model's dtype, "int8"
+    # with float32 scales (one per token's K' and V', one per slot row and KV head).
+    storage: str = "auto"
 
     def __post_init__(self) -> None:
         for key in RANK_KEYS + ("window_size",):
@@ -88,9 +92,15 @@ class AttentionPackConfig:
             raise AttentionPackConfigError("max_pool_fraction", f, "a number in (0, 1)")
         if self.svd not in SVD_METHODS:
             raise AttentionPackConfigError("svd", self.svd, f"one of {list(SVD_METHODS)}")
+        if self.storage not in STORAGE_FORMATS:
+            raise AttentionPackConfigError("storage", self.storage, f"one of {list(STORAGE_FORMATS)}")
         if self.decode_kernel not in DECODE_KERNELS:
             raise AttentionPackConfigError(
                 "decode_kernel", self.decode_kernel, f"one of {list(DECODE_KERNELS)}")
+        if self.storage == "int8" and self.decode_kernel == "triton":
+            raise AttentionPackConfigError(
+                "decode_kernel", self.decode_kernel,
+                "'auto' or 'torch' with storage 'int8' (the Triton kernel reads 16-bit records only)")
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any] | None) -> "AttentionPackConfig":

@@ -56,8 +56,8 @@ def append_to_window(pool: SlotPool, batch: DecodeBatch, keys: torch.Tensor, val
     is written when the window folds.
     """
     rows = (batch.slot_ids, batch.new_window_rows)
-    pool.window_k.index_put_(rows, keys.to(pool.window_k.dtype))
-    pool.window_v.index_put_(rows, values.to(pool.window_v.dtype))
+    pool.write("window_k", rows, keys)
+    pool.write("window_v", rows, values)
     if track_importance:
         pool.window_importance.index_put_(rows, torch.zeros((), device=keys.device))
 
@@ -80,9 +80,10 @@ def decode_step(
     step's metadata marks as due.
     """
     append_to_window(pool, batch, key, value, plan.tracks_importance)
+    int8 = {"scales": pool.scales} if plan.int8 else {}  # only the PyTorch path reads int8
     out, p_c, p_w = attention(
         query, pages, pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, batch,
-        plan.spec, scale, need_probs=plan.tracks_importance)
+        plan.spec, scale, need_probs=plan.tracks_importance, **int8)
     if plan.tracks_importance:
         update_importance(pages, pool, batch, p_c, p_w, plan)
     return out

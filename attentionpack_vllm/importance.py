@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .kernels.decode_inputs import DecodeBatch
+from .kernels.storage import read_importance, write_record_fields
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -62,10 +63,11 @@ def update_importance(
 ) -> None:
     """Apply one step's EMA to every factor token's and window token's importance, in place."""
     keep = plan.ema_weight
-    scores = pages.view(-1, plan.layout.width)[:, plan.layout.importance_offset]   # strided view
-    old = scores[batch.valid_slots].float()
+    layout = plan.layout
+    flat = pages.view(-1, layout.width)
+    old = read_importance(flat, batch.valid_slots, layout)
     target = compressed_probs.reshape(-1)[batch.valid_index] * batch.valid_seq_lens
-    scores.index_put_((batch.valid_slots,), torch.lerp(target, old, keep).to(pages.dtype))
+    write_record_fields(flat, batch.valid_slots, layout, importance=torch.lerp(target, old, keep))
     window = pool.window_importance
     target_w = window_probs * batch.seq_lens[:, None]
     window.index_put_((batch.slot_ids,), torch.lerp(target_w, window[batch.slot_ids], keep))

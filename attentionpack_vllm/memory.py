@@ -32,7 +32,7 @@ class MemoryReport:
     def of(cls, plan: CompressionPlan, dtype: torch.dtype) -> "MemoryReport":
         item = dtype_bytes(dtype)
         return cls(dense_token_bytes=2 * plan.kv_width * item,
-                   record_bytes=plan.layout.width * item,
+                   record_bytes=plan.layout.width * dtype_bytes(plan.page_dtype(dtype)),
                    slot_bytes=SlotPool.slot_bytes(plan, dtype))
 
     @property

@@ -19,6 +19,8 @@ from . import factorize
 from .importance import groups_by_importance
 from .kernels.decode_inputs import page_slots_of, ragged_positions
 from .kernels.layout import IMAGE, TEXT, decode_flags, encode_flags
+from .kernels.storage import (pack_records, record_factors, record_flags, record_importance,
+                              write_record_fields)
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -34,20 +36,10 @@ def read_records(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return pages.view(-1, pages.shape[-1])[slots]
 
 
-def write_records(pages: torch.Tensor, slots: torch.Tensor, plan: CompressionPlan, *,
-                  k_factors: torch.Tensor | None = None, v_factors: torch.Tensor | None = None,
-                  importance: torch.Tensor | None = None, flags: torch.Tensor | None = None) -> None:
-    """Write the given fields of the records at flat slots; other fields are left as they are."""
-    flat = pages.view(-1, pages.shape[-1])
-    layout = plan.layout
-    if k_factors is not None:
-        flat[slots, layout.k_offset:layout.k_offset + k_factors.shape[1]] = k_factors.to(pages.dtype)
-    if v_factors is not None:
-        flat[slots, layout.v_offset:layout.v_offset + v_factors.shape[1]] = v_factors.to(pages.dtype)
-    if importance is not None:
-        flat[slots, layout.importance_offset] = importance.to(pages.dtype)
-    if flags is not None:
-        flat[slots, layout.flags_offset] = flags.to(pages.dtype)
+def write_records(pages: torch.Tensor, slots: torch.Tensor, plan: CompressionPlan, **fields) -> None:
+    """Write the given fields (k, v: factors; importance; flags) of the records at flat
+    slots; other fields are left as they are."""
+    write_record_fields(pages.view(-1, pages.shape[-1]), slots, plan.layout, **fields)
 
 
 def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_row: torch.Tensor,
@@ -66,9 +58,9 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
     block_size = pages.shape[1]
     new_slots = page_slots(block_table_row, start, start + keys.shape[0], block_size)
     old_slots = page_slots(block_table_row, 0, start, block_size)
-    old_modality, _ = decode_flags(read_records(pages, old_slots)[:, plan.layout.flags_offset].round().long())
+    old_modality, _ = decode_flags(record_flags(read_records(pages, old_slots), plan.layout))
     if importance is None:
-        importance = read_records(pages, new_slots)[:, plan.layout.importance_offset]
+        importance = record_importance(read_records(pages, new_slots), plan.layout)
     if not plan.has_image and bool(is_image.any()):
         raise ValueError("AttentionPack: image tokens in a request of a plan without image bases "
                          "(the model was not recognised as multimodal)")
@@ -78,26 +70,27 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
             continue
         old_m = old_slots[old_modality == modality]
         new_m = new_slots[new_mask]
-        old_records = read_records(pages, old_m)
+        old_k, old_v = record_factors(read_records(pages, old_m), plan.layout)
         layout = plan.layout
         folded = {}
-        for name, rows, basis, rank, offset, width in (
-            ("k", keys[new_mask], pool.basis_k, plan.ranks_k[modality], layout.k_offset, layout.rank_k),
-            ("v", values[new_mask], pool.basis_v, plan.ranks_v[modality], layout.v_offset, layout.rank_v),
+        for name, rows, basis, rank, stored, width in (
+            ("k", keys[new_mask], "basis_k", plan.ranks_k[modality], old_k, layout.rank_k),
+            ("v", values[new_mask], "basis_v", plan.ranks_v[modality], old_v, layout.rank_v),
         ):
-            old_factors = old_records[:, offset:offset + rank]
+            old_factors = stored[:, :rank]
+            basis_rows = (slot, modality, slice(None, rank))
             if start == 0:  # a new request: nothing to fold into, factorise the rows alone
                 low = factorize.factorize(rows, rank, plan.svd)
                 result = factorize.Fold(rotation=torch.zeros(rank, rank, device=rows.device),
                                         new_factors=low.factors, basis=low.basis)
             else:
-                result = factorize.fold(old_factors, basis[slot, modality, :rank], rows, rank, plan.svd)
-            basis[slot, modality, :rank] = result.basis.to(basis.dtype)
+                result = factorize.fold(old_factors, pool.read(basis, basis_rows), rows, rank, plan.svd)
+            pool.write(basis, basis_rows, result.basis)
             # Pad to the record's width so no stale column survives past this rank.
             pad = lambda t: torch.nn.functional.pad(t, (0, width - rank))  # noqa: E731
             folded[name] = (pad(old_factors.float() @ result.rotation), pad(result.new_factors))
-        write_records(pages, old_m, plan, k_factors=folded["k"][0], v_factors=folded["v"][0])
-        write_records(pages, new_m, plan, k_factors=folded["k"][1], v_factors=folded["v"][1],
+        write_records(pages, old_m, plan, k=folded["k"][0], v=folded["v"][0])
+        write_records(pages, new_m, plan, k=folded["k"][1], v=folded["v"][1],
                       importance=importance[new_mask],
                       flags=torch.full_like(new_m, encode_flags(modality, 0)))
 
@@ -159,32 +152,32 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     c_lens = folds.compressed_lens[:, None]
     in_window = (positions >= c_lens) & (positions < c_lens + folds.counts[:, None])   # [F, L]
     window_row = (positions - c_lens).clamp(0, plan.window_size - 1)                  # [F, L]
-    records = flat[folds.record_slots].float()                                        # [F, L, width]
-    records.masked_fill_(~(positions < c_lens)[..., None], 0.0)                       # old tokens only
-    old_text = ((records[..., layout.flags_offset] % 2) == TEXT) & (positions < c_lens)
+    raw = flat[folds.record_slots]                                                    # [F, L, width]
+    raw.masked_fill_(~(positions < c_lens)[..., None], 0)                             # old tokens only
+    old_modality = record_flags(raw, layout) % 2
+    old_text = (old_modality == TEXT) & (positions < c_lens)
 
     window_mask = torch.arange(plan.window_size, device=pages.device)[None, :] < folds.counts[:, None]
-    sinks = plan.sink_tokens  # the window's rows come after the sinks, which never fold
-    blocks = []  # the records' K' and V' columns, rebuilt whole (no strided writes)
-    for window, basis, rank, offset, width in (
-        (pool.window_k, pool.basis_k, plan.ranks_k[TEXT], layout.k_offset, layout.rank_k),
-        (pool.window_v, pool.basis_v, plan.ranks_v[TEXT], layout.v_offset, layout.rank_v),
-    ):
-        stored = records[..., offset:offset + width]
+    window_rows = (slots, slice(plan.sink_tokens, None))  # after the sinks, which never fold
+    factors = []  # the records' K' and V', rebuilt whole (no strided writes)
+    for window, basis, rank, stored, width in zip(
+            ("window_k", "window_v"), ("basis_k", "basis_v"), (plan.ranks_k[TEXT], plan.ranks_v[TEXT]),
+            record_factors(raw, layout), (layout.rank_k, layout.rank_v)):
         old = stored[..., :rank] * old_text[..., None]
-        rows = window[slots, sinks:].float() * window_mask[..., None]
-        result = factorize.fold_batch(old, basis[slots, TEXT, :rank].float(), rows, rank, plan.svd)
-        basis[slots, TEXT, :rank] = result.basis.to(basis.dtype)
+        rows = pool.read(window, window_rows) * window_mask[..., None]
+        basis_rows = (slots, TEXT, slice(None, rank))
+        result = factorize.fold_batch(old, pool.read(basis, basis_rows), rows, rank, plan.svd)
+        pool.write(basis, basis_rows, result.basis)
         # Text rank below the record's width: zero columns past it (the window's rows were stale).
         rotated = torch.nn.functional.pad(torch.matmul(old, result.rotation), (0, width - rank))
         new = torch.nn.functional.pad(result.new_factors, (0, width - rank))
         new = new.gather(1, window_row[..., None].expand(-1, -1, width))
-        blocks.append(torch.where(in_window[..., None], new, torch.where(old_text[..., None], rotated, stored)))
-    importance = torch.where(in_window, pool.window_importance[slots, sinks:].gather(1, window_row),
-                             records[..., layout.importance_offset])
-    modality = torch.where(in_window, TEXT, records[..., layout.flags_offset] % 2)
+        factors.append(torch.where(in_window[..., None], new, torch.where(old_text[..., None], rotated, stored)))
+    importance = torch.where(in_window, pool.window_importance[window_rows].gather(1, window_row),
+                             record_importance(raw, layout))
+    modality = torch.where(in_window, TEXT, old_modality)
     group = 0
     if plan.tracks_importance and plan.num_groups > 1:
         group = groups_by_importance(importance, c_lens[:, 0] + folds.counts, plan.group_fractions)
-    out = torch.cat([*blocks, importance[..., None], encode_flags(modality, group)[..., None].float()], dim=-1)
-    flat[folds.valid_slots] = out.reshape(-1, layout.width)[folds.valid_index].to(pages.dtype)
+    out = pack_records(layout, pages.dtype, *factors, importance, encode_flags(modality, group))
+    flat[folds.valid_slots] = out.reshape(-1, layout.width)[folds.valid_index]

@@ -30,6 +30,7 @@ class CompressionPlan:
     svd: SvdSettings
     sink_tokens: int = 0       # first tokens of a request kept exact (the slot's first exact rows)
     has_image: bool = True     # slots hold image bases (a multimodal model)
+    int8: bool = False         # records, bases and exact rows stored as int8 with scales
 
     @classmethod
     def build(cls, config: AttentionPackConfig, num_kv_heads: int, head_size: int,
@@ -50,6 +51,7 @@ class CompressionPlan:
             svd=SvdSettings(config.svd, config.svd_oversample, config.svd_power_iters),
             has_image=has_image,
             sink_tokens=config.sink_tokens,
+            int8=config.storage == "int8",
         )
 
     @property
@@ -58,7 +60,11 @@ class CompressionPlan:
 
     @property
     def layout(self) -> RecordLayout:
-        return RecordLayout(rank_k=max(self.ranks_k), rank_v=max(self.ranks_v))
+        return RecordLayout(rank_k=max(self.ranks_k), rank_v=max(self.ranks_v), int8=self.int8)
+
+    def page_dtype(self, cache_dtype: torch.dtype) -> torch.dtype:
+        """The dtype pages are read and written in: bytes with int8 storage, else the cache's."""
+        return torch.int8 if self.int8 else cache_dtype
 
     @property
     def exact_rows(self) -> int:

@@ -12,7 +12,9 @@ import torch
 
 from .importance import groups_by_importance
 from .kernels.layout import IMAGE, TEXT, encode_flags
-from .paged_store import compress_tokens, fold_windows, make_fold_batch, page_slots, read_records
+from .kernels.storage import record_factors, record_flags, record_importance
+from .paged_store import (compress_tokens, fold_windows, make_fold_batch, page_slots, read_records,
+                          write_records)
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -58,12 +60,10 @@ def reconstruct_prefix(pages: torch.Tensor, pool: SlotPool, slot: int, block_tab
                        num_records: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense keys and values of a request's first `num_records` factor records,
     [num_records, kv_width] float32."""
-    layout = plan.layout
-    records = read_records(pages, page_slots(block_table_row, 0, num_records, pages.shape[1])).float()
-    is_image = ((records[:, layout.flags_offset].round().long() % 2) == IMAGE)[:, None]
-    k_fac = records[:, layout.k_offset:layout.k_offset + layout.rank_k]
-    v_fac = records[:, layout.v_offset:layout.v_offset + layout.rank_v]
-    basis_k, basis_v = pool.basis_k[slot].float(), pool.basis_v[slot].float()
+    raw = read_records(pages, page_slots(block_table_row, 0, num_records, pages.shape[1]))
+    is_image = ((record_flags(raw, plan.layout) % 2) == IMAGE)[:, None]
+    k_fac, v_fac = record_factors(raw, plan.layout)
+    basis_k, basis_v = pool.read("basis_k", slot), pool.read("basis_v", slot)
     keys, values = k_fac @ basis_k[TEXT], v_fac @ basis_v[TEXT]
     if plan.has_image:
         keys = torch.where(is_image, k_fac @ basis_k[IMAGE], keys)
@@ -102,8 +102,9 @@ def prefill_request(
         num_records += window_len
     prefix_k, prefix_v = reconstruct_prefix(pages, pool, slot, block_table_row, num_records, plan)
     # Attention ignores the keys' order: the sinks first, then the records, then the chunk.
-    all_k = torch.cat([pool.window_k[slot, :sinks].float(), prefix_k, keys.float()])
-    all_v = torch.cat([pool.window_v[slot, :sinks].float(), prefix_v, values.float()])
+    sink_rows = (slot, slice(None, sinks))
+    all_k = torch.cat([pool.read("window_k", sink_rows), prefix_k, keys.float()])
+    all_v = torch.cat([pool.read("window_v", sink_rows), prefix_v, values.float()])
     out = causal_attention(query, all_k, all_v, scale)
     importance = last_token_importance(query[-1], all_k, scale)[context_len:]
     store_tokens(pages, pool, plan, slot, block_table_row, sinks, num_records, keys, values, is_image,
@@ -119,8 +120,8 @@ def store_tokens(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, slo
     factor records, and with partial rank the request's records are regrouped."""
     take = min(plan.sink_tokens - sinks, keys.shape[0])
     if take:
-        pool.window_k[slot, sinks:sinks + take] = keys[:take].to(pool.window_k.dtype)
-        pool.window_v[slot, sinks:sinks + take] = values[:take].to(pool.window_v.dtype)
+        pool.write("window_k", (slot, slice(sinks, sinks + take)), keys[:take])
+        pool.write("window_v", (slot, slice(sinks, sinks + take)), values[:take])
     if take == keys.shape[0]:
         return
     compress_tokens(pages, pool, slot, block_table_row, plan, num_records, keys[take:], values[take:],
@@ -131,10 +132,9 @@ def store_tokens(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, slo
 
 def regroup(pages: torch.Tensor, plan: CompressionPlan, block_table_row: torch.Tensor, length: int) -> None:
     """Reassign the partial-rank groups of a request's `length` factor tokens from their importance."""
-    layout = plan.layout
     slots = page_slots(block_table_row, 0, length, pages.shape[1])
-    records = read_records(pages, slots)
-    groups = groups_by_importance(records[None, :, layout.importance_offset],
+    raw = read_records(pages, slots)
+    groups = groups_by_importance(record_importance(raw, plan.layout)[None],
                                   torch.tensor([length], device=pages.device), plan.group_fractions)[0]
-    modality = records[:, layout.flags_offset].round().long() % 2
-    pages.view(-1, layout.width)[slots, layout.flags_offset] = encode_flags(modality, groups).to(pages.dtype)
+    modality = record_flags(raw, plan.layout) % 2
+    write_records(pages, slots, plan, flags=encode_flags(modality, groups))

@@ -11,6 +11,8 @@ object that is active (`active(cache)`), one request at a time (batch 1):
   goes through `decode_step` (latent-space attention, importance EMA, window folds).
 * `DenseCache`: plain exact attention over every key and value seen so far (the same
   `causal_attention` the prefill uses), the reference.
+* `Fp8DenseCache`: the same over keys and values rounded to fp8, as vLLM's fp8 KV
+  cache stores them.
 * `CaptureCache`: exact attention, and it keeps the post-RoPE keys and values of
   chosen layers (heads concatenated, as vLLM hands them to the backend).
 
@@ -54,6 +56,22 @@ class DenseCache:
         return causal_attention(query, keys, values, scale)
 
 
+class Fp8DenseCache(DenseCache):
+    """Exact attention over keys and values rounded to fp8 e4m3 as they are cached, with
+    scale 1 and saturation at +-448: what vLLM's `--kv-cache-dtype fp8` stores by default
+    (no calibrated scales). The new tokens' own keys and values are rounded too."""
+
+    name = "dense-fp8"
+    FP8_MAX = 448.0
+
+    @classmethod
+    def round(cls, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-cls.FP8_MAX, cls.FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+    def attend(self, layer: int, query, keys, values, scale, is_image=None):
+        return super().attend(layer, query, self.round(keys), self.round(values), scale)
+
+
 class CaptureCache(DenseCache):
     """Exact attention; keeps the post-RoPE K/V of `layers` (heads concatenated)."""
 
@@ -95,7 +113,7 @@ class PackedCache:
         self.block_table = torch.randperm(total, generator=gen)[:num_blocks].to(torch.int32)[None]
         self.slot = 1  # a slot other than 0, in a pool of two
         self.slot_ids = torch.tensor([self.slot], dtype=torch.int32)
-        self.pages = [torch.zeros(total, block_size, self.plan.layout.width, dtype=dtype)
+        self.pages = [torch.zeros(total, block_size, self.plan.layout.width, dtype=self.plan.page_dtype(dtype))
                       for _ in range(num_layers)]
         self.pools = [SlotPool.allocate(self.plan, 2, dtype) for _ in range(num_layers)]
         self.seq_lens = [0] * num_layers

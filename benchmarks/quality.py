@@ -121,10 +121,22 @@ class Setting:
     prefill_chunk: int | None = None     # prompt fed in chunks of this many tokens (None: whole)
     greedy: bool = True                  # the chat prompts through vLLM
     passkey_lengths: tuple[int, ...] = ()  # filler tokens of the passkey prompts through vLLM
+    fp8: bool = False                    # dense only: vLLM's fp8 KV cache (rounding emulated in transformers)
 
     @property
     def is_dense(self) -> bool:
         return self.overrides is None
+
+    @property
+    def is_reference(self) -> bool:
+        """The dense 16-bit-or-wider row every other row is compared with."""
+        return self.is_dense and not self.fp8
+
+    def cache(self, max_tokens: int, seed: int):
+        """This row's cache in the transformers harness."""
+        if self.is_dense:
+            return (hfap.Fp8DenseCache if self.fp8 else hfap.DenseCache)(NUM_LAYERS)
+        return hfap.PackedCache(self.config(), NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, max_tokens, seed=seed)
 
     def attentionpack(self) -> dict:
         """The `attentionpack` settings dict vLLM and the harness get."""
@@ -133,21 +145,38 @@ class Setting:
     def config(self) -> AttentionPackConfig:
         return AttentionPackConfig.from_dict(self.attentionpack())
 
-    def kv_bytes(self) -> int:
-        """KV bytes of one MEMORY_TOKENS-token request, all layers, fp32 (records + slot)."""
+    def kv_bytes(self, dtype: torch.dtype = CACHE_DTYPE) -> int:
+        """KV bytes of one MEMORY_TOKENS-token request, all layers, in a `dtype` model
+        (records + slot; fp8 dense: one byte per element)."""
         config = AttentionPackConfig.from_dict({"rank": FULL} if self.is_dense else self.attentionpack())
         report = MemoryReport.of(CompressionPlan.build(config, NUM_KV_HEADS, HEAD_SIZE, has_image=False),
-                                 CACHE_DTYPE)
+                                 torch.float8_e4m3fn if self.fp8 else dtype)
         dense, packed = report.request_bytes(MEMORY_TOKENS, NUM_LAYERS)
         return dense if self.is_dense else packed
 
     def describe(self) -> dict:
         return {"setting": self.name, "attentionpack": None if self.is_dense else self.attentionpack(),
-                "prefill_chunk": self.prefill_chunk, "kv_bytes_per_request": self.kv_bytes()}
+                "dense_fp8": self.fp8, "prefill_chunk": self.prefill_chunk,
+                "kv_bytes_per_request": self.kv_bytes(),
+                "kv_bytes_per_request_bf16": self.kv_bytes(torch.bfloat16)}
 
 
 def rank_name(rank: int) -> str:
     return "full" if rank >= FULL else f"r{rank}"
+
+
+def storage_sweep() -> list[Setting]:
+    """The "why not fp8" rows: dense, vLLM's fp8 KV cache, and AttentionPack at ranks 32 /
+    64 / 96 and full, each in the model's dtype and with int8 storage."""
+    short = (1024, 2048, 4096)
+    passkeys = {64: short, 96: (4096,)}
+    rows = [Setting("dense", None, passkey_lengths=short),
+            Setting("dense fp8", None, fp8=True, passkey_lengths=short)]
+    for r in (32, 64, 96, FULL):
+        lengths = passkeys.get(r, ())
+        rows += [Setting(rank_name(r), {"rank": r}, greedy=r != FULL, passkey_lengths=lengths),
+                 Setting(f"{rank_name(r)} int8", {"rank": r, "storage": "int8"}, passkey_lengths=lengths)]
+    return rows
 
 
 def sweep(quick: bool) -> list[Setting]:
@@ -200,9 +229,9 @@ def run_perplexity(model_dir: Path, rows: list[Setting], num_tokens: int, prefix
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids, source = held_out_ids(tokenizer, num_tokens, prefix)
     model = hfap.load_causal_lm(model_dir)
-    packed = [r for r in rows if not r.is_dense]
+    packed = [r for r in rows if not r.is_reference]
     say(f"perplexity: {len(ids)} tokens ({source['scored_tokens']} scored after a {prefix}-token "
-        f"prompt), {len(packed)} AttentionPack settings + dense, one batch row each")
+        f"prompt), {len(packed)} settings + dense, one batch row each")
     t0 = time.time()
     native = hfap.native_nll(model, ids, prefix)
     nll, top1 = {}, {}
@@ -210,9 +239,7 @@ def run_perplexity(model_dir: Path, rows: list[Setting], num_tokens: int, prefix
         group = [r for r in packed if r.prefill_chunk == chunk]
         if chunk is None:
             group = [Setting("dense", None)] + group
-        caches = [hfap.DenseCache(NUM_LAYERS) if r.is_dense else
-                  hfap.PackedCache(r.config(), NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, len(ids), seed=i)
-                  for i, r in enumerate(group)]
+        caches = [r.cache(len(ids), seed=i) for i, r in enumerate(group)]
         start, every = time.time(), max(1, (len(ids) - prefix) // 4)
 
         def progress(done, total):
@@ -243,8 +270,9 @@ def run_perplexity(model_dir: Path, rows: list[Setting], num_tokens: int, prefix
         "dense_token_by_token": dense_ppl, "transformers_one_pass_sdpa": ppl(native),
         "relative_difference": abs(dense_ppl - ppl(native)) / ppl(native),
         "max_abs_token_nll_diff": float((dense - native).abs().max())}}
-    for row in settings_rows:  # full rank must equal dense, whole prompt or chunked
-        if row["attentionpack"].get("rank", 0) >= FULL and not row["attentionpack"].get("partial_rank_values"):
+    for row in settings_rows:  # full rank must equal dense, whole prompt or chunked (16-bit storage)
+        ap = row["attentionpack"] or {}
+        if ap.get("rank", 0) >= FULL and not ap.get("partial_rank_values") and ap.get("storage") != "int8":
             rel = abs(row["perplexity"] - dense_ppl) / dense_ppl
             check[f"{row['setting']}_vs_dense"] = {
                 "relative_difference": rel, "passed": rel < 1e-4,
@@ -293,6 +321,8 @@ def vllm_run(model_dir: Path, row: Setting, requests: list[dict]) -> dict:
     engine = dict(VLLM_ENGINE)
     if row.prefill_chunk is not None:  # vLLM prefills at most this many tokens per step
         engine["max_num_batched_tokens"] = row.prefill_chunk
+    if row.fp8:
+        engine["kv_cache_dtype"] = "fp8"
     engine = dense_engine(**engine) if row.is_dense else attentionpack_engine(row.attentionpack(), **engine)
     t0 = time.time()
     run = run_llm(model_dir, engine, plain, timeout=3600)
@@ -505,12 +535,14 @@ def summary(result: dict) -> None:
         print(f"\nPerplexity on {ppl['text']['scored_tokens']} tokens after a "
               f"{ppl['text']['prefix_tokens']}-token prompt ({ppl['text']['source'].split(' (')[0]}); "
               f"KV bytes: one {MEMORY_TOKENS}-token request, {NUM_LAYERS} layers, float32")
-        print(f"{'setting':>15} {'KV MiB':>8} {'ppl':>9} {'vs dense':>9} {'next-tok agree':>14} "
-              f"{'top-1 acc':>9}")
-        print(f"{'dense':>15} {d['kv_bytes_per_request'] / MIB:>8.2f} {d['perplexity']:>9.3f} {'':>9} "
+        print(f"{'setting':>15} {'KV MiB':>8} {'bf16 MiB':>8} {'ppl':>9} {'vs dense':>9} "
+              f"{'next-tok agree':>14} {'top-1 acc':>9}")
+        print(f"{'dense':>15} {d['kv_bytes_per_request'] / MIB:>8.2f} "
+              f"{Setting('dense', None).kv_bytes(torch.bfloat16) / MIB:>8.2f} {d['perplexity']:>9.3f} {'':>9} "
               f"{'':>14} {d['top1_accuracy']:>9.3f}")
         for r in ppl["settings"]:
-            print(f"{r['setting']:>15} {r['kv_bytes_per_request'] / MIB:>8.2f} {r['perplexity']:>9.3f} "
+            print(f"{r['setting']:>15} {r['kv_bytes_per_request'] / MIB:>8.2f} "
+                  f"{r['kv_bytes_per_request_bf16'] / MIB:>8.2f} {r['perplexity']:>9.3f} "
                   f"{(r['ppl_ratio_to_dense'] - 1) * 100:>+8.2f}% {r['next_token_agreement']:>14.3f} "
                   f"{r['top1_accuracy']:>9.3f}")
         v = ppl["verification"]
@@ -588,32 +620,46 @@ def plot(result: dict, path: Path) -> None:
                        "top-1 next token equal to dense (fraction)",
                        f"Next-token agreement ({scored} positions)", (-0.02, 1.05)))
     if result.get("vllm"):
-        panels.append(([g for g in result["vllm"]["greedy"] if g["attentionpack"] is not None],
+        panels.append(([g for g in result["vllm"]["greedy"] if g["setting"] != "dense"],
                        "match_overall", 1.0,
                        "greedy tokens equal to dense (fraction, mean of prompts)",
                        f"Greedy agreement through vLLM ({GREEDY_TOKENS} tokens)", (-0.02, 1.05)))
     if not panels:
         return
+    # The storage sweep compares with fp8, so its bytes are those of a bfloat16 deployment.
+    bf16 = result.get("sweep") == "storage"
+    bytes_key = "kv_bytes_per_request_bf16" if bf16 else "kv_bytes_per_request"
     fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.8), squeeze=False)
-    is_sweep = lambda r: set(r["attentionpack"]) <= {"rank", "svd"} and not r["prefill_chunk"]  # noqa: E731
+    is_sweep = lambda r: (r["attentionpack"] is not None and set(r["attentionpack"]) <= {"rank", "svd"}  # noqa: E731
+                          and not r["prefill_chunk"])
+    is_int8 = lambda r: (r["attentionpack"] or {}).get("storage") == "int8"  # noqa: E731
     for ax, (rows, key, dense_y, ylabel, title, ylim) in zip(axes[0], panels):
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         if ylim:
             ax.set_ylim(*ylim)
-        line = sorted((r for r in rows if is_sweep(r)), key=lambda r: r["kv_bytes_per_request"])
-        xs = [r["kv_bytes_per_request"] / MIB for r in line]
+        line = sorted((r for r in rows if is_sweep(r)), key=lambda r: r[bytes_key])
+        xs = [r[bytes_key] / MIB for r in line]
         ax.plot(xs, [r[key] for r in line], "o-", color="tab:blue", label="AttentionPack, defaults")
         for r, x in zip(line, xs):
             ax.annotate(r["setting"], (x, r[key]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8, color="tab:blue")
-        others = [r for r in rows if not is_sweep(r)]
+        int8 = sorted((r for r in rows if is_int8(r) and set(r["attentionpack"]) <= {"rank", "svd", "storage"}),
+                      key=lambda r: r[bytes_key])
+        if int8:
+            ax.plot([r[bytes_key] / MIB for r in int8], [r[key] for r in int8], "o--",
+                    color="tab:orange", label="AttentionPack, int8 storage")
+            for r in int8:
+                ax.annotate(r["setting"], (r[bytes_key] / MIB, r[key]), textcoords="offset points",
+                            xytext=(4, -10), fontsize=8, color="tab:orange")
+        others = [r for r in rows if not is_sweep(r) and r not in int8]
         for i, r in enumerate(others):
-            ax.plot([r["kv_bytes_per_request"] / MIB], [r[key]], "s", color=f"C{i + 1}", label=r["setting"])
-        dense_x = Setting("dense", None).kv_bytes() / MIB
+            ax.plot([r[bytes_key] / MIB], [r[key]], "s", color=f"C{i + 1}", label=r["setting"])
+        dense_x = Setting("dense", None).kv_bytes(torch.bfloat16 if bf16 else CACHE_DTYPE) / MIB
         ax.plot([dense_x], [dense_y], "k*", markersize=13, label="dense")
         ax.axhline(dense_y, color="k", lw=0.7, ls=":")
-        ax.set_xlabel(f"KV MiB per {MEMORY_TOKENS}-token request ({NUM_LAYERS} layers, float32)")
+        ax.set_xlabel(f"KV MiB per {MEMORY_TOKENS}-token request ({NUM_LAYERS} layers, "
+                      f"{'bfloat16 model' if bf16 else 'float32'})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct: AttentionPack quality against KV bytes", fontsize=11)
@@ -646,6 +692,10 @@ def main(argv=None) -> int:
                              "passkey at 1k for dense and r64 only")
     parser.add_argument("--parts", default="ppl,vllm,claims",
                         help="comma-separated subset of ppl,vllm,claims (default: all)")
+    parser.add_argument("--sweep", choices=["settings", "storage"], default="settings",
+                        help="settings (default): the rank sweep and one default changed at a time; "
+                             "storage: the 'why not fp8' rows (dense, dense fp8, ranks 32 / 64 / 96 / "
+                             "full in the model's dtype and with int8 storage)")
     parser.add_argument("--only", default=None,
                         help="comma-separated names of the settings to run (dense always runs); "
                              "default: all of the mode's settings")
@@ -667,14 +717,14 @@ def main(argv=None) -> int:
     unknown = set(args.parts) - {"ppl", "vllm", "claims"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
-    rows = sweep(args.quick)
+    rows = storage_sweep() if args.sweep == "storage" else sweep(args.quick)
     if args.only is not None:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         known = [r.name for r in rows]
         missing = [n for n in wanted if n not in known]
         if missing:
             parser.error(f"--only: unknown settings {missing}; this mode has {known}")
-        rows = [r for r in rows if r.is_dense or r.name in wanted]
+        rows = [r for r in rows if r.is_reference or r.name in wanted]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     args.tokens = args.tokens or (768 if args.quick else 1536)
@@ -692,6 +742,7 @@ def main(argv=None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
+        "sweep": args.sweep,
         "model": {"name": "SmolLM2-135M-Instruct", "path": str(model_dir),
                   "description": describe_model(model_dir), "source": str(smollm2_gguf_path()),
                   "weights": "GGUF Q4_1 dequantised to float32"},

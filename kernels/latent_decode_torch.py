@@ -23,6 +23,7 @@ import torch
 
 from .decode_inputs import DecodeBatch, LatentSpec
 from .layout import IMAGE, TEXT, decode_flags
+from .storage import dequantize, record_factors, record_flags
 
 
 def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int) -> torch.Tensor:
@@ -30,6 +31,11 @@ def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int)
     modality, group = decode_flags(flags)
     cols = group_cols[modality, group]  # [...]
     return torch.arange(rank, device=flags.device) < cols.unsqueeze(-1)
+
+
+def _slot_rows(stored: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The batch's slot rows of a basis or window as float32 (int8 ones with their scales)."""
+    return stored[slots].float() if scale is None else dequantize(stored[slots], scale[slots])
 
 
 def _project(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +73,12 @@ def latent_decode_attention(
     spec: LatentSpec,
     scale: float,
     need_probs: bool = False,
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decode step for a batch of requests (one query token each).
+
+    With int8 storage (`spec.layout.int8`) the bases and windows are int8 and `scales`
+    holds their float32 scales by name ("basis_k", "basis_v", "window_k", "window_v").
 
     Returns (output [B, num_heads, head_size] in query dtype,
              compressed_probs [B, T] float32, window_probs [B, window] float32),
@@ -89,16 +99,15 @@ def latent_decode_attention(
     gathered = batch.buffer("pages", (batch.gather_blocks.shape[0], *pages.shape[1:]), pages.dtype, pages.device)
     torch.index_select(pages, 0, batch.gather_blocks, out=gathered)
     gathered = gathered.view(-1, layout.width)
-    gathered.index_fill_(0, batch.pad_rows, 0.0)
-    records = gathered.view(bsz, -1, layout.width)[:, :t_max].to(f32)        # [B, T, width]
-    flags = records[..., layout.flags_offset]
-    # flags = modality + 2 * group: small integers, exact in any cache dtype.
-    flag_index = flags.long() if spec.partial_k or spec.partial_v or spec.has_image else None
+    gathered.index_fill_(0, batch.pad_rows, 0)
+    records = gathered.view(bsz, -1, layout.width)[:, :t_max]                # [B, T, width]
+    flag_index = record_flags(records, layout) if spec.partial_k or spec.partial_v or spec.has_image else None
     is_image = (flag_index & 1).bool() if spec.has_image else None
-    k_fac = records[..., layout.k_offset:layout.k_offset + layout.rank_k]
-    v_fac = records[..., layout.v_offset:layout.v_offset + layout.rank_v]
+    k_fac, v_fac = record_factors(records, layout)                           # float32
 
-    q_lat = _project(basis_k[slots].to(f32), q)                             # [B, M, H, Rk]
+    scales = scales or {}
+    rows = lambda name, t: _slot_rows(t, slots, scales.get(name))  # noqa: E731
+    q_lat = _project(rows("basis_k", basis_k), q)                           # [B, M, H, Rk]
     k_cols = spec.cols_by_flag("k", query.device)[flag_index] if spec.partial_k else None
     if spec.partial_k:
         # Columns a token does not read contribute nothing to its score.
@@ -111,7 +120,7 @@ def latent_decode_attention(
 
     # Window tokens: ordinary full-rank K/V (rows past a window's length are finite
     # leftovers of the same slot; their scores are masked).
-    w_keys = window_k[slots].to(f32).view(bsz, -1, kv_heads, head_size)     # [B, W, KV, D]
+    w_keys = rows("window_k", window_k).view(bsz, -1, kv_heads, head_size)  # [B, W, KV, D]
     w_scores = torch.matmul(q, w_keys.permute(0, 2, 3, 1)).view(bsz, num_heads, -1)
     w_scores = w_scores.masked_fill(batch.window_pad[:, None, :], float("-inf"))
 
@@ -127,9 +136,9 @@ def latent_decode_attention(
     v_cols = spec.cols_by_flag("v", query.device)[flag_index] if spec.partial_v else None
     acc = _banded_product(per_modality, v_fac, v_cols, spec.column_bands("v"))  # [B, M*H, Rv]
     acc = acc.view(bsz, spec.num_modalities, kv_heads, group, layout.rank_v)
-    b_v = basis_v[slots].to(f32).view(bsz, spec.num_modalities, layout.rank_v, kv_heads, head_size)
+    b_v = rows("basis_v", basis_v).view(bsz, spec.num_modalities, layout.rank_v, kv_heads, head_size)
     out = torch.einsum("bmkgr,bmrkd->bkgd", acc, b_v)
-    w_values = window_v[slots].to(f32).view(bsz, -1, kv_heads, head_size)
+    w_values = rows("window_v", window_v).view(bsz, -1, kv_heads, head_size)
     out = out + torch.matmul(p_w.view(bsz, kv_heads, group, -1), w_values.transpose(1, 2))
     out = out.reshape(bsz, num_heads, head_size).to(query.dtype)
     if not need_probs:

@@ -7,8 +7,17 @@ One token of one layer occupies one row of a page:
 K' and V' are the token's low-rank factors (coordinates in its request's key and
 value bases, singular values folded in); importance is the EMA of the token's
 attention; flags = modality + 2 * group, with modality 0 = text, 1 = image and
-group the partial-rank group (0 = full rank). All fields share the cache dtype;
-flags are small integers, exact in fp16/bf16/fp32.
+group the partial-rank group (0 = full rank).
+
+Two storage formats (`kernels/storage.py` reads and writes both):
+* 16-bit (the default): every field is one element of the cache dtype; flags are
+  small integers, exact in fp16/bf16/fp32.
+* int8 (`int8=True`): offsets count bytes. K' and V' are int8, each with a float32
+  scale per token, importance is float32 and flags one byte:
+
+    [ K' (rank_k) | V' (rank_v) | K' scale (4) | V' scale (4) | importance (4) | flags (1) | pad ]
+
+  padded to a multiple of `INT8_ROW_ALIGN` bytes so a row is whole elements of any cache dtype.
 
 Pages are `[num_blocks, block_size, width]`, addressed like vLLM's: a token at
 flat slot s lives in block s // block_size, row s % block_size.
@@ -19,14 +28,18 @@ from dataclasses import dataclass
 
 TEXT, IMAGE = 0, 1
 NUM_MODALITIES = 2
+FLOAT32_BYTES = 4
+INT8_ROW_ALIGN = 4
 
 
 @dataclass(frozen=True)
 class RecordLayout:
-    """Offsets of the fields of one token's record (in elements of the cache dtype)."""
+    """Offsets of the fields of one token's record (elements of the cache dtype, or
+    bytes when `int8`)."""
 
-    rank_k: int  # columns of K' (max of the image and text key ranks)
-    rank_v: int  # columns of V' (max of the image and text value ranks)
+    rank_k: int         # columns of K' (max of the image and text key ranks)
+    rank_v: int         # columns of V' (max of the image and text value ranks)
+    int8: bool = False  # int8 factors with float32 scales, offsets in bytes
 
     @property
     def k_offset(self) -> int:
@@ -37,15 +50,32 @@ class RecordLayout:
         return self.rank_k
 
     @property
+    def k_scale_offset(self) -> int:
+        """int8 only: the float32 scale of K'."""
+        return self.rank_k + self.rank_v
+
+    @property
+    def v_scale_offset(self) -> int:
+        """int8 only: the float32 scale of V'."""
+        return self.k_scale_offset + FLOAT32_BYTES
+
+    @property
     def importance_offset(self) -> int:
+        if self.int8:
+            return self.v_scale_offset + FLOAT32_BYTES
         return self.rank_k + self.rank_v
 
     @property
     def flags_offset(self) -> int:
+        if self.int8:
+            return self.importance_offset + FLOAT32_BYTES
         return self.rank_k + self.rank_v + 1
 
     @property
     def width(self) -> int:
+        """Columns of a page row: elements of the cache dtype, or bytes when int8."""
+        if self.int8:
+            return -(-(self.flags_offset + 1) // INT8_ROW_ALIGN) * INT8_ROW_ALIGN
         return self.rank_k + self.rank_v + 2
 
 

@@ -9,15 +9,16 @@ import torch
 
 from .latent_decode_torch import factor_column_mask
 from .layout import RecordLayout, decode_flags
+from .storage import record_factors, record_flags
 
 
 def reconstruct_request_kv(
     pages: torch.Tensor,        # [num_blocks, block_size, width]
     block_table_row: torch.Tensor,  # [max_blocks] int
     compressed_len: int,
-    basis_k: torch.Tensor,      # [2, rank_k, kv_width] (this request's slot)
+    basis_k: torch.Tensor,      # [2, rank_k, kv_width] (this request's slot, as floats)
     basis_v: torch.Tensor,      # [2, rank_v, kv_width]
-    window_k: torch.Tensor,     # [window, kv_width]
+    window_k: torch.Tensor,     # [window, kv_width] (as floats)
     window_v: torch.Tensor,     # [window, kv_width]
     window_len: int,
     layout: RecordLayout,
@@ -28,11 +29,10 @@ def reconstruct_request_kv(
     block_size = pages.shape[1]
     pos = torch.arange(compressed_len)
     slots = block_table_row.long()[pos // block_size] * block_size + pos % block_size
-    records = pages.reshape(-1, pages.shape[-1])[slots].float()
-    flags = records[:, layout.flags_offset].round().long()
+    records = pages.reshape(-1, pages.shape[-1])[slots]
+    flags = record_flags(records, layout)
     modality, _ = decode_flags(flags)
-    k_fac = records[:, layout.k_offset:layout.k_offset + layout.rank_k]
-    v_fac = records[:, layout.v_offset:layout.v_offset + layout.rank_v]
+    k_fac, v_fac = record_factors(records, layout)
     if group_cols_k is not None:
         k_fac = k_fac * factor_column_mask(flags, group_cols_k, layout.rank_k)
     if group_cols_v is not None:

@@ -36,6 +36,7 @@ class Scenario:
     keys: list[torch.Tensor] = field(default_factory=list)    # original K per request
     values: list[torch.Tensor] = field(default_factory=list)
     is_image: list[torch.Tensor] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32  # of the model: queries, keys and values
 
     @property
     def batch(self) -> int:
@@ -63,14 +64,19 @@ def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size:
     batch = len(prompt_lens)
     max_blocks = -(-(max(prompt_lens) + max_new_tokens) // block_size)
     num_blocks = batch * max_blocks + 3
-    pages = torch.full((num_blocks, block_size, plan.layout.width), pages_fill, dtype=dtype)
+    shape = (num_blocks, block_size, plan.layout.width)
+    if plan.int8:  # rows of bytes; a NaN fill becomes random stale bytes (NaN/inf scales among them)
+        pages = (torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8) if pages_fill != pages_fill
+                 else torch.full(shape, int(pages_fill), dtype=torch.int8))
+    else:
+        pages = torch.full(shape, pages_fill, dtype=dtype)
     perm = torch.randperm(num_blocks, generator=gen)
     block_table = perm[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
     num_slots = num_slots or batch + 1
     slot_ids = torch.randperm(num_slots, generator=gen)[:batch].to(torch.int32)
     pool = SlotPool.allocate(plan, num_slots, dtype)
     sc = Scenario(plan, pages, pool, block_table, slot_ids, list(prompt_lens),
-                  WindowTracker.for_plan(num_slots, plan))
+                  WindowTracker.for_plan(num_slots, plan), dtype=dtype)
     image_spans = image_spans or [[] for _ in prompt_lens]
     for b, (length, spans) in enumerate(zip(prompt_lens, image_spans)):
         is_image = torch.zeros(length, dtype=torch.bool)
@@ -99,7 +105,7 @@ def run_decode(sc: Scenario, num_heads: int, steps: int, *, seed: int = 1, atten
     gen = torch.Generator().manual_seed(seed)
     head_size, width = sc.plan.head_size, sc.plan.kv_width
     scale = head_size ** -0.5
-    dtype = sc.pages.dtype
+    dtype = sc.dtype
     kwargs = {} if attention is None else {"attention": attention}
     for _ in range(steps):
         q = torch.randn(sc.batch, num_heads, head_size, generator=gen).to(dtype)
@@ -126,5 +132,6 @@ def attend_now(sc: Scenario, query: torch.Tensor, scale: float, attention=latent
     (no token appended, no fold)."""
     batch = make_decode_batch(sc.block_table, sc.slot_ids.tolist(), sc.seq_lens, sc.exact_lens(),
                               window_size=sc.plan.exact_rows, block_size=sc.pages.shape[1])
+    int8 = {"scales": sc.pool.scales} if sc.plan.int8 else {}
     return attention(query, sc.pages, sc.pool.basis_k, sc.pool.basis_v, sc.pool.window_k,
-                     sc.pool.window_v, batch, sc.plan.spec, scale, need_probs=need_probs)
+                     sc.pool.window_v, batch, sc.plan.spec, scale, need_probs=need_probs, **int8)

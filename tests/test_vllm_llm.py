@@ -95,3 +95,17 @@ def test_preemption_and_slot_reuse_keep_full_rank_outputs_equal_to_dense(tiny_ll
     packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 8}, **engine), requests)
     assert packed.preemptions > 0, "the cache was meant to be too small: no request was preempted"
     assert packed.token_ids == dense.token_ids
+
+
+def test_int8_storage_runs_inside_vllm(tiny_llama):
+    """int8 records, bases and windows through vLLM's page allocation (rows of bytes in the
+    model's cache tensor), chunked prefill and window folds. This random-weight model
+    turns any rounding into a different greedy continuation, so closeness to dense is
+    measured on SmolLM2 (test_quality_harness) and here only that it serves."""
+    engine = dict(max_num_batched_tokens=64)
+    packed = run_llm(tiny_llama, attentionpack_engine(
+        {**FULL_RANK, "window_size": 8, "storage": "int8"}, **engine), text_requests())
+    # float32 model: 64 + 64 int8 factors, two float32 scales, float32 importance, a flags byte, padding.
+    assert "AttentionPack bytes per token per layer: 144 (dense 512" in packed.log
+    assert "decode with the PyTorch latent-space path" in packed.log
+    assert [len(t) for t in packed.token_ids] == [40] * 4
