@@ -97,10 +97,6 @@ class AttentionPackConfig:
         if self.decode_kernel not in DECODE_KERNELS:
             raise AttentionPackConfigError(
                 "decode_kernel", self.decode_kernel, f"one of {list(DECODE_KERNELS)}")
-        if self.storage == "int8" and self.decode_kernel == "triton":
-            raise AttentionPackConfigError(
-                "decode_kernel", self.decode_kernel,
-                "'auto' or 'torch' with storage 'int8' (the Triton kernel reads 16-bit records only)")
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any] | None) -> "AttentionPackConfig":

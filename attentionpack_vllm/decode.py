@@ -80,7 +80,7 @@ def decode_step(
     step's metadata marks as due.
     """
     append_to_window(pool, batch, key, value, plan.tracks_importance)
-    int8 = {"scales": pool.scales} if plan.int8 else {}  # only the PyTorch path reads int8
+    int8 = {"scales": pool.scales} if plan.int8 else {}
     out, p_c, p_w = attention(
         query, pages, pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, batch,
         plan.spec, scale, need_probs=plan.tracks_importance, **int8)

@@ -44,8 +44,9 @@ def conflicts(features: EngineFeatures) -> list[str]:
                        "--prefill-context-parallel-size > 1) splits a request's pages across ranks; "
                        "use 1")
     if features.kv_cache_dtype not in ("auto", None):
-        reasons.append(f"--kv-cache-dtype {features.kv_cache_dtype}: AttentionPack stores factors "
-                       "in the model dtype; use --kv-cache-dtype auto")
+        reasons.append(f"--kv-cache-dtype {features.kv_cache_dtype}: AttentionPack sets its own "
+                       "storage; use --kv-cache-dtype auto, and for 8-bit storage the attentionpack "
+                       "setting \"storage\": \"int8\"")
     if features.sliding_window:
         reasons.append("sliding-window attention layers are not supported; serve this model "
                        "with another --attention-backend")

@@ -48,9 +48,9 @@ def prepare_engine(args, model_config) -> None:
     logger.info("Using AttentionPack attention backend (%s)", "attentionpack_vllm")
     logger.info("AttentionPack settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     logger.info("AttentionPack bytes per token per layer: %d (dense %d: %s); "
-                "record = K' %d + V' %d + importance + flags", report.record_bytes,
+                "record = K' %d + V' %d + importance + flags%s", report.record_bytes,
                 report.dense_token_bytes, size_change(report.token_ratio), plan.layout.rank_k,
-                plan.layout.rank_v)
+                plan.layout.rank_v, " (int8 factors with float32 scales)" if plan.int8 else "")
     if report.crossover_tokens() is None:
         logger.warning("AttentionPack at these ranks stores at least as many bytes per token as "
                        "the dense cache, plus the per-request bases: it will hold fewer tokens, "

@@ -111,10 +111,9 @@ def pool_bytes() -> int:
 # --- decode implementation ----------------------------------------------------
 
 def uses_triton(config: AttentionPackConfig, device: Any) -> bool:
-    """Triton on CUDA, PyTorch on CPU, unless `decode_kernel` forces one. The Triton
-    kernel reads 16-bit records only: int8 storage decodes with PyTorch everywhere."""
+    """Triton on CUDA, PyTorch on CPU, unless `decode_kernel` forces one."""
     return config.decode_kernel == "triton" or (
-        config.decode_kernel == "auto" and config.storage != "int8" and str(device).startswith("cuda"))
+        config.decode_kernel == "auto" and str(device).startswith("cuda"))
 
 
 def decode_attention_for(config: AttentionPackConfig, device: Any) -> Callable:

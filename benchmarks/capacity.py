@@ -5,7 +5,8 @@ tokens plus text) and Qwen2-VL-7B's (28 layers, 4 KV heads x 128), across ranks 
 request lengths, from the project's own byte accounting (`MemoryReport`, which the
 tests check against the tensors actually allocated). Both parts are reported: the
 per-token records and the fixed per-request slot (bases of both modalities and the
-full-rank sink tokens and window, at their defaults). With `--check-vllm`, vLLM itself is started on random-weight
+full-rank sink tokens and window, at their defaults), in the model's dtype and with
+int8 storage (`storage: int8`). With `--check-vllm`, vLLM itself is started on random-weight
 models of LLaVA-1.5-7B's and Qwen2-VL-7B's attention geometry (2 layers each) dense
 and with AttentionPack, and the KV cache tokens it reports are set beside the
 accounting.
@@ -46,16 +47,18 @@ GEOMETRY = {"llava-1.5-7b": ((32, 32, 128), "llava7b-geometry"),
             "qwen2-vl-7b": ((28, 4, 128), "qwen2vl7b-geometry")}
 CHECK_LAYERS, CHECK_SEQS, CHECK_BLOCK = 2, 4, 32
 RANKS = (16, 32, 64, 128)
+STORAGES = ("auto", "int8")  # the model's dtype; int8 with scales
+CHECK_SETTINGS = ((32, "auto"), (64, "auto"), (128, "auto"), (64, "int8"))  # (rank, storage) started in vLLM
 LENGTHS = (64, 128, 256, 626, 1024, 2048, 4096, 8192)
 
 
-def per_request(model: str, rank: int, tokens: int) -> dict:
-    """Bytes of one request at `rank` with every other setting at its default."""
+def per_request(model: str, rank: int, tokens: int, storage: str = "auto") -> dict:
+    """Bytes of one request at `rank` and `storage` with every other setting at its default."""
     layers, kv_heads, head_size, _ = MODELS[model]
-    config = AttentionPackConfig.from_dict({"rank": rank})
+    config = AttentionPackConfig.from_dict({"rank": rank, "storage": storage})
     report = MemoryReport.of(CompressionPlan.build(config, kv_heads, head_size), torch.float16)
     dense, packed = report.request_bytes(tokens, layers)
-    return {"model": model, "rank": rank, "tokens": tokens, "dense_bytes": dense,
+    return {"model": model, "rank": rank, "storage": storage, "tokens": tokens, "dense_bytes": dense,
             "attentionpack_bytes": packed, "record_bytes_per_token_layer": report.record_bytes,
             "dense_bytes_per_token_layer": report.dense_token_bytes,
             "slot_bytes_per_request": report.slot_bytes * layers,
@@ -63,29 +66,30 @@ def per_request(model: str, rank: int, tokens: int) -> dict:
             "crossover_tokens": report.crossover_tokens()}
 
 
-def check_vllm(model_dir: Path, kv_bytes: int, ranks: tuple[int, ...]) -> list[dict]:
-    """KV cache tokens vLLM reports, dense and with AttentionPack, same cache bytes."""
+def check_vllm(model_dir: Path, kv_bytes: int, settings: tuple[tuple[int, str], ...]) -> list[dict]:
+    """KV cache tokens vLLM reports, dense and with AttentionPack at each (rank, storage),
+    same cache bytes."""
     worker = Path(__file__).resolve().parent.parent / "tests" / "llm_worker.py"
     rows = []
-    for rank in (None, *ranks):
+    for rank, storage in ((None, None), *settings):
         engine = dict(dtype="float16", enforce_eager=True, max_model_len=1024,
                       max_num_seqs=CHECK_SEQS, block_size=CHECK_BLOCK, kv_cache_memory_bytes=kv_bytes)
         if rank is not None:
             engine.update(attention_backend="attentionpack",
-                          additional_config={"attentionpack": {"rank": rank}})
+                          additional_config={"attentionpack": {"rank": rank, "storage": storage}})
         spec = {"model": str(model_dir), "engine": engine,
                 "requests": [{"prompt": "Hello", "max_tokens": 2}]}
         spec_path = RESULTS / "_capacity_spec.json"
         spec_path.write_text(json.dumps(spec))
-        print(f"[capacity] vLLM on {model_dir.name}, {'dense' if rank is None else f'rank {rank}'} ...",
-              flush=True)
+        print(f"[capacity] vLLM on {model_dir.name}, "
+              f"{'dense' if rank is None else f'rank {rank}, storage {storage}'} ...", flush=True)
         proc = subprocess.run([sys.executable, str(worker), str(spec_path), str(RESULTS / "_out.json")],
                               capture_output=True, text=True)
         log = proc.stdout + proc.stderr
         match = re.search(r"KV cache size: ([\d,]+) tokens", log)
         if proc.returncode or not match:
             raise SystemExit(f"vLLM run failed:\n{log[-3000:]}")
-        rows.append({"rank": rank, "kv_cache_tokens": int(match.group(1).replace(",", ""))})
+        rows.append({"rank": rank, "storage": storage, "kv_cache_tokens": int(match.group(1).replace(",", ""))})
         spec_path.unlink()
         (RESULTS / "_out.json").unlink(missing_ok=True)
     return rows
@@ -99,11 +103,11 @@ def vllm_check_model(model: str, geometry: tuple[int, int, int], folder: str, kv
     model_dir = build_attention_geometry_model(
         default_models_dir() / folder, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_size=head_size, num_layers=CHECK_LAYERS)
-    checks = check_vllm(model_dir, kv_bytes, (32, 64, 128))
+    checks = check_vllm(model_dir, kv_bytes, CHECK_SETTINGS)
     dense_tokens = checks[0]["kv_cache_tokens"]
     for c in checks:
-        # The dense row's figure does not depend on the rank; any plan gives it.
-        config = AttentionPackConfig.from_dict({"rank": c["rank"] or 64})
+        # The dense row's figure does not depend on the plan; any plan gives it.
+        config = AttentionPackConfig.from_dict({"rank": c["rank"] or 64, "storage": c["storage"] or "auto"})
         # The geometry model is a text-only Llama: its slots hold no image bases.
         plan = CompressionPlan.build(config, num_kv_heads, head_size, has_image=False)
         report = MemoryReport.of(plan, torch.float16)
@@ -111,7 +115,7 @@ def vllm_check_model(model: str, geometry: tuple[int, int, int], folder: str, kv
         c["accounting_tokens"] = dense if c["rank"] is None else packed
         if c["rank"] is not None:
             c["ratio_to_dense"] = c["kv_cache_tokens"] / dense_tokens
-            print(f"[capacity] vLLM at {model} geometry, rank {c['rank']}: {c['kv_cache_tokens']} KV "
+            print(f"[capacity] vLLM at {model} geometry, rank {c['rank']} {c['storage']}: {c['kv_cache_tokens']} KV "
                   f"tokens (accounting {c['accounting_tokens']}), {c['ratio_to_dense']:.1f}x dense "
                   f"{dense_tokens}")
     return {"model": f"{model} attention geometry ({num_heads} query heads, {num_kv_heads} KV heads "
@@ -125,12 +129,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(MODELS), figsize=(12, 4.5))
     for ax, model in zip(axes, MODELS):
-        dense = [r for r in rows if r["model"] == model and r["rank"] == RANKS[0]]
+        dense = [r for r in rows if r["model"] == model and r["rank"] == RANKS[0] and r["storage"] == "auto"]
         ax.plot([r["tokens"] for r in dense], [r["dense_bytes"] / MIB for r in dense], "k-o", label="dense")
-        for rank in RANKS:
-            sel = [r for r in rows if r["model"] == model and r["rank"] == rank]
-            ax.plot([r["tokens"] for r in sel], [r["attentionpack_bytes"] / MIB for r in sel], "-o",
-                    label=f"AttentionPack rank {rank}")
+        for storage, style in zip(STORAGES, ("-o", "--s")):
+            for i, rank in enumerate(RANKS):
+                sel = [r for r in rows if r["model"] == model and r["rank"] == rank and r["storage"] == storage]
+                ax.plot([r["tokens"] for r in sel], [r["attentionpack_bytes"] / MIB for r in sel], style,
+                        color=f"C{i}", markersize=4,
+                        label=f"rank {rank}" + (", int8 storage" if storage == "int8" else ""))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{model}: KV bytes per request (fp16, all layers)")
@@ -151,19 +157,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    rows = [per_request(model, rank, tokens) for model in MODELS for rank in RANKS for tokens in LENGTHS]
-    print(f"{'model':14} {'rank':>4} {'tokens':>6} {'dense MiB':>10} {'AP MiB':>8} {'reduction':>9} "
+    rows = [per_request(model, rank, tokens, storage) for model in MODELS for storage in STORAGES
+            for rank in RANKS for tokens in LENGTHS]
+    print(f"{'model':14} {'rank':>4} {'store':>5} {'tokens':>6} {'dense MiB':>10} {'AP MiB':>8} {'reduction':>9} "
           f"{'crossover':>9}")
     for r in rows:
-        print(f"{r['model']:14} {r['rank']:>4} {r['tokens']:>6} {r['dense_bytes'] / MIB:>10.1f} "
+        print(f"{r['model']:14} {r['rank']:>4} {r['storage']:>5} {r['tokens']:>6} {r['dense_bytes'] / MIB:>10.1f} "
               f"{r['attentionpack_bytes'] / MIB:>8.1f} {r['reduction']:>8.2f}x {r['crossover_tokens']:>9}")
-    samples = []
-    for model, (_, _, _, sample_tokens) in MODELS.items():
-        s = per_request(model, 64, sample_tokens)
-        samples.append(s)
-        print(f"[capacity] {model}, one paper sample ({sample_tokens} tokens), rank 64: dense "
-              f"{s['dense_bytes'] / 1e6:.1f} MB, AttentionPack {s['attentionpack_bytes'] / 1e6:.1f} MB "
-              f"(of which fixed {s['slot_bytes_per_request'] / 1e6:.1f} MB), {s['reduction']:.2f}x")
+    samples = [per_request(model, 64, sample_tokens, storage)
+               for model, (_, _, _, sample_tokens) in MODELS.items() for storage in STORAGES]
+    for s in samples:
+        print(f"[capacity] {s['model']}, one paper sample ({s['tokens']} tokens), rank 64, storage "
+              f"{s['storage']}: dense {s['dense_bytes'] / 1e6:.1f} MB, AttentionPack "
+              f"{s['attentionpack_bytes'] / 1e6:.1f} MB (of which fixed "
+              f"{s['slot_bytes_per_request'] / 1e6:.1f} MB), {s['reduction']:.2f}x")
 
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),

@@ -43,6 +43,12 @@ LATENT_CONFIGS = [
          dtype="bfloat16", probs=True),
     dict(name="llava fp32 image probs", heads=32, kv=32, partial_k=True, partial_v=True, image=True,
          dtype="float32", probs=True),
+    dict(name="llava fp16 int8 image partial-v probs", heads=32, kv=32, partial_k=False, partial_v=True, image=True,
+         dtype="float16", probs=True, int8=True),
+    dict(name="qwen2vl fp16 int8 image partial-kv probs", heads=28, kv=4, partial_k=True, partial_v=True,
+         image=True, dtype="float16", probs=True, int8=True),
+    dict(name="llava bf16 int8 text probs", heads=32, kv=32, partial_k=False, partial_v=False, image=False,
+         dtype="bfloat16", probs=True, int8=True),
 ]
 DENSE_CONFIGS = [
     dict(name="llava fp16 batch 1 (splits)", heads=32, kv=32, batch=1, dtype="float16"),
@@ -50,7 +56,7 @@ DENSE_CONFIGS = [
     dict(name="qwen2vl fp16 batch 1 (splits)", heads=28, kv=4, batch=1, dtype="float16"),
     dict(name="llava fp32 batch 1", heads=32, kv=32, batch=1, dtype="float32"),
 ]
-TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64"}
+TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int8": "i8", "int32": "i32", "int64": "i64"}
 
 
 def record_launches(module, names):
@@ -147,15 +153,17 @@ def main(argv=None) -> int:
         dtype = getattr(torch, cfg["dtype"])
         case = random_case(K, compressed_lens=[40, 9], window_lens=[16, 1], num_heads=cfg["heads"],
                            num_kv_heads=cfg["kv"], head_size=128, rank_k=64, rank_v=64, block_size=16, window=32,
-                           has_image=cfg["image"], partial_k=cfg["partial_k"], partial_v=cfg["partial_v"])
+                           has_image=cfg["image"], partial_k=cfg["partial_k"], partial_v=cfg["partial_v"],
+                           int8=cfg.get("int8", False))
         meta = lambda t: t.to("meta", dtype) if t.is_floating_point() else t.to("meta")  # noqa: E731
         batch = K.decode_inputs.make_decode_batch(
             meta(case.block_table), case.slot_ids, [1000] * 2, [16, 1], window_size=32, block_size=16,
             with_index=False)
         calls.clear()
+        scales = case.scales and {name: t.to("meta") for name, t in case.scales.items()}  # stay float32
         LX._latent_decode(meta(case.query), meta(case.pages), meta(case.basis_k), meta(case.basis_v),
                           meta(case.window_k), meta(case.window_v), batch, case.spec, case.scale,
-                          cfg.get("probs", False))
+                          cfg.get("probs", False), scales=scales)
         jobs += [(cfg["name"], c) for c in calls]
     DX._interpreted = lambda: False
     DX._sm_count = lambda device: 132

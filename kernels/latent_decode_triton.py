@@ -32,9 +32,20 @@ is a fixed sequence of launches that a `torch.cuda.CUDAGraph` can capture:
 Launches per call: 3, or 4 with need_probs; the host allocates one float32 workspace,
 the output, and the two probability tensors with need_probs.
 
+int8 storage (`spec.layout.int8`, `scales` given): the same launches, switched at compile
+time (INT8; the 16-bit kernels are unchanged). Records are bytes: K' and V' int8 with a
+float32 scale each, loaded as float32 from their 4-byte aligned offsets (the host
+asserts the alignment), and a one-byte flags field; bases and window rows are int8 with
+a float32 scale per row and KV head. Every int8 tile is scaled in float32 right after
+its load (`_load_factors`, `_load_rows`), then multiplied like a 16-bit one: in float32
+under the interpreter (the PyTorch path's math on the same stored values), in the
+model's dtype on a GPU.
+
 Under TRITON_INTERPRET=1 (CPU) every dot product runs in float32 (the interpreter's
 bf16 dot is wrong); on a GPU fp16/bf16 operands are multiplied in their own dtype with
-float32 accumulation, and float32 operands in full precision ("ieee", not TF32).
+float32 accumulation, and float32 operands in full precision ("ieee", not TF32). The
+operand dtype (DOT_DTYPE) is the cache dtype, or the model's (the query's) with int8
+storage.
 """
 from __future__ import annotations
 
@@ -43,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .decode_inputs import DecodeBatch, LatentSpec
-from .layout import IMAGE, TEXT
+from .layout import FLOAT32_BYTES, IMAGE, TEXT
 from .triton_common import interpreted as _interpreted, mm as _mm, pow2 as _pow2, sm_count as _sm_count
 
 # Tuning knobs (plain Python values, read at every call; benchmarks may change them).
@@ -59,15 +70,11 @@ INTERPRETER_SPLITS = 3       # splits per request under the interpreter (exercis
 
 TEXT_PLANE = tl.constexpr(TEXT)
 IMAGE_PLANE = tl.constexpr(IMAGE)
-
-
-
-
+ROW_TENSORS = ("basis_k", "basis_v", "window_k", "window_v")   # the int8 slot rows `scales` names
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}  # DOT_DTYPE
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
 
 @triton.jit
 def _operand(x, like, DOT_FP32: tl.constexpr):
@@ -80,13 +87,21 @@ def _operand(x, like, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _cast(x, ptr, DOT_FP32: tl.constexpr):
-    """x cast to the dtype `_mm` multiplies it in when the other operand is loaded from `ptr`."""
-    if DOT_FP32:
-        out = x.to(tl.float32)
-    else:
-        out = x.to(ptr.dtype.element_ty)
-    return out
+def _dequantize(x, scale, DOT_DTYPE: tl.constexpr):
+    """int8 values times their float32 scales (broadcast), as a dot operand."""
+    return (x.to(tl.float32) * scale).to(DOT_DTYPE)
+
+
+@triton.jit
+def _load_rows(at, mask, scale_at, row_mask, INT8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A tile [ROWS, DP] of one KV head's columns of slot rows (a basis or the window).
+
+    INT8: the rows are int8 and `scale_at` [ROWS] points at their scales (one per row and
+    KV head); the tile comes back scaled, in DOT_DTYPE. Otherwise `scale_at` is not read."""
+    x = tl.load(at, mask=mask, other=0.0)
+    if INT8:
+        x = _dequantize(x, tl.load(scale_at, mask=row_mask, other=0.0)[:, None], DOT_DTYPE)
+    return x
 
 
 @triton.jit
@@ -134,14 +149,22 @@ def _record_meta(rows, valid, cols_ptr, TILE: tl.constexpr, FLAGS_OFF: tl.conste
 
 @triton.jit
 def _load_factors(rows, valid, cols, OFF: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
-                  PARTIAL: tl.constexpr):
+                  PARTIAL: tl.constexpr, INT8: tl.constexpr, SCALE_OFF: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr):
     """[TILE, RP] factors at record offset OFF; a token's columns past `cols` (partial rank),
-    the padding past RANK and invalid rows (stale bytes, maybe NaN) are never loaded."""
+    the padding past RANK and invalid rows (stale bytes, maybe NaN) are never loaded.
+
+    INT8: int8 factors times the record's float32 scale at byte SCALE_OFF (a multiple of 4
+    in a row whose address is one too, so a plain float32 load), in DOT_DTYPE."""
     c = tl.arange(0, RP)
     mask = valid[:, None] & (c[None, :] < RANK)
     if PARTIAL:
         mask = mask & (c[None, :] < cols[:, None])
-    return tl.load(rows[:, None] + OFF + c[None, :], mask=mask, other=0.0)
+    fac = tl.load(rows[:, None] + OFF + c[None, :], mask=mask, other=0.0)
+    if INT8:
+        scale = tl.load((rows + SCALE_OFF).to(tl.pointer_type(tl.float32)), mask=valid, other=0.0)
+        fac = _dequantize(fac, scale[:, None], DOT_DTYPE)
+    return fac
 
 
 @triton.jit
@@ -179,11 +202,12 @@ def _rescale(m_old, m_new):
 
 @triton.jit
 def _project_queries(
-    query_ptr, basis_ptr, slots_ptr, q_lat_ptr,
-    stride_qb, stride_qh, stride_bs, stride_bm, stride_br, scale,
+    query_ptr, basis_ptr, basis_scales_ptr, slots_ptr, q_lat_ptr,
+    stride_qb, stride_qh, stride_bs, stride_bm, stride_br, stride_ss, stride_sm, stride_sr, scale,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK_K: tl.constexpr,
     M: tl.constexpr, NUM_KV: tl.constexpr,
-    GP: tl.constexpr, DP: tl.constexpr, RKP: tl.constexpr, DOT_FP32: tl.constexpr,
+    GP: tl.constexpr, DP: tl.constexpr, RKP: tl.constexpr,
+    INT8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0)
     mk = tl.program_id(1)               # plane * NUM_KV + kv head
@@ -198,9 +222,10 @@ def _project_queries(
     d_mask = d < HEAD_SIZE
     q = tl.load(query_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)                    # [GP, DP]
-    basis = tl.load(basis_ptr + slot * stride_bs + plane * stride_bm + r[:, None] * stride_br
-                    + kvh * HEAD_SIZE + d[None, :],
-                    mask=(r[:, None] < RANK_K) & d_mask[None, :], other=0.0)          # [RKP, DP]
+    basis = _load_rows(basis_ptr + slot * stride_bs + plane * stride_bm + r[:, None] * stride_br
+                       + kvh * HEAD_SIZE + d[None, :], (r[:, None] < RANK_K) & d_mask[None, :],
+                       basis_scales_ptr + slot * stride_ss + plane * stride_sm + r * stride_sr + kvh,
+                       r < RANK_K, INT8, DOT_DTYPE)                                   # [RKP, DP]
     q_lat = _mm(_operand(q, basis, DOT_FP32), tl.trans(basis), DOT_FP32) * scale       # [GP, RKP]
     out = q_lat_ptr + ((b.to(tl.int64) * M + plane) * NUM_HEADS + heads[:, None]) * RANK_K + r[None, :]
     tl.store(out, q_lat, mask=g_mask[:, None] & (r[None, :] < RANK_K))
@@ -214,9 +239,10 @@ def _latent_pass(
     NUM_HEADS: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, M: tl.constexpr,
     HP: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
     K_OFF: tl.constexpr, V_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr, NUM_GROUPS: tl.constexpr,
+    K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr,
     BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGN: tl.constexpr,
     HAS_IMAGE: tl.constexpr, NEED_FLAGS: tl.constexpr, PARTIAL_K: tl.constexpr, PARTIAL_V: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    INT8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -225,8 +251,8 @@ def _latent_pass(
     first, last = _tile_range(clen, split, num_splits, TILE)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     q_txt, q_img = _load_queries(q_lat_ptr, b, HP, RKP, NUM_HEADS, RANK_K, M, HAS_IMAGE)
-    q_txt = _cast(q_txt, pages_ptr, DOT_FP32)   # dot operands in the cache dtype
-    q_img = _cast(q_img, pages_ptr, DOT_FP32)
+    q_txt = q_txt.to(DOT_DTYPE)   # dot operands in the cache dtype (the model's with int8 storage)
+    q_img = q_img.to(DOT_DTYPE)
 
     m = tl.full([HP], float("-inf"), tl.float32)
     l_sum = tl.zeros([HP], tl.float32)
@@ -238,13 +264,14 @@ def _latent_pass(
                                  ALIGN)
         is_image, cols_k, cols_v = _record_meta(rows, valid, cols_ptr, TILE, FLAGS_OFF, NUM_GROUPS,
                                                 NEED_FLAGS, PARTIAL_K, PARTIAL_V)
-        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K)
+        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K, INT8, K_SCALE_OFF, DOT_DTYPE)
         scores = _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE, DOT_FP32)
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha, m_safe = _rescale(m, m_new)
         p = tl.exp(scores - m_safe[None, :])                                          # [TILE, HP]
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        v_fac = _load_factors(rows, valid, cols_v, V_OFF, RANK_V, RVP, PARTIAL_V)     # [TILE, RVP]
+        v_fac = _load_factors(rows, valid, cols_v, V_OFF, RANK_V, RVP, PARTIAL_V, INT8, V_SCALE_OFF,
+                              DOT_DTYPE)                                              # [TILE, RVP]
         if HAS_IMAGE:
             p_img = tl.where(is_image[:, None], p, 0.0)
             acc_img = acc_img * alpha[:, None] + _mm(tl.trans(_operand(p_img, v_fac, DOT_FP32)), v_fac, DOT_FP32)
@@ -267,14 +294,17 @@ def _latent_pass(
 
 @triton.jit
 def _combine(
-    query_ptr, basis_ptr, window_k_ptr, window_v_ptr, slots_ptr, wlens_ptr, ws_ptr, out_ptr,
+    query_ptr, basis_ptr, window_k_ptr, window_v_ptr, basis_scales_ptr, wk_scales_ptr, wv_scales_ptr,
+    slots_ptr, wlens_ptr, ws_ptr, out_ptr,
     off_m, off_l, off_acc, off_stats, off_wp, num_splits, batch,
     stride_qb, stride_qh, stride_bs, stride_bm, stride_br, stride_ws, stride_wr, stride_vs, stride_vr,
+    stride_ss, stride_sm, stride_sr, stride_wks, stride_wkr, stride_wvs, stride_wvr,
     stride_ob, stride_oh, scale,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK_V: tl.constexpr,
     M: tl.constexpr, NUM_KV: tl.constexpr, WINDOW: tl.constexpr,
     GP: tl.constexpr, DP: tl.constexpr, RVP: tl.constexpr, WP: tl.constexpr,
-    HAS_IMAGE: tl.constexpr, NEED_PROBS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_IMAGE: tl.constexpr, NEED_PROBS: tl.constexpr,
+    INT8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -317,8 +347,9 @@ def _combine(
     q = tl.load(query_ptr + b64 * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)                    # [GP, DP]
     kv_mask = w_mask[:, None] & d_mask[None, :]
-    w_keys = tl.load(window_k_ptr + slot * stride_ws + w[:, None] * stride_wr + kvh * HEAD_SIZE + d[None, :],
-                     mask=kv_mask, other=0.0)                                          # [WP, DP]
+    w_keys = _load_rows(window_k_ptr + slot * stride_ws + w[:, None] * stride_wr + kvh * HEAD_SIZE + d[None, :],
+                        kv_mask, wk_scales_ptr + slot * stride_wks + w * stride_wkr + kvh, w_mask,
+                        INT8, DOT_DTYPE)                                               # [WP, DP]
     w_scores = _mm(_operand(q, w_keys, DOT_FP32), tl.trans(w_keys), DOT_FP32) * scale  # [GP, WP]
     w_scores = tl.where(w_mask[None, :], w_scores, float("-inf"))
     m_fin = tl.maximum(m_run, tl.max(w_scores, axis=1))
@@ -327,18 +358,22 @@ def _combine(
     l_fin = l_run * a_run + tl.sum(p_w, axis=1)
     inv = tl.where(l_fin > 0.0, 1.0 / tl.where(l_fin > 0.0, l_fin, 1.0), 0.0)
     p_w = p_w * inv[:, None]
-    w_values = tl.load(window_v_ptr + slot * stride_vs + w[:, None] * stride_vr + kvh * HEAD_SIZE + d[None, :],
-                       mask=kv_mask, other=0.0)
+    w_values = _load_rows(window_v_ptr + slot * stride_vs + w[:, None] * stride_vr + kvh * HEAD_SIZE + d[None, :],
+                          kv_mask, wv_scales_ptr + slot * stride_wvs + w * stride_wvr + kvh, w_mask,
+                          INT8, DOT_DTYPE)
     out = _mm(_operand(p_w, w_values, DOT_FP32), w_values, DOT_FP32)                   # [GP, DP]
 
     # Rank space -> head space: one D_v product per modality (accumulators normalised first).
     coef = (a_run * inv)[:, None]
     basis_at = basis_ptr + slot * stride_bs + rv[:, None] * stride_br + kvh * HEAD_SIZE + d[None, :]
     basis_mask = rv_mask[:, None] & d_mask[None, :]
-    basis = tl.load(basis_at + TEXT_PLANE * stride_bm, mask=basis_mask, other=0.0)   # [RVP, DP]
+    scales_at = basis_scales_ptr + slot * stride_ss + rv * stride_sr + kvh
+    basis = _load_rows(basis_at + TEXT_PLANE * stride_bm, basis_mask, scales_at + TEXT_PLANE * stride_sm, rv_mask,
+                       INT8, DOT_DTYPE)                                                # [RVP, DP]
     out += _mm(_operand(acc_txt * coef, basis, DOT_FP32), basis, DOT_FP32)
     if HAS_IMAGE:
-        basis = tl.load(basis_at + IMAGE_PLANE * stride_bm, mask=basis_mask, other=0.0)
+        basis = _load_rows(basis_at + IMAGE_PLANE * stride_bm, basis_mask, scales_at + IMAGE_PLANE * stride_sm,
+                           rv_mask, INT8, DOT_DTYPE)
         out += _mm(_operand(acc_img * coef, basis, DOT_FP32), basis, DOT_FP32)
     tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -358,9 +393,10 @@ def _probs_pass(
     stride_page, stride_row, stride_bt, stride_pb, stride_wb,
     NUM_HEADS: tl.constexpr, RANK_K: tl.constexpr, M: tl.constexpr, NUM_KV: tl.constexpr,
     WINDOW: tl.constexpr, HP: tl.constexpr, RKP: tl.constexpr, KVP: tl.constexpr, WP: tl.constexpr,
-    K_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr, NUM_GROUPS: tl.constexpr,
+    K_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr, NUM_GROUPS: tl.constexpr, K_SCALE_OFF: tl.constexpr,
     BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGN: tl.constexpr,
-    HAS_IMAGE: tl.constexpr, NEED_FLAGS: tl.constexpr, PARTIAL_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_IMAGE: tl.constexpr, NEED_FLAGS: tl.constexpr, PARTIAL_K: tl.constexpr,
+    INT8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -370,8 +406,8 @@ def _probs_pass(
     first, last = _tile_range(clen, split, num_splits, TILE)
     bt_row = block_table_ptr + b64 * stride_bt
     q_txt, q_img = _load_queries(q_lat_ptr, b, HP, RKP, NUM_HEADS, RANK_K, M, HAS_IMAGE)
-    q_txt = _cast(q_txt, pages_ptr, DOT_FP32)
-    q_img = _cast(q_img, pages_ptr, DOT_FP32)
+    q_txt = q_txt.to(DOT_DTYPE)
+    q_img = q_img.to(DOT_DTYPE)
     h = tl.arange(0, HP)
     h_mask = h < NUM_HEADS
     stats = ws_ptr + off_stats + b64 * NUM_HEADS + h
@@ -385,7 +421,7 @@ def _probs_pass(
         rows, valid = _tile_rows(pages_ptr, bt_row, pos, clen, stride_page, stride_row, BLOCK, ALIGN)
         is_image, cols_k, cols_v = _record_meta(rows, valid, cols_ptr, TILE, FLAGS_OFF, NUM_GROUPS,
                                                 NEED_FLAGS, PARTIAL_K, False)
-        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K)
+        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K, INT8, K_SCALE_OFF, DOT_DTYPE)
         scores = _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE, DOT_FP32)
         p = tl.exp(scores - m_fin[None, :]) * inv[None, :]                             # [TILE, HP]
         tl.store(row_out + pos, tl.sum(p, axis=1) / NUM_HEADS, mask=pos < max_len)   # 0 past clen
@@ -413,8 +449,6 @@ def _probs_pass(
 
 _COLS: dict = {}
 _PLANS: dict = {}
-
-
 
 
 def column_table(spec: LatentSpec, device: torch.device) -> torch.Tensor:
@@ -457,13 +491,35 @@ def _record_alignment(pages: torch.Tensor, layout) -> int:
     return align
 
 
+def _check_int8(query, pages, rows: dict, scales, layout, num_kv: int) -> None:
+    """int8 storage: int8 pages and slot rows, each row tensor with float32 scales
+    [..rows.., num_kv_heads], and records whose float32 scales are 4-byte aligned."""
+    assert scales is not None and set(ROW_TENSORS) <= set(scales), f"int8 storage needs scales for {ROW_TENSORS}"
+    assert query.dtype in _TL_DTYPES, f"query dtype {query.dtype}: float16, bfloat16 or float32"
+    assert pages.dtype == torch.int8 and all(t.dtype == torch.int8 for t in rows.values()), \
+        "int8 storage: int8 pages, bases and windows"
+    for name, t in rows.items():
+        s = scales[name]
+        assert s.dtype == torch.float32 and s.shape == (*t.shape[:-1], num_kv) and s.stride(-1) == 1, \
+            f"scales[{name!r}]: float32 [{', '.join(map(str, t.shape[:-1]))}, {num_kv}], last dim contiguous"
+    # The kernels load a record's scales as float32 at row address + offset: every term a multiple of 4.
+    assert all(n % FLOAT32_BYTES == 0 for n in (pages.data_ptr(), pages.stride(0), pages.stride(1),
+                                                layout.k_scale_offset, layout.v_scale_offset)), \
+        "int8 pages: rows and scale offsets must be 4-byte aligned"
+
+
+def _scale_strides(scales, name: str, ndim: int) -> tuple[int, ...]:
+    """The leading `ndim` strides of scales[name] (zeros without scales: never read)."""
+    return tuple(scales[name].stride()[:ndim]) if scales else (0,) * ndim
+
+
 class _Plan:
     """Everything about a call that follows from shapes, strides, the spec and host integers:
     grids, workspace layout, scalar arguments and compile-time constants. Cached, so that a
     steady decode step spends its host time on the launches only."""
 
     def __init__(self, query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale,
-                 need_probs, splits, tile):
+                 need_probs, splits, tile, scales):
         bsz, num_heads, head_size = query.shape
         layout = spec.layout
         planes = spec.num_modalities
@@ -482,6 +538,12 @@ class _Plan:
         assert pages.shape[-1] == layout.width, "pages: [num_blocks, block_size, record width]"
         assert (query.stride(-1) == pages.stride(-1) == basis_k.stride(-1) == basis_v.stride(-1)
                 == window_k.stride(-1) == window_v.stride(-1) == 1), "last dims must be contiguous"
+        int8 = layout.int8
+        if int8:
+            rows = dict(basis_k=basis_k, basis_v=basis_v, window_k=window_k, window_v=window_v)
+            _check_int8(query, pages, rows, scales, layout, num_kv)
+        else:
+            assert not scales, "scales are for int8 storage only"
         interpreted = _interpreted()
         if tile is None:
             tile = INTERPRETER_TILE if interpreted else TUNING["tile"]
@@ -493,6 +555,7 @@ class _Plan:
         self.bsz, self.max_len = bsz, max_len
         self.out_shape = (bsz, num_heads, head_size)
         self.window = window
+        self.int8 = int8
 
         # One float32 workspace: q_lat | m | l | acc | final max and sum | window probs per KV head.
         off_m = _align(bsz * planes * num_heads * layout.rank_k)
@@ -502,7 +565,10 @@ class _Plan:
         off_wp = off_stats + _align(2 * bsz * num_heads)
         self.ws_size = off_wp + (_align(bsz * num_kv * window) if need_probs else 0)
 
-        dot_fp32 = interpreted or pages.dtype == torch.float32
+        # Dot operands: the cache dtype, or with int8 storage the model's (int8 tiles are scaled first).
+        dot_dtype = query.dtype if int8 else pages.dtype
+        dot_fp32 = interpreted or dot_dtype == torch.float32
+        dot = dict(INT8=int8, DOT_DTYPE=tl.float32 if dot_fp32 else _TL_DTYPES[dot_dtype], DOT_FP32=dot_fp32)
         gp, dp = _pow2(group), _pow2(head_size)
         hp, rkp, rvp, wp = _pow2(num_heads), _pow2(layout.rank_k), _pow2(layout.rank_v), _pow2(window)
         q_stride, bk_stride, bv_stride = query.stride(), basis_k.stride(), basis_v.stride()
@@ -511,37 +577,44 @@ class _Plan:
         self.grid_project = (bsz, planes * num_kv)
         self.grid_pass = (bsz, splits)
         self.grid_combine = (bsz, num_kv)
-        self.project_args = (q_stride[0], q_stride[1], bk_stride[0], bk_stride[1], bk_stride[2], scale)
+        self.project_args = (q_stride[0], q_stride[1], bk_stride[0], bk_stride[1], bk_stride[2],
+                             *_scale_strides(scales, "basis_k", 3), scale)
         self.project_const = dict(
             NUM_HEADS=num_heads, G=group, HEAD_SIZE=head_size, RANK_K=layout.rank_k, M=planes, NUM_KV=num_kv,
-            GP=gp, DP=dp, RKP=rkp, DOT_FP32=dot_fp32, num_warps=TUNING["project_warps"])
+            GP=gp, DP=dp, RKP=rkp, **dot, num_warps=TUNING["project_warps"])
         records = dict(
             NUM_HEADS=num_heads, RANK_K=layout.rank_k, M=planes, HP=hp, RKP=rkp,
             K_OFF=layout.k_offset, FLAGS_OFF=layout.flags_offset, NUM_GROUPS=spec.num_groups,
+            K_SCALE_OFF=layout.k_scale_offset if int8 else 0,
             BLOCK=pages.shape[1], TILE=tile, ALIGN=_record_alignment(pages, layout), HAS_IMAGE=has_image,
             NEED_FLAGS=has_image or partial_k or partial_v,
-            PARTIAL_K=partial_k, DOT_FP32=dot_fp32, num_warps=TUNING["pass_warps"])
+            PARTIAL_K=partial_k, **dot, num_warps=TUNING["pass_warps"])
         self.pass_args = (off_m, off_l, off_acc, p_stride[0], p_stride[1], bt_stride)
-        self.pass_const = dict(records, RANK_V=layout.rank_v, RVP=rvp, V_OFF=layout.v_offset, PARTIAL_V=partial_v)
+        self.pass_const = dict(records, RANK_V=layout.rank_v, RVP=rvp, V_OFF=layout.v_offset, PARTIAL_V=partial_v,
+                               V_SCALE_OFF=layout.v_scale_offset if int8 else 0)
         self.combine_args = (
             off_m, off_l, off_acc, off_stats, off_wp, splits, bsz,
             q_stride[0], q_stride[1], bv_stride[0], bv_stride[1], bv_stride[2],
-            wk_stride[0], wk_stride[1], wv_stride[0], wv_stride[1], num_heads * head_size, head_size, scale)
+            wk_stride[0], wk_stride[1], wv_stride[0], wv_stride[1],
+            *_scale_strides(scales, "basis_v", 3), *_scale_strides(scales, "window_k", 2),
+            *_scale_strides(scales, "window_v", 2), num_heads * head_size, head_size, scale)
         self.combine_const = dict(
             NUM_HEADS=num_heads, G=group, HEAD_SIZE=head_size, RANK_V=layout.rank_v, M=planes, NUM_KV=num_kv,
             WINDOW=window, GP=gp, DP=dp, RVP=rvp, WP=wp, HAS_IMAGE=has_image, NEED_PROBS=need_probs,
-            DOT_FP32=dot_fp32, num_warps=TUNING["combine_warps"])
+            **dot, num_warps=TUNING["combine_warps"])
         self.probs_args = (off_stats, off_wp, max_len, bsz, p_stride[0], p_stride[1], bt_stride,
                            max(max_len, 1), window)
         self.probs_const = dict(records, NUM_KV=num_kv, WINDOW=window, KVP=_pow2(num_kv, 1), WP=wp)
 
 
-def _plan_key(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs, splits, tile):
+def _plan_key(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs, splits, tile,
+              scales):
     return (spec, query.shape, query.stride(), query.dtype, query.device, pages.shape, pages.stride(), pages.dtype,
             basis_k.shape, basis_k.stride(), basis_v.shape, basis_v.stride(), window_k.shape, window_k.stride(),
             window_v.shape, window_v.stride(), pages.data_ptr() % 16, batch.block_table.stride(0),
             batch.max_compressed_len, scale,
-            need_probs, splits, tile, _interpreted(), PROGRAMS_PER_SM, tuple(TUNING.values()))
+            need_probs, splits, tile, _interpreted(), PROGRAMS_PER_SM, tuple(TUNING.values()),
+            tuple((n, t.shape, t.stride(), t.dtype) for n, t in sorted(scales.items())) if scales else None)
 
 
 def latent_decode_attention_triton(
@@ -555,25 +628,31 @@ def latent_decode_attention_triton(
     spec: LatentSpec,
     scale: float,
     need_probs: bool = False,
+    scales: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decode step; same contract and results as `latent_decode_attention`.
+
+    With int8 storage (`spec.layout.int8`) the pages, bases and windows are int8 and
+    `scales` holds the slot rows' float32 scales by name ("basis_k", "basis_v",
+    "window_k", "window_v"); without it, `scales` is None.
 
     Needs only the batch's block table, slot ids, compressed and window lengths and
     `max_compressed_len` (the index tensors may be None). Reads no device value, makes
     no gathered copy: capturable in a CUDA graph (after one warm-up call).
     """
-    return _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs)
+    return _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
+                          scales=scales)
 
 
 def _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale,
-                   need_probs=False, splits=None, tile=None):
+                   need_probs=False, splits=None, tile=None, scales=None):
     """`latent_decode_attention_triton` with the split count and tile size open (tests)."""
     key = _plan_key(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
-                    splits, tile)
+                    splits, tile, scales)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _Plan(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
-                     splits, tile)
+                     splits, tile, scales)
         if len(_PLANS) > 256:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -593,10 +672,14 @@ def _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, sp
     cols = column_table(spec, device) if plan.needs_cols else batch.compressed_lens
     block_table, clens = batch.block_table, batch.compressed_lens
     slots = batch.slot_ids
-    _project_queries[plan.grid_project](query, basis_k, slots, ws, *plan.project_args, **plan.project_const)
+    if plan.int8:
+        s_bk, s_bv, s_wk, s_wv = (scales[name] for name in ROW_TENSORS)
+    else:  # 16-bit storage: the rows stand in for the scales (never read)
+        s_bk, s_bv, s_wk, s_wv = basis_k, basis_v, window_k, window_v
+    _project_queries[plan.grid_project](query, basis_k, s_bk, slots, ws, *plan.project_args, **plan.project_const)
     _latent_pass[plan.grid_pass](ws, pages, block_table, clens, cols, ws, *plan.pass_args, **plan.pass_const)
-    _combine[plan.grid_combine](query, basis_v, window_k, window_v, slots, batch.window_lens, ws, out,
-                                *plan.combine_args, **plan.combine_const)
+    _combine[plan.grid_combine](query, basis_v, window_k, window_v, s_bv, s_wk, s_wv, slots, batch.window_lens, ws,
+                                out, *plan.combine_args, **plan.combine_const)
     if need_probs:
         _probs_pass[plan.grid_pass](ws, pages, block_table, clens, cols, ws, probs, w_probs,
                                     *plan.probs_args, **plan.probs_const)

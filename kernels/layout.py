@@ -15,9 +15,10 @@ Two storage formats (`kernels/storage.py` reads and writes both):
 * int8 (`int8=True`): offsets count bytes. K' and V' are int8, each with a float32
   scale per token, importance is float32 and flags one byte:
 
-    [ K' (rank_k) | V' (rank_v) | K' scale (4) | V' scale (4) | importance (4) | flags (1) | pad ]
+    [ K' (rank_k) | V' (rank_v) | pad | K' scale (4) | V' scale (4) | importance (4) | flags (1) | pad ]
 
-  padded to a multiple of `INT8_ROW_ALIGN` bytes so a row is whole elements of any cache dtype.
+  The float32 fields start at a 4-byte boundary and a row is a multiple of
+  `INT8_ROW_ALIGN` bytes, so it is whole elements of any cache dtype.
 
 Pages are `[num_blocks, block_size, width]`, addressed like vLLM's: a token at
 flat slot s lives in block s // block_size, row s % block_size.
@@ -51,8 +52,8 @@ class RecordLayout:
 
     @property
     def k_scale_offset(self) -> int:
-        """int8 only: the float32 scale of K'."""
-        return self.rank_k + self.rank_v
+        """int8 only: the float32 scale of K', at a 4-byte boundary (a kernel loads it as float32)."""
+        return _round_up(self.rank_k + self.rank_v, INT8_ROW_ALIGN)
 
     @property
     def v_scale_offset(self) -> int:
@@ -75,8 +76,12 @@ class RecordLayout:
     def width(self) -> int:
         """Columns of a page row: elements of the cache dtype, or bytes when int8."""
         if self.int8:
-            return -(-(self.flags_offset + 1) // INT8_ROW_ALIGN) * INT8_ROW_ALIGN
+            return _round_up(self.flags_offset + 1, INT8_ROW_ALIGN)
         return self.rank_k + self.rank_v + 2
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def encode_flags(modality, group):

@@ -4,10 +4,16 @@ Imports torch and the kernels package only, so the GPU check can use it without 
 rest of the project. Pages start as NaN (stale bytes) and only the requests' own rows
 are written; block tables are shuffled and their unused entries point at other
 requests' blocks; slots are a random subset of a larger pool.
+
+With `int8=True` the same values are stored in the int8 format (`kernels/storage.py`):
+records packed as bytes, bases and windows quantized with a scale per row and KV head
+(`LatentCase.scales`); stale page rows are random bytes whose K' and V' scales are NaN
+and inf.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -30,6 +36,7 @@ class LatentCase:
     block_size: int
     window: int
     scale: float
+    scales: dict | None = None  # int8 storage: the slot rows' float32 scales by name; else None
 
     def batch(self, kernels, with_index: bool = True, max_compressed_len: int | None = None):
         """The step's DecodeBatch (optionally with a larger padded length, as for a captured graph)."""
@@ -51,20 +58,31 @@ def column_tables(rank_k: int, rank_v: int, partial_k: bool, partial_v: bool, nu
     return table(rank_k, partial_k), table(rank_v, partial_v)
 
 
+def _stale_int8_pages(shape, layout, gen: torch.Generator) -> torch.Tensor:
+    """int8 pages of random bytes whose K' scales are NaN and V' scales inf in every row."""
+    pages = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
+    for offset, value in ((layout.k_scale_offset, float("nan")), (layout.v_scale_offset, float("inf"))):
+        pages[..., offset:offset + 4] = torch.tensor([value]).view(torch.int8)
+    return pages
+
+
 def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_heads=2, head_size=16,
                 rank_k=16, rank_v=16, block_size=8, window=4, has_image=True, partial_k=False,
                 partial_v=False, num_groups=2, dtype=torch.float32, device="cpu", seed=0,
                 extra_slots=2, window_stale=0.0, num_blocks=None, max_blocks=None,
-                num_slots=None) -> LatentCase:
+                num_slots=None, int8=False) -> LatentCase:
     """A batch of requests with `compressed_lens` records and `window_lens` window rows each.
 
     Window rows past a request's length hold `window_stale` (finite by default: the
-    PyTorch path multiplies them by zero probabilities). `num_blocks`, `max_blocks` and
-    `num_slots` fix the shapes (two cases of the same shapes feed one captured graph).
+    PyTorch path multiplies them by zero probabilities; with int8, their scales do).
+    `num_blocks`, `max_blocks` and `num_slots` fix the shapes (two cases of the same
+    shapes feed one captured graph). `int8`: the int8 storage format of the same values
+    (`dtype` is then the query's).
     """
     K = kernels
+    storage = importlib.import_module(K.layout.__package__ + ".storage")  # `kernels` may be a namespace
     gen = torch.Generator().manual_seed(seed)
-    layout = K.layout.RecordLayout(rank_k=rank_k, rank_v=rank_v)
+    layout = K.layout.RecordLayout(rank_k=rank_k, rank_v=rank_v, int8=int8)
     cols_k, cols_v = column_tables(rank_k, rank_v, partial_k, partial_v, num_groups)
     planes = 2 if has_image else 1
     spec = K.decode_inputs.LatentSpec(layout, planes, cols_k, cols_v)
@@ -75,7 +93,8 @@ def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_he
     max_blocks = max_blocks or max(blocks + [1]) + 1
     num_blocks = num_blocks or sum(blocks) + 3
     assert max_blocks >= max(blocks + [0]) and num_blocks >= sum(blocks), "shapes too small"
-    pages = torch.full((num_blocks, block_size, layout.width), float("nan"))
+    page_shape = (num_blocks, block_size, layout.width)
+    pages = _stale_int8_pages(page_shape, layout, gen) if int8 else torch.full(page_shape, float("nan"))
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     block_table = torch.empty(batch, max_blocks, dtype=torch.int32)
     used = 0
@@ -84,14 +103,14 @@ def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_he
         used += nb
         spare = torch.randint(0, num_blocks, (max_blocks - nb,), generator=gen).tolist()
         block_table[b] = torch.tensor(own + spare, dtype=torch.int32)
-        records = torch.empty(clen, layout.width)
-        records[:, layout.k_offset:layout.k_offset + rank_k] = torch.randn(clen, rank_k, generator=gen)
-        records[:, layout.v_offset:layout.v_offset + rank_v] = torch.randn(clen, rank_v, generator=gen)
-        records[:, layout.importance_offset] = torch.rand(clen, generator=gen)
+        k = torch.randn(clen, rank_k, generator=gen)
+        v = torch.randn(clen, rank_v, generator=gen)
+        importance = torch.rand(clen, generator=gen)
         modality = (torch.randint(0, 2, (clen,), generator=gen) if has_image
                     else torch.zeros(clen, dtype=torch.long))
         group = torch.randint(0, num_groups, (clen,), generator=gen)
-        records[:, layout.flags_offset] = K.layout.encode_flags(modality, group).float()
+        records = storage.pack_records(layout, pages.dtype, k, v, importance,
+                                       K.layout.encode_flags(modality, group))
         pos = torch.arange(clen)
         rows = torch.tensor(own, dtype=torch.long)[pos // block_size] if clen else pos
         pages[rows, pos % block_size] = records
@@ -102,17 +121,27 @@ def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_he
     basis_v = torch.randn(num_slots, planes, rank_v, kv_width, generator=gen) / head_size ** 0.5
     window_k = torch.randn(num_slots, window, kv_width, generator=gen)
     window_v = torch.randn(num_slots, window, kv_width, generator=gen)
+    slot_rows = dict(basis_k=basis_k, basis_v=basis_v, window_k=window_k, window_v=window_v)
+    scales = None
+    if int8:
+        quantized = {name: storage.quantize(t, num_kv_heads) for name, t in slot_rows.items()}
+        slot_rows = {name: q for name, (q, _) in quantized.items()}
+        scales = {name: s.to(device) for name, (_, s) in quantized.items()}
+        stale = (scales["window_k"], scales["window_v"])   # a stale row's scale makes it stale
+    else:
+        stale = (window_k, window_v)
     for b, wlen in enumerate(window_lens):
-        window_k[slot_ids[b], wlen:] = window_stale
-        window_v[slot_ids[b], wlen:] = window_stale
+        for t in stale:
+            t[slot_ids[b], wlen:] = window_stale
     query = torch.randn(batch, num_heads, head_size, generator=gen)
     to = dict(dtype=dtype, device=device)
+    stored = dict(device=device) if int8 else to   # int8 rows and pages keep their dtype
     return LatentCase(
-        spec=spec, query=query.to(**to), pages=pages.to(**to), basis_k=basis_k.to(**to),
-        basis_v=basis_v.to(**to), window_k=window_k.to(**to), window_v=window_v.to(**to),
+        spec=spec, query=query.to(**to), pages=pages.to(**stored),
+        **{name: t.to(**stored) for name, t in slot_rows.items()},
         block_table=block_table.to(device), slot_ids=slot_ids,
         seq_lens=[c + w for c, w in zip(compressed_lens, window_lens)], window_lens=list(window_lens),
-        block_size=block_size, window=window, scale=head_size ** -0.5)
+        block_size=block_size, window=window, scale=head_size ** -0.5, scales=scales)
 
 
 # --------------------------------------------------------------------------- CUDA graph replay

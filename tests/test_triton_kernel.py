@@ -3,7 +3,9 @@
 The caches are built directly (tests/latent_cases.py): random records with valid
 flags in shuffled pages whose other rows are NaN, ragged lengths including a request
 with no compressed token, window lengths from 0 to the window size, slots drawn from
-a larger pool.
+a larger pool. int8 storage: the same cases in the int8 format (stale page rows are
+random bytes with NaN and inf scales), and int8 state made by prefill, decode and a
+fold (tests/scenario.py).
 """
 import collections
 import dataclasses
@@ -13,10 +15,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attentionpack_vllm.kernels as K
+from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.kernels import decode_inputs, latent_decode_torch, latent_decode_triton  # noqa: F401
 from attentionpack_vllm.kernels import layout  # noqa: F401
 from latent_cases import random_case, replay_against_eager, same_outputs
-from triton_devices import DEVICES, HAS_CUDA
+from scenario import attend_now, build_scenario, run_decode
+from triton_devices import DEVICES, HAS_CUDA, interpreted
 
 pytestmark = pytest.mark.triton
 
@@ -40,7 +44,7 @@ def call_torch(case, batch=None, need_probs=True):
     batch = batch or case.batch(K)
     return latent_decode_torch.latent_decode_attention(
         case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch,
-        case.spec, case.scale, need_probs=need_probs)
+        case.spec, case.scale, need_probs=need_probs, scales=case.scales)
 
 
 def call_triton(case, batch=None, need_probs=True, **kwargs):
@@ -48,8 +52,8 @@ def call_triton(case, batch=None, need_probs=True, **kwargs):
     args = (case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch,
             case.spec, case.scale, need_probs)
     if kwargs:
-        return latent_decode_triton._latent_decode(*args, **kwargs)
-    return latent_decode_triton.latent_decode_attention_triton(*args)
+        return latent_decode_triton._latent_decode(*args, scales=case.scales, **kwargs)
+    return latent_decode_triton.latent_decode_attention_triton(*args, scales=case.scales)
 
 
 def assert_same(ref, got, device, dtype, need_probs=True):
@@ -79,16 +83,27 @@ CASES = {
     "gqa-odd-image-pk": (6, 3, 24, 16, 32, 8, True, "k", F32, True),
     "mqa-text-pkv":     (4, 1, 32, 32, 16, 16, False, "kv", F32, True),
 }
+# int8 storage, same fields (dtype: the query's). The odd case's 13 + 6 columns put padding
+# before the record's scales and V' at an offset that is not a multiple of 4.
+INT8_CASES = {
+    "int8-mha-image":         (4, 4, 16, 16, 16, 8, True, "", F32, True),
+    "int8-mha-text-pkv":      (4, 4, 16, 16, 16, 8, False, "kv", F16, True),
+    "int8-gqa-image-pv":      (8, 2, 32, 24, 20, 16, True, "v", F16, False),
+    "int8-gqa-odd-image-pkv": (6, 3, 24, 13, 6, 8, True, "kv", F32, True),
+    "int8-mqa-text":          (4, 1, 32, 32, 16, 16, False, "", BF16, True),
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + list(INT8_CASES))
 def test_matches_torch_path(device, name):
-    heads, kv, head_size, rank_k, rank_v, block, image, partial, dtype, need_probs = CASES[name]
+    int8 = name in INT8_CASES
+    heads, kv, head_size, rank_k, rank_v, block, image, partial, dtype, need_probs = {**CASES, **INT8_CASES}[name]
     case = random_case(K, compressed_lens=C_LENS, window_lens=W_LENS, num_heads=heads, num_kv_heads=kv,
                        head_size=head_size, rank_k=rank_k, rank_v=rank_v, block_size=block, window=4,
                        has_image=image, partial_k="k" in partial, partial_v="v" in partial,
-                       dtype=dtype, device=device, seed=len(name))
+                       dtype=dtype, device=device, seed=len(name), int8=int8)
+    assert case.pages.dtype == (torch.int8 if int8 else dtype)
     assert case.spec.partial_k == ("k" in partial) and case.spec.partial_v == ("v" in partial)
     ref = call_torch(case, need_probs=need_probs)
     got = call_triton(case, need_probs=need_probs)
@@ -100,13 +115,14 @@ def test_matches_torch_path(device, name):
 @pytest.mark.parametrize("need_probs", [False, True], ids=["no-probs", "probs"])
 @pytest.mark.parametrize("partial", ["", "k", "v", "kv"], ids=["full", "pk", "pv", "pkv"])
 @pytest.mark.parametrize("image", [True, False], ids=["image", "text"])
-def test_every_switch_combination(device, dtype, need_probs, partial, image):
+@pytest.mark.parametrize("int8", [False, True], ids=["16-bit", "int8"])
+def test_every_switch_combination(device, dtype, need_probs, partial, image, int8):
     if device == "cuda" and (dtype != F16 or not need_probs):
         pytest.skip("on CUDA the half-precision branch with probabilities only (CASES covers the rest; "
                     "every combination is a separate compilation)")
     case = random_case(K, compressed_lens=[0, 19, 6], window_lens=[3, 1, 2], num_heads=4, num_kv_heads=2,
                        head_size=16, block_size=8, window=3, has_image=image, partial_k="k" in partial,
-                       partial_v="v" in partial, dtype=dtype, device=device, seed=7)
+                       partial_v="v" in partial, dtype=dtype, device=device, seed=7, int8=int8)
     assert_same(call_torch(case, need_probs=need_probs), call_triton(case, need_probs=need_probs),
                 device, dtype, need_probs)
 
@@ -145,6 +161,72 @@ def test_a_request_with_an_empty_window(device):
     assert (got[2][0] == 0).all()
 
 
+def _zero_stale_rows(case):
+    """A copy of the case's pages with every row that no request reads zeroed."""
+    pages = torch.zeros_like(case.pages)
+    flat, src = pages.view(-1, pages.shape[-1]), case.pages.view(-1, pages.shape[-1])
+    for b, clen in enumerate(case.batch(K, with_index=False).compressed_lens.tolist()):
+        pos = torch.arange(clen, device=pages.device)
+        rows = case.block_table[b].long()[pos // case.block_size] * case.block_size + pos % case.block_size
+        flat[rows] = src[rows]
+    return pages
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_stale_bytes_never_leak(device):
+    # Page rows past each request's length (in its last page, and in the pages its block
+    # table's spare entries point at) are random bytes with NaN K' and inf V' scales; window
+    # rows past a window's length have NaN scales. The kernel never loads them: its results
+    # equal, bit for bit, those over the same cache with all of it zeroed.
+    kwargs = dict(compressed_lens=[9, 0, 20, 33], window_lens=[1, 3, 2, 4], window=4, partial_k=True,
+                  partial_v=True, int8=True, device=device)
+    stale = random_case(K, window_stale=float("nan"), **kwargs)
+    clean = random_case(K, window_stale=0.0, **kwargs)
+    clean.pages = _zero_stale_rows(clean)
+    offset = stale.spec.layout.k_scale_offset
+    k_scales = stale.pages[..., offset:offset + 4].contiguous().view(torch.float32)
+    assert torch.isnan(k_scales).any() and torch.isnan(stale.scales["window_k"]).any()
+    got = call_triton(stale)
+    assert all(torch.equal(a, b) for a, b in zip(got, call_triton(clean)))
+    assert_same(call_torch(clean), got, device, F32)
+
+
+def test_int8_refuses_missing_scales_and_misaligned_pages():
+    """The record scales are loaded as float32: pages whose rows are not 4-byte aligned are
+    refused on the host, before any launch."""
+    case = random_case(K, compressed_lens=[5], window_lens=[1], int8=True)
+    args = [case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v,
+            case.batch(K, with_index=False), case.spec, case.scale]
+    with pytest.raises(AssertionError, match="needs scales"):
+        latent_decode_triton.latent_decode_attention_triton(*args)
+    shifted = torch.empty(case.pages.numel() + 1, dtype=torch.int8)[1:].view(case.pages.shape)
+    shifted.copy_(case.pages)
+    args[1] = shifted   # one byte past an aligned allocation
+    with pytest.raises(AssertionError, match="4-byte aligned"):
+        latent_decode_triton.latent_decode_attention_triton(*args, scales=case.scales)
+
+
+@pytest.mark.skipif(not interpreted(), reason="the scenario's state is on the CPU (the CUDA tests use random_case)")
+@pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
+def test_int8_state_made_by_prefill_decode_and_a_fold(with_images):
+    """int8 state as the backend makes it (pages of stale random bytes, records written by
+    prefill and a fold, partial rank on): the Triton kernel matches the PyTorch path,
+    probabilities included."""
+    config = AttentionPackConfig.from_dict({"rank": 12, "window_size": 3, "sink_tokens": 2, "storage": "int8",
+                                            "partial_rank_keys": True, "partial_rank_values": True})
+    spans = [[(4, 30)], [], [(0, 9)]] if with_images else None
+    sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[40, 6, 21], image_spans=spans,
+                        pages_fill=float("nan"), has_image=with_images)
+    for _ in run_decode(sc, 4, steps=4, oracle=False):  # one fold
+        pass
+    spec = sc.plan.spec
+    assert spec.layout.int8 and spec.partial_k and spec.partial_v and spec.has_image == with_images
+    q = torch.randn(sc.batch, 4, 16, generator=torch.Generator().manual_seed(3))
+    ref = attend_now(sc, q, 0.25, need_probs=True)
+    got = attend_now(sc, q, 0.25, attention=latent_decode_triton.latent_decode_attention_triton, need_probs=True)
+    assert_same(ref, got, "cpu", F32)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_padded_length_larger_than_needed(device):
     # A captured graph runs with a length bound: the result must not depend on it.
@@ -180,16 +262,16 @@ def test_empty_batch(device):
     assert out.shape == (0, 4, 16) and probs.shape == (0, 4) and w_probs.shape == (0, 4)
 
 
-def test_native_half_dot_branch(monkeypatch):
+@pytest.mark.parametrize("int8", [False, True], ids=["16-bit", "int8"])
+def test_native_half_dot_branch(monkeypatch, int8):
     """The GPU branch (fp16 operands, fp32 accumulation, GPU tile size) under the interpreter,
-    whose fp16 dot is right."""
-    from triton_devices import interpreted
+    whose fp16 dot is right. int8: the scaled tiles are multiplied in the query's fp16."""
     if not interpreted():
         pytest.skip("checks the GPU code path on CPU; on a GPU the other tests run it")
     monkeypatch.setattr(latent_decode_triton, "_interpreted", lambda: False)
     case = random_case(K, compressed_lens=[0, 70, 17], window_lens=[1, 4, 2], num_heads=8, num_kv_heads=2,
                        head_size=32, rank_k=24, rank_v=20, block_size=16, partial_k=True, partial_v=True,
-                       dtype=F16)
+                       dtype=F16, int8=int8)
     assert_same(call_torch(case), call_triton(case), "cuda", F16)  # the GPU's tolerances
 
 
@@ -234,9 +316,10 @@ FORBIDDEN = {"_local_scalar_dense", "nonzero", "index", "index_select", "gather"
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("need_probs", [False, True], ids=["no-probs", "probs"])
-def test_no_host_reads_and_a_fixed_number_of_launches(device, need_probs, monkeypatch):
+@pytest.mark.parametrize("int8", [False, True], ids=["16-bit", "int8"])
+def test_no_host_reads_and_a_fixed_number_of_launches(device, need_probs, int8, monkeypatch):
     case = random_case(K, compressed_lens=C_LENS, window_lens=W_LENS, device=device, partial_k=True,
-                       partial_v=True)
+                       partial_v=True, int8=int8)
     batch = case.batch(K, with_index=False)
     call_triton(case, batch=batch, need_probs=need_probs)  # warm-up: compiles, caches the column table
     launches = _Launches(monkeypatch)
@@ -253,11 +336,12 @@ def test_no_host_reads_and_a_fixed_number_of_launches(device, need_probs, monkey
     assert grids["_latent_pass"][0] == 4
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["16-bit", "int8"])
 @pytest.mark.parametrize("image", [True, False], ids=["image", "text-only"])
-def test_the_host_side_reads_no_tensor_value(image, monkeypatch):
+def test_the_host_side_reads_no_tensor_value(image, int8, monkeypatch):
     """Every input on the meta device (which has no values): the host side still runs,
     so it decides everything from shapes, the spec and host integers."""
-    case = random_case(K, compressed_lens=C_LENS, window_lens=W_LENS, has_image=image, partial_v=True)
+    case = random_case(K, compressed_lens=C_LENS, window_lens=W_LENS, has_image=image, partial_v=True, int8=int8)
     launches = _Launches(monkeypatch, run=False)
     meta = lambda t: t.to("meta")  # noqa: E731
     batch = decode_inputs.make_decode_batch(
@@ -265,7 +349,8 @@ def test_the_host_side_reads_no_tensor_value(image, monkeypatch):
         window_size=case.window, block_size=case.block_size, with_index=False)
     out, probs, w_probs = latent_decode_triton.latent_decode_attention_triton(
         meta(case.query), meta(case.pages), meta(case.basis_k), meta(case.basis_v), meta(case.window_k),
-        meta(case.window_v), batch, case.spec, case.scale, need_probs=True)
+        meta(case.window_v), batch, case.spec, case.scale, need_probs=True,
+        scales=case.scales and {name: meta(t) for name, t in case.scales.items()})
     assert out.device.type == "meta" and probs.shape == (4, 40) and w_probs.shape == (4, 4)
     grids = dict(launches.calls)
     assert len(launches.calls) == 4
@@ -285,7 +370,6 @@ def _graph_cases(device):
 @pytest.mark.parametrize("need_probs", [False, True], ids=["no-probs", "probs"])
 def test_step_on_fixed_buffers_without_capture(need_probs):
     """CPU stand-in for the graph test: the same buffers refilled for other requests, no capture."""
-    from triton_devices import interpreted
     if not interpreted():
         pytest.skip("the CUDA test captures for real")
     cases, new_kv = _graph_cases("cpu")
