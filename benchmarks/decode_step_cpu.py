@@ -11,9 +11,11 @@ for any dense paged kernel. Medians and means (the mean includes the fold step),
 single-threaded, as vLLM's CPU worker computes on one core here. It also counts the
 aten ops and host reads of one plain step (tests/op_counter.py's counter).
 
-    .venv/bin/python benchmarks/decode_step_cpu.py [--threads 1]
+    .venv/bin/python benchmarks/decode_step_cpu.py [--threads 1] [--storage auto,int8 --out F]
 
-Writes results/decode_step_cpu.json.
+Writes results/decode_step_cpu.json. `--storage auto,int8` runs every case in both
+storage formats, side by side (int8: records, bases and window in int8 with scales;
+the saved run is results/decode_step_cpu_int8.json).
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ HEADS, KV_HEADS, HEAD_SIZE, STEPS = 9, 3, 64, 40
 SHAPES = ((1, 64), (1, 512), (10, 900), (16, 800))
 
 
-def run_case(batch: int, context: int, partial: bool) -> dict:
-    config = AttentionPackConfig.from_dict({"rank": 64, "window_size": 32, "partial_rank_values": partial})
+def run_case(batch: int, context: int, partial: bool, storage: str = "auto") -> dict:
+    config = AttentionPackConfig.from_dict({"rank": 64, "window_size": 32, "partial_rank_values": partial,
+                                            "storage": storage})
     sc = build_scenario(config, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, prompt_lens=[context] * batch,
                         max_new_tokens=STEPS + 1, has_image=False)
     gen = torch.Generator().manual_seed(0)
@@ -72,14 +75,15 @@ def run_case(batch: int, context: int, partial: bool) -> dict:
         torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
         dense.append(time.perf_counter() - start)
     us = lambda xs: round(1e6 * xs, 1)  # noqa: E731
-    row = {"batch": batch, "context": context, "partial_rank": partial,
+    row = {"batch": batch, "context": context, "partial_rank": partial, "storage": storage,
            "attentionpack_median_us": us(statistics.median(steps)),
            "attentionpack_mean_us": us(statistics.fmean(steps)),
            "metadata_per_step_us": us(statistics.median(metadata)),
            "dense_sdpa_median_us": us(statistics.median(dense)),
            "plain_step_ops": ops}
     row["ratio_median_to_dense"] = round(row["attentionpack_median_us"] / row["dense_sdpa_median_us"], 2)
-    print(f"[decode_step_cpu] batch {batch}, context {context}, partial rank {'on' if partial else 'off'}: "
+    print(f"[decode_step_cpu] batch {batch}, context {context}, partial rank {'on' if partial else 'off'}, "
+          f"storage {storage}: "
           f"{row['attentionpack_median_us']:.0f} us median ({row['attentionpack_mean_us']:.0f} mean with the fold), "
           f"dense SDPA {row['dense_sdpa_median_us']:.0f} us, metadata {row['metadata_per_step_us']:.0f} us/step, "
           f"{ops['working']} ops, {ops['host_reads']} host reads", flush=True)
@@ -89,12 +93,17 @@ def run_case(batch: int, context: int, partial: bool) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--storage", default="auto",
+                        help="comma-separated storage formats to run each case in (auto, int8)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_step_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [run_case(b, c, p) for b, c in SHAPES for p in (False, True)]
+    storages = [x.strip() for x in args.storage.split(",") if x.strip()]
+    if not storages or set(storages) - {"auto", "int8"}:
+        parser.error(f"--storage: expected a comma-separated list of auto and int8, got {args.storage!r}")
+    rows = [run_case(b, c, p, st) for b, c in SHAPES for p in (False, True) for st in storages]
     result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "threads": args.threads, "geometry": {"heads": HEADS, "kv_heads": KV_HEADS,
+              "threads": args.threads, "storage": storages, "geometry": {"heads": HEADS, "kv_heads": KV_HEADS,
                                                    "head_size": HEAD_SIZE, "rank": 64, "window": 32},
               "environment": environment(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 
 from .decode_inputs import DecodeBatch, LatentSpec
 from .layout import IMAGE, TEXT, decode_flags
-from .storage import dequantize, record_factors, record_flags
+from .storage import dequantize, record_factor_parts, record_flags
 
 
 def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int) -> torch.Tensor:
@@ -103,7 +103,9 @@ def latent_decode_attention(
     records = gathered.view(bsz, -1, layout.width)[:, :t_max]                # [B, T, width]
     flag_index = record_flags(records, layout) if spec.partial_k or spec.partial_v or spec.has_image else None
     is_image = (flag_index & 1).bool() if spec.has_image else None
-    k_fac, v_fac = record_factors(records, layout)                           # float32
+    # int8 records: the per-token scales multiply the scores and the probabilities (a value
+    # per head and token), not the factors (a value per column and token).
+    k_fac, k_scale, v_fac, v_scale = record_factor_parts(records, layout)  # float32
 
     scales = scales or {}
     rows = lambda name, t: _slot_rows(t, slots, scales.get(name))  # noqa: E731
@@ -113,6 +115,8 @@ def latent_decode_attention(
         # Columns a token does not read contribute nothing to its score.
         k_fac = k_fac * (torch.arange(layout.rank_k, device=query.device) < k_cols[..., None])
     scores = torch.matmul(q_lat.reshape(bsz, -1, layout.rank_k), k_fac.transpose(1, 2))  # [B, M*H, T]
+    if k_scale is not None:
+        scores = scores * k_scale[:, None, :]
     if spec.has_image:
         scores = scores.view(bsz, 2, num_heads, t_max)
         scores = torch.where(is_image[:, None, :], scores[:, IMAGE], scores[:, TEXT])
@@ -134,6 +138,8 @@ def latent_decode_attention(
     else:
         per_modality = p_c
     v_cols = spec.cols_by_flag("v", query.device)[flag_index] if spec.partial_v else None
+    if v_scale is not None:
+        per_modality = per_modality * v_scale[:, None, :]
     acc = _banded_product(per_modality, v_fac, v_cols, spec.column_bands("v"))  # [B, M*H, Rv]
     acc = acc.view(bsz, spec.num_modalities, kv_heads, group, layout.rank_v)
     b_v = rows("basis_v", basis_v).view(bsz, spec.num_modalities, layout.rank_v, kv_heads, head_size)

@@ -3,7 +3,7 @@
 Two kinds of stored rows:
 * page records (`kernels/layout.py`): `record_factors`, `record_importance`,
   `record_flags` read fields out of raw rows (`read_importance` straight from the
-  pages); `encode_record_fields` / `write_record_fields`
+  pages; `record_factor_parts` leaves the scales to the caller); `encode_record_fields` / `write_record_fields`
   / `pack_records` write them. int8 records hold K' and V' with one float32 scale
   each (absmax / 127 of the token's factors).
 * slot rows (bases and exact window rows, `[..., kv_width]` with heads concatenated):
@@ -60,6 +60,17 @@ def record_factors(raw: torch.Tensor, layout: RecordLayout) -> tuple[torch.Tenso
         k = k * _float_field(raw, layout.k_scale_offset)[..., None]
         v = v * _float_field(raw, layout.v_scale_offset)[..., None]
     return k, v
+
+
+def record_factor_parts(raw: torch.Tensor, layout: RecordLayout):
+    """(K' [..., rank_k], K' scale [...] or None, V' [..., rank_v], V' scale or None) as
+    float32: `record_factors` with the per-token scales not yet applied, so that a caller
+    can apply them to a smaller product (a score per head rather than a factor per column)."""
+    k = raw[..., layout.k_offset:layout.k_offset + layout.rank_k].float()
+    v = raw[..., layout.v_offset:layout.v_offset + layout.rank_v].float()
+    if not layout.int8:
+        return k, None, v, None
+    return k, _float_field(raw, layout.k_scale_offset), v, _float_field(raw, layout.v_scale_offset)
 
 
 def record_importance(raw: torch.Tensor, layout: RecordLayout) -> torch.Tensor:
