@@ -8,7 +8,12 @@ decode step of one layer is timed three ways, on the same number of tokens:
   cache (records `[K'|V'|importance|flags]`, bases of both modalities and a
   half-full 32-token window in a slot pool), with the `DecodeBatch` made once per
   step by `make_decode_batch(..., with_index=False)` outside the timed region (as
-  the engine does once per step for all layers).
+  the engine does once per step for all layers). With `--int8` the cache is in the
+  int8 storage format (setting `storage: "int8"`): records packed as bytes by
+  `kernels/storage.py`'s `pack_records` (int8 K' and V', a float32 scale each,
+  float32 importance, one flags byte), bases and window rows int8 with a float32
+  scale per row and KV head, passed to the call as `scales=`; the query (and so the
+  output) and the dense baselines keep the 16-bit dtype.
 * dense-Triton: `dense_paged_decode_attention`, the dense paged kernel of the same
   structure, reading full K and V from vLLM-layout pages.
 * SDPA: `torch.nn.functional.scaled_dot_product_attention` on contiguous dense K/V
@@ -28,19 +33,24 @@ image tokens, the rest text; 25 % of the tokens are in group 0.
 Bytes per step (for GB/s): AP counts what its kernels must read or write: the record
 columns read (K' columns and flags; V' columns per token's group; with need_probs K'
 and flags again plus the float32 probabilities written), the request's bases (both
-modalities, K and V) and its valid window rows (K and V). The float32 workspace
-(projected queries, split partials) is left out, as are query and output, for AP and
-dense alike. Dense counts `2 * num_kv_heads * head_size` elements per token.
+modalities, K and V) and its valid window rows (K and V). With `--int8` a factor or
+row element is one byte, a record adds its K' and V' scales (4 bytes each; K' scale
+again with need_probs) and its flags are one byte, and every basis and window row
+adds its float32 scales (one per KV head). The float32 workspace (projected queries,
+split partials) is left out, as are query and output, for AP and dense alike. Dense
+counts `2 * num_kv_heads * head_size` elements per token.
 
 Timing: triton.testing.do_bench (L2 flushed before every run), median, after a
 warm-up; every configuration is seeded. Outputs are checked before timing: AP against
 the PyTorch latent path (every request, in chunks), dense-Triton against SDPA, and
-every graph replay against its eager call.
+every graph replay against its eager call. Every row records its `storage`: "auto"
+(16-bit, the cache dtype) or "int8".
 
     python benchmarks/kernel_bench.py            # LLaVA-1.5-7B and Qwen2-VL-7B, batch 1/64/256, context 1000/4000, rank 64
     python benchmarks/kernel_bench.py --sweep    # also a tuning sweep (tile, warps, programs per SM) at three points
     python benchmarks/kernel_bench.py --quick    # LLaVA, batch 1 and 64, context 1000, rank 64
     python benchmarks/kernel_bench.py --smoke    # CPU, Triton interpreter, tiny shapes: plumbing only
+    python benchmarks/kernel_bench.py --int8 ... # AP in int8 storage (with any of the above); files end in _int8
     python benchmarks/kernel_bench.py --replot results/kernel_bench_<card>.json   # redraw a saved run's plot
 
 Needs torch and triton only (matplotlib for the plot; without it, `--replot` draws it
@@ -50,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -142,6 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot of a saved run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and PNG")
     p.add_argument("--bf16", action="store_true", help="bfloat16 storage (default float16)")
+    p.add_argument("--int8", action="store_true",
+                   help="AttentionPack cache in int8 storage (records, bases and window int8 with float32 "
+                        "scales; query and dense baselines stay 16-bit); result files end in _int8")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--geometries", nargs="+", choices=sorted(GEOMETRIES), help="subset of geometries")
     p.add_argument("--batches", nargs="+", type=int, help="override the batch sizes")
@@ -223,17 +237,22 @@ class ApCache:
     flags: object            # [batch, compressed_len] int64 (for byte counts)
     compressed_len: int
     window_len: int
+    scales: dict | None = None  # int8: the slot rows' float32 scales by name ([..rows.., num_kv_heads])
 
 
-def orthonormal_bases(torch, count: int, rank: int, width: int, dtype, device):
-    """[count, rank, width]: rows orthonormal (QR of a Gaussian matrix)."""
+def orthonormal_bases(torch, count: int, rank: int, width: int, device):
+    """[count, rank, width] float32: rows orthonormal (QR of a Gaussian matrix)."""
     q, _ = torch.linalg.qr(torch.randn(count, width, rank, device=device))
-    return q.transpose(1, 2).contiguous().to(dtype)
+    return q.transpose(1, 2).contiguous()
 
 
 def build_ap(torch, K, geom: Geometry, batch: int, context: int, rank: int, block_size: int,
-             dtype, device, image_tokens: int) -> ApCache:
-    layout = K.layout.RecordLayout(rank_k=rank, rank_v=rank)
+             dtype, device, image_tokens: int, int8: bool = False) -> ApCache:
+    """The cache in `dtype`, or with `int8` in the int8 storage format (pages, bases and
+    window int8; `scales` with the slot rows' float32 scales, one per row and KV head)."""
+    storage = K.storage
+    layout = K.layout.RecordLayout(rank_k=rank, rank_v=rank, int8=int8)
+    page_dtype = torch.int8 if int8 else dtype
     window_len = min(WINDOW_FILL, context - 1)
     clen = context - window_len
     blocks = -(-clen // block_size)
@@ -242,26 +261,34 @@ def build_ap(torch, K, geom: Geometry, batch: int, context: int, rank: int, bloc
     modality = torch.where(pos < image_tokens, K.layout.IMAGE, K.layout.TEXT).expand(batch, clen)
     group = (torch.rand(batch, clen, device=device) >= GROUP_FRACTIONS[0]).long()  # 25 % in group 0
     flags = K.layout.encode_flags(modality, group)
-    records = torch.zeros(batch, blocks * block_size, layout.width, dtype=dtype, device=device)
-    records[:, :clen, layout.k_offset:layout.k_offset + rank] = torch.randn(batch, clen, rank, device=device).to(dtype)
-    records[:, :clen, layout.v_offset:layout.v_offset + rank] = torch.randn(batch, clen, rank, device=device).to(dtype)
-    records[:, :clen, layout.importance_offset] = torch.rand(batch, clen, device=device).to(dtype)
-    records[:, :clen, layout.flags_offset] = flags.to(dtype)
-    pages = torch.empty(num_blocks, block_size, layout.width, dtype=dtype, device=device)
+    records = torch.zeros(batch, blocks * block_size, layout.width, dtype=page_dtype, device=device)
+    k_fac = torch.randn(batch, clen, rank, device=device)
+    v_fac = torch.randn(batch, clen, rank, device=device)
+    importance = torch.rand(batch, clen, device=device)
+    records[:, :clen] = storage.pack_records(layout, page_dtype, k_fac, v_fac, importance, flags)
+    del k_fac, v_fac, importance
+    pages = torch.empty(num_blocks, block_size, layout.width, dtype=page_dtype, device=device)
     block_table = torch.randperm(num_blocks, device=device).view(batch, blocks)
     pages[block_table] = records.view(batch, blocks, block_size, layout.width)
     del records
     width = geom.kv_width
     num_slots = batch + 1   # one spare slot: slot ids are not simply 0..batch-1
-    basis_k = orthonormal_bases(torch, num_slots * 2, rank, width, dtype, device).view(num_slots, 2, rank, width)
-    basis_v = orthonormal_bases(torch, num_slots * 2, rank, width, dtype, device).view(num_slots, 2, rank, width)
+    rows = dict(basis_k=orthonormal_bases(torch, num_slots * 2, rank, width, device).view(num_slots, 2, rank, width),
+                basis_v=orthonormal_bases(torch, num_slots * 2, rank, width, device).view(num_slots, 2, rank, width))
+    slot_ids = torch.randperm(num_slots)[:batch].tolist()
+    rows.update(window_k=torch.randn(num_slots, WINDOW_SIZE, width, device=device),
+                window_v=torch.randn(num_slots, WINDOW_SIZE, width, device=device))
+    scales = None
+    if int8:
+        quantized = {name: storage.quantize(t, geom.num_kv_heads) for name, t in rows.items()}
+        rows = {name: q for name, (q, _) in quantized.items()}
+        scales = {name: s for name, (_, s) in quantized.items()}
+    else:
+        rows = {name: t.to(dtype) for name, t in rows.items()}
     return ApCache(
-        layout=layout, pages=pages, block_table=block_table.to(torch.int32),
-        slot_ids=torch.randperm(num_slots)[:batch].tolist(), seq_lens=[context] * batch,
-        window_lens=[window_len] * batch, basis_k=basis_k, basis_v=basis_v,
-        window_k=torch.randn(num_slots, WINDOW_SIZE, width, dtype=dtype, device=device),
-        window_v=torch.randn(num_slots, WINDOW_SIZE, width, dtype=dtype, device=device),
-        flags=flags, compressed_len=clen, window_len=window_len)
+        layout=layout, pages=pages, block_table=block_table.to(torch.int32), slot_ids=slot_ids,
+        seq_lens=[context] * batch, window_lens=[window_len] * batch, **rows,
+        flags=flags, compressed_len=clen, window_len=window_len, scales=scales)
 
 
 def latent_spec(K, layout, rank: int, partial: bool):
@@ -279,20 +306,26 @@ def decode_batch(K, ap: ApCache, block_size: int, rows=slice(None), with_index=F
 
 
 def ap_bytes(torch, ap: ApCache, spec, need_probs: bool, item: int) -> int:
+    """Bytes AP reads or writes (see the module docstring); `item`: the 16-bit cache's
+    element size (int8 storage counts its own: 1 byte, float32 scales, a flags byte)."""
     modality, group = ap.flags % 2, ap.flags // 2
     tokens = ap.flags.numel()
     cols_k = torch.tensor(spec.group_cols_k, device=ap.flags.device)
     cols_v = torch.tensor(spec.group_cols_v, device=ap.flags.device)
     read_k = int(cols_k[modality, group].sum())
     read_v = int(cols_v[modality, group].sum())
-    records = (read_k + read_v + tokens) * item                # K', V' per group, flags
-    if need_probs:
-        records += (read_k + tokens) * item + tokens * 4       # K' and flags again, fp32 probs out
+    int8 = ap.layout.int8
+    element, flag = (1, 1) if int8 else (item, item)
+    factor_scale = 4 if int8 else 0                                    # per token, K' and V' each
+    row_scales = 4 * ap.scales["window_k"].shape[-1] if int8 else 0   # per basis / window row
+    records = (read_k + read_v) * element + tokens * (2 * factor_scale + flag)  # K', V' per group, flags
+    if need_probs:  # K' (and its scale) and flags again, fp32 probs out
+        records += read_k * element + tokens * (factor_scale + flag) + tokens * 4
     batch = len(ap.slot_ids)
     _, planes, rank_k, width = ap.basis_k.shape
     rank_v = ap.basis_v.shape[2]
-    bases = batch * planes * (rank_k + rank_v) * width * item
-    window = batch * 2 * ap.window_len * width * item
+    bases = batch * planes * (rank_k + rank_v) * (width * element + row_scales)
+    window = batch * 2 * ap.window_len * (width * element + row_scales)
     return records + bases + window
 
 
@@ -438,7 +471,7 @@ def check_ap(torch, K, latent_ref, ap: ApCache, query, spec, scale, need_probs, 
         rows = slice(start, min(batch, start + REFERENCE_CHUNK))
         sub = decode_batch(K, ap, block_size, rows, with_index=True)
         ref = latent_ref(query[rows], ap.pages, ap.basis_k, ap.basis_v, ap.window_k, ap.window_v, sub, spec,
-                         scale, need_probs=need_probs)
+                         scale, need_probs=need_probs, scales=ap.scales)
         err, good = close(torch, got[0][rows], ref[0], tol)
         errors.append(err)
         ok = ok and good
@@ -515,6 +548,7 @@ def run(args) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _kernels import load_kernels
     K = load_kernels()
+    K.storage = importlib.import_module(K.layout.__package__ + ".storage")  # pack_records, quantize
     latent = K.latent_decode_triton.latent_decode_attention_triton
     latent_ref = K.latent_decode_torch.latent_decode_attention
     dense = K.dense_paged_triton.dense_paged_decode_attention
@@ -554,7 +588,8 @@ def run(args) -> int:
     except TypeError:
         has_gqa = False
 
-    suffix = "_quick" if args.quick and not args.smoke else ""
+    suffix = ("_quick" if args.quick and not args.smoke else "") + ("_int8" if args.int8 else "")
+    storage = "int8" if args.int8 else "auto"
     stem = f"kernel_bench_{'smoke_cpu' if args.smoke else card_slug(card)}{suffix}{args.tag and '_' + args.tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
@@ -568,7 +603,7 @@ def run(args) -> int:
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         python=platform.python_version(), kernels=K.source,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        dtype=str(dtype).replace("torch.", ""), block_size=args.block_size, seed=args.seed,
+        dtype=str(dtype).replace("torch.", ""), storage=storage, block_size=args.block_size, seed=args.seed,
         window_size=WINDOW_SIZE, window_fill=WINDOW_FILL, image_tokens=image_tokens,
         group_fractions=GROUP_FRACTIONS, group_rank_scales=GROUP_RANK_SCALES,
         latent_tuning=dict(K.latent_decode_triton.TUNING, programs_per_sm=K.latent_decode_triton.PROGRAMS_PER_SM),
@@ -590,6 +625,7 @@ def run(args) -> int:
               "works end to end and times NOTHING meaningful.", flush=True)
     else:
         print(f"card: {card}; peak {peak if peak else '?'} GB/s ({peak_source}); {header['dtype']}, "
+              f"AttentionPack storage {storage}, "
               f"block_size {args.block_size}; torch {torch.__version__}, triton {triton.__version__}; "
               f"SDPA backends accepting the inputs: {header['sdpa_backends_accepting']}", flush=True)
 
@@ -606,7 +642,8 @@ def run(args) -> int:
         dense_gb = dense_bytes / 1e9
         where = f"[{index}/{len(blocks)}] {geom.name} batch {batch} context {context}"
         base_row = dict(geometry=geom.name, num_heads=geom.num_heads, num_kv_heads=geom.num_kv_heads,
-                        head_size=geom.head_size, batch=batch, context=context, dense_gb=dense_gb)
+                        head_size=geom.head_size, batch=batch, context=context, dense_gb=dense_gb,
+                        storage=storage)
         if dense_gb > args.max_dense_gb:
             print(f"{geom.name} batch {batch} context {context}: skipped: {dense_gb:.1f} GB dense cache "
                   f"> --max-dense-gb {args.max_dense_gb:g}", flush=True)
@@ -667,10 +704,11 @@ def run(args) -> int:
 
         for rank in ranks:
             rank = min(rank, geom.kv_width)
-            progress(f"{where}: AttentionPack cache, rank {rank}")
+            progress(f"{where}: AttentionPack cache ({storage} storage), rank {rank}")
             try:
                 torch.manual_seed(args.seed + rank)
-                ap = build_ap(torch, K, geom, batch, context, rank, args.block_size, dtype, device, image_tokens)
+                ap = build_ap(torch, K, geom, batch, context, rank, args.block_size, dtype, device, image_tokens,
+                              int8=args.int8)
             except torch.cuda.OutOfMemoryError:
                 print(f"{where} rank {rank}: skipped: out of memory building the AttentionPack cache", flush=True)
                 rows.append(dict(base_row, rank=rank, status="skipped", reason="out of memory (AP)"))
@@ -680,7 +718,7 @@ def run(args) -> int:
             for partial in (False, True):
                 spec = latent_spec(K, ap.layout, rank, partial)
                 ap_fn = lambda: latent(query, ap.pages, ap.basis_k, ap.basis_v, ap.window_k,  # noqa: E731
-                                       ap.window_v, step_batch, spec, scale, need_probs=partial)
+                                       ap.window_v, step_batch, spec, scale, need_probs=partial, scales=ap.scales)
                 got = ap_fn()
                 ap_err, ap_ok = None, None
                 if not args.no_check:
@@ -710,7 +748,8 @@ def run(args) -> int:
                 rows.append(row)
                 graph_text = (f" | graph: AP {fmt_us(ap_graph)} dense-Triton {fmt_us(dense_graph)} "
                               f"SDPA {fmt_us(sdpa_graph)} -> {row['speedup_graph'] or 0:.2f}x" if graphs else "")
-                print(f"{geom.name} batch {batch} ctx {context} rank {rank} partial {'on ' if partial else 'off'}"
+                print(f"{geom.name} batch {batch} ctx {context} rank {rank}{' int8' if args.int8 else ''}"
+                      f" partial {'on ' if partial else 'off'}"
                       f" | eager: AP {ap_us:.1f}us dense-Triton {dense_us:.1f}us SDPA {sdpa_us:.1f}us"
                       f" -> {row['speedup']:.2f}x vs the faster dense{graph_text}"
                       f" | bytes AP {fmt_bytes(nbytes)} dense {fmt_bytes(dense_bytes)}"
@@ -728,7 +767,7 @@ def run(args) -> int:
                 progress(f"{where}: tuning sweep")
                 spec = latent_spec(K, ap.layout, rank, False)
                 ap_fn = lambda: latent(query, ap.pages, ap.basis_k, ap.basis_v, ap.window_k,  # noqa: E731
-                                       ap.window_v, step_batch, spec, scale)
+                                       ap.window_v, step_batch, spec, scale, scales=ap.scales)
                 result = sweep_point(torch, K, make_timer(torch, args, args.sweep_rep_ms), graphs, variants_ap,
                                      variants_dense, ap_fn, dense_fn)
                 sweeps.append(dict(geometry=geom.name, batch=batch, context=context, rank=rank, **result))
@@ -760,7 +799,8 @@ def run(args) -> int:
 
 
 def report_targets(rows: list[dict], smoke: bool, peak) -> list[dict]:
-    """Print and return whether each of the issue's targets is met (eager and graph)."""
+    """Print and return whether each of the issue's targets is met (eager and graph); AP rows
+    in int8 storage say so (the targets were set for 16-bit storage)."""
     out = []
     ok_rows = [r for r in rows if r.get("status") == "ok"]
     for target in TARGETS:
@@ -778,9 +818,11 @@ def report_targets(rows: list[dict], smoke: bool, peak) -> list[dict]:
                 if value is None:
                     continue
                 met = value >= target["value"] if target["op"] == ">=" else value <= target["value"]
-                print(f"TARGET {what}, partial {'on' if r['partial'] else 'off'}, {mode}: {value:.2f} -> "
-                      f"{'met' if met else 'NOT met'}", flush=True)
-                out.append(dict(target, partial=r["partial"], mode=mode, measured=value, met=met))
+                storage = r.get("storage", "auto")
+                print(f"TARGET {what}{', int8 storage' if storage == 'int8' else ''}, partial "
+                      f"{'on' if r['partial'] else 'off'}, {mode}: {value:.2f} -> {'met' if met else 'NOT met'}",
+                      flush=True)
+                out.append(dict(target, storage=storage, partial=r["partial"], mode=mode, measured=value, met=met))
     seen = set()
     for r in ok_rows:  # the dense baseline against SDPA, once per (geometry, batch, context)
         key = (r["geometry"], r["batch"], r["context"])
@@ -832,7 +874,9 @@ def plot(rows: list[dict], path: Path, card: str, smoke: bool) -> None:
             ax.set_xlabel("batch")
             ax.set_ylabel("faster dense time / AP time")
             ax.grid(True, alpha=0.3)
-    title = f"AttentionPack decode vs the faster dense baseline (dense paged Triton or SDPA)\n{card}"
+    int8 = any(r.get("storage") == "int8" for r in ok)
+    title = (f"AttentionPack{' (int8 storage)' if int8 else ''} decode vs the faster dense baseline "
+             f"(dense paged Triton or SDPA)\n{card}")
     if smoke:
         title += "\nSMOKE RUN (CPU, Triton interpreter): numbers meaningless"
     fig.suptitle(title, fontsize=10)

@@ -49,6 +49,34 @@ def test_smoke_run_writes_rows_for_every_method(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--replot", str(path)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and png.stat().st_size > 0, done.stdout + done.stderr
+    assert result["storage"] == "auto" and all(r["storage"] == "auto" for r in rows)
+
+
+def test_smoke_run_int8_storage(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--int8", "--simulate-graphs",
+                           "--out", str(tmp_path)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [path] = tmp_path.glob("kernel_bench_*.json")
+    assert path.name == "kernel_bench_smoke_cpu_int8.json"  # does not overwrite the 16-bit run's file
+    result = json.loads(path.read_text())
+    assert result["complete"] and result["storage"] == "int8" and "--int8" in result["command"]
+    assert result["dtype"] == "float16"  # the query's and the dense baselines' dtype
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    assert {r["partial"] for r in rows} == {False, True}
+    for row in rows:
+        assert row["storage"] == "int8"
+        assert row["ap_check_ok"] and row["dense_check_ok"] and row["ap_graph_equal"]  # scales reach both paths
+        assert row["ap_us"] > 0 and row["ap_graph_us"] > 0
+        assert row["dense_triton_bytes"] == row["batch"] * row["context"] * 2 * row["num_kv_heads"] * row["head_size"] * 2
+    # int8 bytes, partial rank off (every column read): 1 byte per factor, K' and V' scales, a flags
+    # byte per token; bases (2 modalities) and window rows 1 byte per element plus a float32 scale per KV head
+    [row] = [r for r in rows if not r["partial"]]
+    tokens, rank, kvh = row["batch"] * row["compressed_len"], row["rank"], row["num_kv_heads"]
+    row_bytes = kvh * row["head_size"] + 4 * kvh
+    assert row["ap_bytes"] == (2 * tokens * rank + tokens * (4 + 4 + 1) + row["batch"] * 2 * 2 * rank * row_bytes
+                               + row["batch"] * 2 * row["window_len"] * row_bytes)
 
 
 def test_kernels_load_from_the_repository_folder_without_the_package():
