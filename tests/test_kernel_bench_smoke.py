@@ -13,13 +13,19 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "kernel_bench.py"
 
 
-def test_smoke_run_writes_rows_for_every_method(tmp_path):
+def smoke_run(tmp_path, *flags):
+    """Run the script with --smoke under the interpreter; --simulate-graphs runs the CUDA-graph
+    code paths on CPU with a stand-in graph."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    # --simulate-graphs: the CUDA-graph code paths run on CPU with a stand-in graph
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sweep", "--simulate-graphs",
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", *flags, "--simulate-graphs",
                            "--out", str(tmp_path)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_smoke_run_writes_rows_for_every_method(tmp_path):
+    done = smoke_run(tmp_path, "--sweep")
     assert "SMOKE" in done.stdout and "NOT" in done.stdout  # says its times mean nothing
 
     [path] = tmp_path.glob("kernel_bench_*.json")
@@ -53,11 +59,7 @@ def test_smoke_run_writes_rows_for_every_method(tmp_path):
 
 
 def test_smoke_run_int8_storage(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--int8", "--simulate-graphs",
-                           "--out", str(tmp_path)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    smoke_run(tmp_path, "--int8")
     [path] = tmp_path.glob("kernel_bench_*.json")
     assert path.name == "kernel_bench_smoke_cpu_int8.json"  # does not overwrite the 16-bit run's file
     result = json.loads(path.read_text())
