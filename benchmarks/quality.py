@@ -39,6 +39,7 @@ quality.png (either mode; `--out` to change).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -699,6 +700,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None,
                         help="comma-separated names of the settings to run (dense always runs); "
                              "default: all of the mode's settings")
+    parser.add_argument("--passkeys", default=None,
+                        help="comma-separated filler lengths of the passkey prompts, for every row run "
+                             "(default: each row's own, see sweep)")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens of text for perplexity (default 1536; 768 with --quick)")
     parser.add_argument("--threads", type=int, default=1,
@@ -725,6 +729,14 @@ def main(argv=None) -> int:
         if missing:
             parser.error(f"--only: unknown settings {missing}; this mode has {known}")
         rows = [r for r in rows if r.is_reference or r.name in wanted]
+    if args.passkeys is not None:
+        try:
+            lengths = tuple(int(n) for n in args.passkeys.split(",") if n.strip())
+        except ValueError:
+            parser.error(f"--passkeys: expected comma-separated token counts, got {args.passkeys!r}")
+        if not lengths or min(lengths) < 1:
+            parser.error(f"--passkeys: expected positive token counts, got {args.passkeys!r}")
+        rows = [dataclasses.replace(r, passkey_lengths=lengths) for r in rows]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     args.tokens = args.tokens or (768 if args.quick else 1536)

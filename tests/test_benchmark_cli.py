@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
     ("serving_throughput.py", ["--mix", "audio"], "invalid choice: 'audio'"),
     ("serving_throughput.py", ["--dtype", "int8"], "invalid choice: 'int8'"),
     ("quality.py", ["--parts", "ppl,speed"], "unknown parts ['speed']"),
+    ("quality.py", ["--passkeys", "1k"], "--passkeys: expected comma-separated token counts"),
+    ("quality.py", ["--passkeys", "0"], "--passkeys: expected positive token counts"),
+    ("quality.py", ["--sweep", "storage", "--only", "r64 fp4"], "--only: unknown settings ['r64 fp4']"),
+    ("decode_step_cpu.py", ["--storage", "auto,fp8"], "--storage: expected a comma-separated list"),
 ])
 def test_bad_arguments_exit_with_a_named_error(script, args, message):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
