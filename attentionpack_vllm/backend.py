@@ -28,7 +28,7 @@ from .memory import MemoryReport
 from .paged_store import FoldBatch
 from .plan import CompressionPlan
 from .plugin import install_worker_hooks
-from .prefill import causal_attention, prefill_request
+from .prefill import prefill_request
 from .slot_pool import SlotPool
 from .windows import WindowTracker
 
@@ -214,9 +214,13 @@ class AttentionPackImpl(AttentionImpl):
         self.device = vllm_config.device_config.device
         self.pool: SlotPool | None = None
         self.decode_attention = runtime.decode_attention_for(self.config, self.device)
+        self.prefill_attention = runtime.prefill_attention_for(self.device)
         logger.info_once("AttentionPack: decode with the %s",
                          "Triton kernel" if "triton" in self.decode_attention.__module__
                          else "PyTorch latent-space path")
+        logger.info_once("AttentionPack: prefill attention with %s",
+                         "vLLM's CPU attention kernel" if "cpu_attention" in self.prefill_attention.__module__
+                         else "PyTorch SDPA")
         logger.info_once("AttentionPack: factorisation %s", describe_factorisation(self.plan.svd, self.device))
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
@@ -247,7 +251,7 @@ class AttentionPackImpl(AttentionImpl):
         if md.is_profiling:
             for row in range(len(qsl) - 1):
                 tokens = slice(qsl[row], qsl[row + 1])
-                output[tokens] = causal_attention(query[tokens], keys[tokens], values[tokens], self.scale)
+                output[tokens] = self.prefill_attention(query[tokens], keys[tokens], values[tokens], self.scale)
             return output
         if md.decode is not None:
             idx = md.decode_tokens
@@ -266,5 +270,5 @@ class AttentionPackImpl(AttentionImpl):
             output[tokens] = prefill_request(
                 query[tokens], keys[tokens], values[tokens], is_image, pages, self.pool, self.plan,
                 md.slot_ids[row], md.block_table[row], md.context_lens[row],
-                md.prefill_exact_lens[row], self.scale)
+                md.prefill_exact_lens[row], self.scale, attention=self.prefill_attention)
         return output

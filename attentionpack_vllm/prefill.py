@@ -8,6 +8,8 @@ each new token's importance starts from the chunk's last query.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .importance import groups_by_importance
@@ -84,8 +86,12 @@ def prefill_request(
     context_len: int,           # tokens of this request already cached
     exact_len: int,             # of those, the ones in the slot's exact rows (sinks + window)
     scale: float,
+    attention: Callable[..., torch.Tensor] | None = None,  # exact causal attention; None: causal_attention
 ) -> torch.Tensor:
     """Attend, then store the chunk; returns [num_tokens, num_heads, head_size].
+
+    `attention` computes the exact attention with `causal_attention`'s contract (the vLLM
+    backend passes vLLM's CPU kernel on CPU, `cpu_attention.py`).
 
     The window (rows left by one-token chunks) is folded first, so that every earlier
     token is a sink or a factor; afterwards the slot holds min(sink_tokens, context_len
@@ -105,7 +111,7 @@ def prefill_request(
     sink_rows = (slot, slice(None, sinks))
     all_k = torch.cat([pool.read("window_k", sink_rows), prefix_k, keys.float()])
     all_v = torch.cat([pool.read("window_v", sink_rows), prefix_v, values.float()])
-    out = causal_attention(query, all_k, all_v, scale)
+    out = (attention or causal_attention)(query, all_k, all_v, scale)
     importance = last_token_importance(query[-1], all_k, scale)[context_len:]
     store_tokens(pages, pool, plan, slot, block_table_row, sinks, num_records, keys, values, is_image,
                  importance)

@@ -123,3 +123,14 @@ def decode_attention_for(config: AttentionPackConfig, device: Any) -> Callable:
         return latent_decode_attention_triton
     from .kernels.latent_decode_torch import latent_decode_attention
     return latent_decode_attention
+
+
+def prefill_attention_for(device: Any) -> Callable:
+    """Exact prefill attention: vLLM's own CPU kernel on CPU when the build has it, else
+    PyTorch SDPA (`prefill.causal_attention`)."""
+    from . import cpu_attention
+    from .prefill import causal_attention
+
+    if str(device).startswith("cpu") and cpu_attention.available():
+        return cpu_attention.causal_attention_vllm_cpu
+    return causal_attention
