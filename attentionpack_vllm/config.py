@@ -2,10 +2,11 @@
 
 The dict is what `--additional-config '{"attentionpack": {...}}'` hands over. Every
 invalid value raises `AttentionPackConfigError` naming the key, the value and what
-is accepted. Defaults: rank 64 for every matrix and modality, the first 4 tokens of
-each request and its newest 64 decode tokens kept exact, and partial rank off (each
-measured with benchmarks/quality.py; partial rank costs next-token agreement and a
-per-step importance update). Turned on, the groups are the paper's: top 25 % of
+is accepted. Defaults: rank 80 for every matrix and modality, int8 storage, the
+first 4 tokens of each request and its newest 64 decode tokens kept exact, and
+partial rank off (each measured with benchmarks/quality.py: rank 80 with int8 storage
+keeps the long-context retrieval that rank 64 loses, in fewer bytes than rank 64 in
+16 bits; partial rank costs next-token agreement and a per-step importance update). Turned on, the groups are the paper's: top 25 % of
 tokens at full rank, the rest at a quarter of the rank, values only, EMA weight 0.25.
 """
 from __future__ import annotations
@@ -39,10 +40,14 @@ class AttentionPackConfig:
     its rank is stored exactly.
     """
 
-    rank_vision_key: int = 64
-    rank_vision_value: int = 64
-    rank_text_key: int = 64
-    rank_text_value: int = 64
+    rank_vision_key: int = 80
+    rank_vision_value: int = 80
+    rank_text_key: int = 80
+    rank_text_value: int = 80
+    # Text ranks by captured energy: each text segment (per request, layer, K or V)
+    # keeps the fewest leading directions that capture this share of its energy, at most
+    # its rank above (the record width). 1.0 keeps the whole rank.
+    rank_text_energy: float = 1.0
     # Partial rank: tokens ranked by importance fill the groups in order; group f
     # covers `group_fractions[f]` of the tokens and keeps `group_rank_scales[f]` of
     # the rank. The first group must keep the full rank.
@@ -71,9 +76,9 @@ class AttentionPackConfig:
     # Most of a worker's KV cache budget the per-request slot pools may take: when
     # max_num_seqs slots would take more, max_num_seqs is lowered at startup.
     max_pool_fraction: float = 0.5
-    # How factors, bases and exact rows are stored: "auto" in the model's dtype, "int8"
-    # with float32 scales (one per token's K' and V', one per slot row and KV head).
-    storage: str = "auto"
+    # How factors, bases and exact rows are stored: "int8" with float32 scales (one per
+    # token's K' and V', one per slot row and KV head), or "auto": the model's dtype.
+    storage: str = "int8"
 
     def __post_init__(self) -> None:
         for key in RANK_KEYS + ("window_size",):
@@ -87,6 +92,9 @@ class AttentionPackConfig:
         w = self.ema_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < 1.0:
             raise AttentionPackConfigError("ema_weight", w, "a number in [0, 1)")
+        e = self.rank_text_energy
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.0 < e <= 1.0:
+            raise AttentionPackConfigError("rank_text_energy", e, "a number in (0, 1]")
         f = self.max_pool_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
             raise AttentionPackConfigError("max_pool_fraction", f, "a number in (0, 1)")

@@ -10,6 +10,10 @@ Every call is batched: `factorize_batch` takes [batch, num_tokens, kv_width] and
 `fold_batch` [batch, ...] tensors, with all-zero rows as padding (a zero row changes
 nothing and gets zero factors). `factorize` and `fold` are the one-request forms.
 
+With `energy` (a share in (0, 1]), both keep only the fewest leading directions
+whose energy reaches that share of the segment's (the rest are zeroed like padding):
+a rank chosen per request, layer and matrix by captured energy, capped at `rank`.
+
 `fold` adds rows to an existing factorisation (periodic re-compression and later
 prefill chunks): it re-factorises [F @ B; X_new] without rebuilding F @ B, working in
 an orthonormal frame spanning B's rows and the new rows (the old tokens only enter
@@ -225,12 +229,14 @@ def _range_sketch(x: torch.Tensor, columns: int, power_iters: int) -> torch.Tens
 # Factorisation
 # ---------------------------------------------------------------------------
 
-def factorize_batch(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()) -> LowRank:
+def factorize_batch(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings(),
+                    energy: float | None = None) -> LowRank:
     """Factorise every x[b] [num_tokens, kv_width] at `rank`: factors [B, n, rank], basis [B, rank, d].
 
     Zero rows are padding: they get zero factors and change nothing else. A request
     with no more valid rows than `rank` is stored exactly. Basis rows past a
-    request's numerical rank are zero.
+    request's numerical rank are zero, and so are those past the fewest directions
+    that capture `energy` of x[b]'s energy (None: keep all `rank`).
     """
     if x.dim() != 3:
         raise ValueError(f"factorize_batch: x must be [batch, num_tokens, kv_width], got {list(x.shape)}")
@@ -246,7 +252,26 @@ def factorize_batch(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()
     else:
         basis = _top_row_space(x, r, svd, exact=(method == "gram"))
     # X B^T = U S for the exact basis; and padding rows get exactly zero factors.
-    return LowRank(_pad(x @ basis.mT, n, rank), _pad(basis, rank, d))
+    low = LowRank(_pad(x @ basis.mT, n, rank), _pad(basis, rank, d))
+    if energy is None:
+        return low
+    keep = energy_keep(low.factors.double().square().sum(-2), x.double().square().sum((-2, -1)), energy)
+    return LowRank(low.factors * keep.unsqueeze(-2), low.basis * keep.unsqueeze(-1))
+
+
+def energy_keep(column_energy: torch.Tensor, total_energy: torch.Tensor, energy: float) -> torch.Tensor:
+    """[..., r] bool: the fewest columns, largest first, whose energy sums to at least
+    `energy` x total_energy [...] (all nonzero columns when they do not reach it).
+
+    The columns of an orthonormal basis' factors carry disjoint shares of the data's
+    energy, so the kept ones capture exactly their sum. Batched, no host reads.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    ordered, order = column_energy.sort(dim=-1, descending=True)
+    before = ordered.cumsum(-1) - ordered                   # energy of the larger columns
+    keep = (before < energy * total_energy.unsqueeze(-1)) & (ordered > 0)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> torch.Tensor:
@@ -271,9 +296,10 @@ def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> to
     return (sketch @ coeffs).mT.float()
 
 
-def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()) -> LowRank:
+def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings(),
+              energy: float | None = None) -> LowRank:
     """Factorise x [num_tokens, kv_width] at `rank` (padded; exact when num_tokens <= rank)."""
-    low = factorize_batch(x[None], rank, svd)
+    low = factorize_batch(x[None], rank, svd, energy)
     return LowRank(low.factors[0], low.basis[0])
 
 
@@ -282,7 +308,7 @@ def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()) -> L
 # ---------------------------------------------------------------------------
 
 def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
-               rank: int, svd: SvdSettings = SvdSettings()) -> Fold:
+               rank: int, svd: SvdSettings = SvdSettings(), energy: float | None = None) -> Fold:
     """Re-factorise every [old_factors[b] @ basis[b]; new_rows[b]] at `rank`.
 
     old_factors: [B, T, R] (zero rows: padding, or tokens that keep their factors);
@@ -296,7 +322,9 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
     directions: a longer chunk first gives up all but its top `rank`). The old tokens
     enter only through F^T F [R, R], so nothing is rebuilt at width d. The top `rank`
     directions of the combined data in Q's coordinates then come from the SVD of the
-    stacked coordinates ("exact"), or from its (R + m)-square Gram matrix.
+    stacked coordinates ("exact"), or from its (R + m)-square Gram matrix. With
+    `energy`, only the fewest directions capturing that share of the combined data's
+    energy are kept (see `energy_keep`).
     """
     if old_factors.dim() != 3 or basis.dim() != 3 or new_rows.dim() != 3:
         raise ValueError("fold_batch: old_factors [B, T, R], basis [B, R, d] and new_rows [B, m, d] "
@@ -316,9 +344,20 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
     else:
         result = _fold_gram(old, basis, directions, new_rows, rank, exact=(method == "gram"))
     d = basis.shape[-1]
-    return Fold(rotation=_pad(result.rotation, basis.shape[1], rank),
-                new_factors=_pad(result.new_factors, new_rows.shape[1], rank),
-                basis=_pad(result.basis, rank, d))
+    result = Fold(rotation=_pad(result.rotation, basis.shape[1], rank),
+                  new_factors=_pad(result.new_factors, new_rows.shape[1], rank),
+                  basis=_pad(result.basis, rank, d))
+    if energy is None:
+        return result
+    # The combined data's energy per new direction and in all, the old tokens through F^T F.
+    gram = (old.mT @ old).double()
+    rotation = result.rotation.double()
+    column_energy = ((gram @ rotation) * rotation).sum(-2) + result.new_factors.double().square().sum(-2)
+    total = (gram * (basis @ basis.mT).double()).sum((-2, -1)) + new_rows.double().square().sum((-2, -1))
+    keep = energy_keep(column_energy, total, energy)
+    return Fold(rotation=result.rotation * keep.unsqueeze(-2),
+                new_factors=result.new_factors * keep.unsqueeze(-2),
+                basis=result.basis * keep.unsqueeze(-1))
 
 
 def _fold_exact(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
@@ -364,12 +403,12 @@ def _fold_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
 
 
 def fold(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
-         rank: int, svd: SvdSettings = SvdSettings()) -> Fold:
+         rank: int, svd: SvdSettings = SvdSettings(), energy: float | None = None) -> Fold:
     """Re-factorise [old_factors @ basis; new_rows] at `rank` (one request; see `fold_batch`).
 
     old_factors: [n, R]; basis: [R, d] (orthonormal or zero rows); new_rows: [m, d].
     """
-    result = fold_batch(old_factors[None], basis[None], new_rows[None], rank, svd)
+    result = fold_batch(old_factors[None], basis[None], new_rows[None], rank, svd, energy)
     return Fold(result.rotation[0], result.new_factors[0], result.basis[0])
 
 

@@ -72,6 +72,7 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
         new_m = new_slots[new_mask]
         old_k, old_v = record_factors(read_records(pages, old_m), plan.layout)
         layout = plan.layout
+        energy = plan.text_energy if modality == TEXT else None
         folded = {}
         for name, rows, basis, rank, stored, width in (
             ("k", keys[new_mask], "basis_k", plan.ranks_k[modality], old_k, layout.rank_k),
@@ -80,11 +81,12 @@ def compress_tokens(pages: torch.Tensor, pool: SlotPool, slot: int, block_table_
             old_factors = stored[:, :rank]
             basis_rows = (slot, modality, slice(None, rank))
             if start == 0:  # a new request: nothing to fold into, factorise the rows alone
-                low = factorize.factorize(rows, rank, plan.svd)
+                low = factorize.factorize(rows, rank, plan.svd, energy)
                 result = factorize.Fold(rotation=torch.zeros(rank, rank, device=rows.device),
                                         new_factors=low.factors, basis=low.basis)
             else:
-                result = factorize.fold(old_factors, pool.read(basis, basis_rows), rows, rank, plan.svd)
+                result = factorize.fold(old_factors, pool.read(basis, basis_rows), rows, rank, plan.svd,
+                                        energy)
             pool.write(basis, basis_rows, result.basis)
             # Pad to the record's width so no stale column survives past this rank.
             pad = lambda t: torch.nn.functional.pad(t, (0, width - rank))  # noqa: E731
@@ -166,7 +168,8 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
         old = stored[..., :rank] * old_text[..., None]
         rows = pool.read(window, window_rows) * window_mask[..., None]
         basis_rows = (slots, TEXT, slice(None, rank))
-        result = factorize.fold_batch(old, pool.read(basis, basis_rows), rows, rank, plan.svd)
+        result = factorize.fold_batch(old, pool.read(basis, basis_rows), rows, rank, plan.svd,
+                                      plan.text_energy)
         pool.write(basis, basis_rows, result.basis)
         # Text rank below the record's width: zero columns past it (the window's rows were stale).
         rotated = torch.nn.functional.pad(torch.matmul(old, result.rotation), (0, width - rank))

@@ -31,6 +31,7 @@ class CompressionPlan:
     sink_tokens: int = 0       # first tokens of a request kept exact (the slot's first exact rows)
     has_image: bool = True     # slots hold image bases (a multimodal model)
     int8: bool = False         # records, bases and exact rows stored as int8 with scales
+    text_energy: float | None = None  # text segments keep the directions capturing this share
 
     @classmethod
     def build(cls, config: AttentionPackConfig, num_kv_heads: int, head_size: int,
@@ -52,6 +53,7 @@ class CompressionPlan:
             has_image=has_image,
             sink_tokens=config.sink_tokens,
             int8=config.storage == "int8",
+            text_energy=None if config.rank_text_energy >= 1.0 else float(config.rank_text_energy),
         )
 
     @property

@@ -122,6 +122,13 @@ class PackedCache:
         self.max_tokens = max_tokens
         self.is_image: torch.Tensor | None = None
 
+    def text_ranks_kept(self) -> dict[str, float]:
+        """Mean over layers of the text basis rows in use (K and V): below the text rank
+        only with `rank_text_energy`, or while a request has fewer tokens than its rank."""
+        kept = lambda pools, name: sum(  # noqa: E731
+            float((getattr(p, name)[self.slot, 0].abs().sum(-1) > 0).sum()) for p in pools) / len(pools)
+        return {"key": kept(self.pools, "basis_k"), "value": kept(self.pools, "basis_v")}
+
     def attend(self, layer, query, keys, values, scale, is_image=None):
         n, ctx = query.shape[0], self.seq_lens[layer]
         if ctx + n > self.max_tokens:

@@ -166,6 +166,10 @@ def rank_name(rank: int) -> str:
     return "full" if rank >= FULL else f"r{rank}"
 
 
+# Storage in the model's dtype, named so that rows keep their meaning whatever the default.
+SIXTEEN_BIT = {"storage": "auto"}
+
+
 def storage_sweep() -> list[Setting]:
     """The "why not fp8" rows: dense, vLLM's fp8 KV cache, and AttentionPack at ranks 32 /
     64 / 96 and full, each in the model's dtype and with int8 storage."""
@@ -175,31 +179,50 @@ def storage_sweep() -> list[Setting]:
             Setting("dense fp8", None, fp8=True, passkey_lengths=short)]
     for r in (32, 64, 96, FULL):
         lengths = passkeys.get(r, ())
-        rows += [Setting(rank_name(r), {"rank": r}, greedy=r != FULL, passkey_lengths=lengths),
+        rows += [Setting(rank_name(r), {"rank": r, **SIXTEEN_BIT}, greedy=r != FULL, passkey_lengths=lengths),
                  Setting(f"{rank_name(r)} int8", {"rank": r, "storage": "int8"}, passkey_lengths=lengths)]
     return rows
 
 
 def sweep(quick: bool) -> list[Setting]:
-    """The rows of a run: dense, then AttentionPack at its defaults over a rank sweep, then
-    one default changed at a time (window size, sinks off, partial rank on, chunked prefill)."""
+    """The rows of a run, all with 16-bit storage: dense, then AttentionPack over a rank
+    sweep, then one setting changed at a time from rank 64 (window size, sinks off,
+    partial rank on, chunked prefill)."""
     long = (1024, 2048, 4096, 7680)
     if quick:
         return ([Setting("dense", None, passkey_lengths=(1024,))]
-                + [Setting(rank_name(r), {"rank": r}, passkey_lengths=(1024,) if r == 64 else ())
+                + [Setting(rank_name(r), {"rank": r, **SIXTEEN_BIT}, passkey_lengths=(1024,) if r == 64 else ())
                    for r in (32, 64, FULL)])
     passkeys = {64: long, 96: long, 80: (4096,)}
     rows = [Setting("dense", None, passkey_lengths=long)]
-    rows += [Setting(rank_name(r), {"rank": r}, passkey_lengths=passkeys.get(r, ()))
+    rows += [Setting(rank_name(r), {"rank": r, **SIXTEEN_BIT}, passkey_lengths=passkeys.get(r, ()))
              for r in (16, 32, 48, 64, 80, 96, FULL)]
-    rows += [Setting(f"r64 w{w}", {"rank": 64, "window_size": w}) for w in (16, 32, 128)]
-    rows += [Setting("r64 no sinks", {"rank": 64, "sink_tokens": 0}, passkey_lengths=(1024, 2048, 4096)),
-             Setting("r64 partial", {"rank": 64, "partial_rank_values": True})]
+    r64 = {"rank": 64, **SIXTEEN_BIT}
+    rows += [Setting(f"r64 w{w}", {**r64, "window_size": w}) for w in (16, 32, 128)]
+    rows += [Setting("r64 no sinks", {**r64, "sink_tokens": 0}, passkey_lengths=(1024, 2048, 4096)),
+             Setting("r64 partial", {**r64, "partial_rank_values": True})]
     # Chunked prefill: the prompt's earlier chunks are compressed before later ones attend.
-    rows += [Setting(f"r64 chunk {c}", {"rank": 64}, prefill_chunk=c, greedy=False,
+    rows += [Setting(f"r64 chunk {c}", r64, prefill_chunk=c, greedy=False,
                      passkey_lengths=(4096, 7680) if c == 512 else ()) for c in (256, 512)]
-    rows += [Setting("full chunk 256", {"rank": FULL}, prefill_chunk=256, greedy=False)]
+    rows += [Setting("full chunk 256", {"rank": FULL, **SIXTEEN_BIT}, prefill_chunk=256, greedy=False)]
     return rows
+
+
+def policy_sweep() -> list[Setting]:
+    """The rank policy around the defaults (rank 80, int8 storage): rank 96, text ranks by
+    captured energy (`rank_text_energy`) and chunked prefill at the defaults."""
+    defaults = {"rank": 80, "storage": "int8"}
+    rows = [Setting("dense", None),
+            Setting("r80 int8", defaults, passkey_lengths=(1024, 2048, 4096, 7680)),
+            Setting("r96 int8", {**defaults, "rank": 96})]
+    rows += [Setting(f"r80 int8 energy {e}", {**defaults, "rank_text_energy": e}, greedy=False)
+             for e in (0.9, 0.95, 0.99)]
+    rows += [Setting(f"r80 int8 chunk {c}", defaults, prefill_chunk=c, greedy=False,
+                     passkey_lengths=(4096,) if c == 512 else ()) for c in (256, 512)]
+    return rows
+
+
+SWEEPS = {"settings": None, "storage": storage_sweep, "policy": policy_sweep}
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +258,7 @@ def run_perplexity(model_dir: Path, rows: list[Setting], num_tokens: int, prefix
         f"prompt), {len(packed)} settings + dense, one batch row each")
     t0 = time.time()
     native = hfap.native_nll(model, ids, prefix)
-    nll, top1 = {}, {}
+    nll, top1, kept = {}, {}, {}
     for chunk in dict.fromkeys(r.prefill_chunk for r in packed):
         group = [r for r in packed if r.prefill_chunk == chunk]
         if chunk is None:
@@ -253,6 +276,8 @@ def run_perplexity(model_dir: Path, rows: list[Setting], num_tokens: int, prefix
         out_nll, out_top1 = hfap.teacher_forced(model, ids, prefix, caches, progress, prefill_chunk=chunk)
         for i, r in enumerate(group):
             nll[r.name], top1[r.name] = out_nll[i], out_top1[i]
+            if not r.is_dense:
+                kept[r.name] = caches[i].text_ranks_kept()
     ppl = lambda x: float(torch.exp(x.mean()))  # noqa: E731
     dense = nll["dense"]
     truth = torch.tensor(ids[prefix:])
@@ -265,6 +290,7 @@ def run_perplexity(model_dir: Path, rows: list[Setting], num_tokens: int, prefix
             # Same text fed to both, so this is agreement position by position,
             # not after a divergence: the top-1 token equals dense's.
             "next_token_agreement": float((top1[r.name] == top1["dense"]).double().mean()),
+            "text_ranks_kept_at_end": kept[r.name],
             "top1_accuracy": float((top1[r.name] == truth).double().mean())})
     dense_ppl = ppl(dense)
     check = {"harness_dense_vs_transformers_sdpa": {
@@ -627,12 +653,14 @@ def plot(result: dict, path: Path) -> None:
                        f"Greedy agreement through vLLM ({GREEDY_TOKENS} tokens)", (-0.02, 1.05)))
     if not panels:
         return
-    # The storage sweep compares with fp8, so its bytes are those of a bfloat16 deployment.
-    bf16 = result.get("sweep") == "storage"
+    # The storage and policy sweeps compare with fp8 and int8, so their bytes are those of a
+    # bfloat16 deployment.
+    bf16 = result.get("sweep") in ("storage", "policy")
     bytes_key = "kv_bytes_per_request_bf16" if bf16 else "kv_bytes_per_request"
     fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.8), squeeze=False)
-    is_sweep = lambda r: (r["attentionpack"] is not None and set(r["attentionpack"]) <= {"rank", "svd"}  # noqa: E731
-                          and not r["prefill_chunk"])
+    is_sweep = lambda r: (r["attentionpack"] is not None  # noqa: E731
+                          and set(r["attentionpack"]) <= {"rank", "svd", "storage"}
+                          and r["attentionpack"].get("storage", "auto") == "auto" and not r["prefill_chunk"])
     is_int8 = lambda r: (r["attentionpack"] or {}).get("storage") == "int8"  # noqa: E731
     for ax, (rows, key, dense_y, ylabel, title, ylim) in zip(axes[0], panels):
         ax.set_ylabel(ylabel)
@@ -641,7 +669,7 @@ def plot(result: dict, path: Path) -> None:
             ax.set_ylim(*ylim)
         line = sorted((r for r in rows if is_sweep(r)), key=lambda r: r[bytes_key])
         xs = [r[bytes_key] / MIB for r in line]
-        ax.plot(xs, [r[key] for r in line], "o-", color="tab:blue", label="AttentionPack, defaults")
+        ax.plot(xs, [r[key] for r in line], "o-", color="tab:blue", label="AttentionPack, 16-bit storage")
         for r, x in zip(line, xs):
             ax.annotate(r["setting"], (x, r[key]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8, color="tab:blue")
@@ -693,10 +721,12 @@ def main(argv=None) -> int:
                              "passkey at 1k for dense and r64 only")
     parser.add_argument("--parts", default="ppl,vllm,claims",
                         help="comma-separated subset of ppl,vllm,claims (default: all)")
-    parser.add_argument("--sweep", choices=["settings", "storage"], default="settings",
-                        help="settings (default): the rank sweep and one default changed at a time; "
-                             "storage: the 'why not fp8' rows (dense, dense fp8, ranks 32 / 64 / 96 / "
-                             "full in the model's dtype and with int8 storage)")
+    parser.add_argument("--sweep", choices=list(SWEEPS), default="settings",
+                        help="settings (default): the rank sweep and one setting changed at a time "
+                             "(16-bit storage); storage: the 'why not fp8' rows (dense, dense fp8, "
+                             "ranks 32 / 64 / 96 / full in the model's dtype and with int8 storage); "
+                             "policy: the rank policy around the defaults (rank 96, rank_text_energy, "
+                             "chunked prefill)")
     parser.add_argument("--only", default=None,
                         help="comma-separated names of the settings to run (dense always runs); "
                              "default: all of the mode's settings")
@@ -721,7 +751,7 @@ def main(argv=None) -> int:
     unknown = set(args.parts) - {"ppl", "vllm", "claims"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
-    rows = storage_sweep() if args.sweep == "storage" else sweep(args.quick)
+    rows = sweep(args.quick) if args.sweep == "settings" else SWEEPS[args.sweep]()
     if args.only is not None:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         known = [r.name for r in rows]

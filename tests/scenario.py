@@ -17,6 +17,10 @@ from attentionpack_vllm.windows import WindowTracker
 from attentionpack_vllm.kernels.reference import dense_attention
 
 
+# 16-bit storage, named: tests of the math in the model's dtype (int8 has its own tests).
+SIXTEEN_BIT = {"storage": "auto"}
+
+
 def low_rank_rows(num_tokens: int, width: int, rank: int, gen: torch.Generator, noise: float = 0.0):
     """Rows of rank `rank` (plus optional noise): what cached K/V look like."""
     basis = torch.randn(rank, width, generator=gen)

@@ -92,6 +92,62 @@ def decaying_rows(num_tokens, width, rank, gen, noise):
     return rows + noise * torch.randn(num_tokens, width, generator=gen)
 
 
+def kept_columns(low):
+    return (low.basis.abs().sum(-1) > 0).sum(-1)
+
+
+def assert_fewest_directions_reach(x, low, target):
+    """captured energy >= target, and dropping the weakest kept direction falls below it."""
+    got = captured_energy(x, low)
+    assert bool((got >= target - 1e-9).all()), (got, target)
+    weakest = low.factors.double().square().sum(-2).masked_fill(low.basis.abs().sum(-1) == 0, float("inf"))
+    drop = weakest.argmin(-1)
+    keep = torch.ones_like(weakest, dtype=torch.bool).scatter(-1, drop[..., None], False)
+    fewer = LowRank(low.factors * keep.unsqueeze(-2), low.basis * keep.unsqueeze(-1))
+    assert bool((captured_energy(x, fewer) < target).all())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.99])
+def test_energy_rank_reaches_its_target_with_the_fewest_directions(method, target):
+    gen = torch.Generator().manual_seed(11)
+    # Three requests with different spectra (and one padded): each gets its own rank.
+    x = torch.stack([decaying_rows(60, 48, 24, gen, noise=0.0), decaying_rows(60, 48, 40, gen, noise=0.01),
+                     torch.cat([low_rank_rows(30, 48, 6, gen), torch.zeros(30, 48)])])
+    low = factorize_batch(x, 32, settings(method), energy=target)
+    assert_fewest_directions_reach(x, low, target)
+    full = factorize_batch(x, 32, settings(method))
+    kept = kept_columns(low)
+    assert bool((kept <= kept_columns(full)).all()) and len(set(kept.tolist())) > 1, kept
+    # The kept directions are the full factorisation's leading ones, unchanged.
+    torch.testing.assert_close(low.basis, full.basis * (low.basis.abs().sum(-1, keepdim=True) > 0))
+
+
+def test_energy_rank_is_capped_by_the_rank():
+    x = torch.randn(50, 40, generator=torch.Generator().manual_seed(12))   # flat spectrum
+    low = factorize(x, 8, energy=0.99)
+    assert int(kept_columns(low)) == 8
+    assert float(captured_energy(x, low)) < 0.99
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("target", [0.8, 0.95])
+def test_fold_with_energy_reaches_its_target_on_the_combined_data(method, target):
+    gen = torch.Generator().manual_seed(13)
+    old = torch.stack([decaying_rows(70, 48, 30, gen, noise=0.01), decaying_rows(70, 48, 12, gen, noise=0.0)])
+    new = torch.stack([decaying_rows(9, 48, 30, gen, noise=0.01), decaying_rows(9, 48, 30, gen, noise=0.01)])
+    low = factorize_batch(old, 24, settings(method))
+    result = fold_batch(low.factors, low.basis, new, 24, settings(method), energy=target)
+    combined = torch.cat([low.factors @ low.basis, new], dim=1)
+    folded = LowRank(torch.cat([low.factors @ result.rotation, result.new_factors], dim=1), result.basis)
+    assert_fewest_directions_reach(combined, folded, target)
+
+
+def test_energy_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match="energy must be in"):
+        factorize(torch.randn(4, 8), 2, energy=0.0)
+
+
 @pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize("rank", [8, 24, 40])
 def test_energy_matches_exact_on_low_rank_plus_noise(method, rank):

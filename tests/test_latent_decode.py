@@ -4,7 +4,7 @@ import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.kernels.reference import dense_attention, reconstruct_request_kv
-from scenario import attend_now, build_scenario, run_decode
+from scenario import SIXTEEN_BIT, attend_now, build_scenario, run_decode
 
 # (num_heads, num_kv_heads, head_size): MHA and GQA, several head sizes.
 GEOMETRIES = [(4, 4, 16), (4, 2, 32), (8, 2, 64), (6, 3, 32)]
@@ -12,7 +12,7 @@ GEOMETRIES = [(4, 4, 16), (4, 2, 32), (8, 2, 64), (6, 3, 32)]
 
 def full_rank_config(width: int, window: int, **extra) -> AttentionPackConfig:
     return AttentionPackConfig.from_dict(
-        {"rank": width, "partial_rank_values": False, "window_size": window, **extra})
+        {**SIXTEEN_BIT, "rank": width, "partial_rank_values": False, "window_size": window, **extra})
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_size", GEOMETRIES)
@@ -34,10 +34,10 @@ def test_full_rank_equals_dense_across_folds(num_heads, num_kv_heads, head_size,
 def test_every_token_in_top_group_equals_full_rank():
     geometry = dict(num_kv_heads=2, head_size=32)
     base = {"rank": 24, "window_size": 8}
-    full = build_scenario(AttentionPackConfig.from_dict({**base, "partial_rank_values": False}),
+    full = build_scenario(AttentionPackConfig.from_dict({**SIXTEEN_BIT, **base, "partial_rank_values": False}),
                           prompt_lens=[40, 23], image_spans=[[(2, 12)], []], **geometry)
     top = build_scenario(AttentionPackConfig.from_dict(
-        {**base, "partial_rank_values": True, "partial_rank_keys": True,
+        {**SIXTEEN_BIT, **base, "partial_rank_values": True, "partial_rank_keys": True,
          "group_fractions": [1.0, 0.0], "group_rank_scales": [1.0, 0.25]}),
         prompt_lens=[40, 23], image_spans=[[(2, 12)], []], **geometry)
     for (a, _), (b, _) in zip(run_decode(full, 4, 12, oracle=False), run_decode(top, 4, 12, oracle=False)):
@@ -47,7 +47,7 @@ def test_every_token_in_top_group_equals_full_rank():
 @pytest.mark.parametrize("partial_keys", [False, True])
 def test_partial_rank_equals_oracle_on_truncated_factors(partial_keys):
     config = AttentionPackConfig.from_dict(
-        {"rank": 16, "window_size": 6, "partial_rank_keys": partial_keys, "partial_rank_values": True,
+        {**SIXTEEN_BIT, "rank": 16, "window_size": 6, "partial_rank_keys": partial_keys, "partial_rank_values": True,
          "group_fractions": [0.25, 0.5, 0.25], "group_rank_scales": [1.0, 0.5, 0.25]})
     sc = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[50, 9, 33],
                         image_spans=[[(5, 30)], [], [(0, 3)]], block_size=16)
@@ -73,9 +73,9 @@ def test_partial_rank_equals_oracle_on_truncated_factors(partial_keys):
 
 def test_partial_rank_changes_the_output():
     """Groups on must really drop columns (guards against a mask that never applies)."""
-    config = AttentionPackConfig.from_dict({"rank": 16, "window_size": 4, "partial_rank_values": True})
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 16, "window_size": 4, "partial_rank_values": True})
     on = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[60])
-    off = build_scenario(AttentionPackConfig.from_dict({"rank": 16, "window_size": 4,
+    off = build_scenario(AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 16, "window_size": 4,
                                                         "partial_rank_values": False}),
                          num_kv_heads=2, head_size=32, prompt_lens=[60])
     outs = [[o for o, _ in run_decode(sc, 4, 3, oracle=False)] for sc in (on, off)]
@@ -84,7 +84,7 @@ def test_partial_rank_changes_the_output():
 
 def test_low_rank_decode_tracks_dense_on_low_rank_data():
     """Data of rank 8 compressed at rank 8: exact even though rank < kv_width."""
-    config = AttentionPackConfig.from_dict({"rank": 8, "partial_rank_values": False, "window_size": 64})
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 8, "partial_rank_values": False, "window_size": 64})
     sc = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[45, 70], data_rank=8,
                         image_spans=[[(0, 20)], [(10, 69)]])
     for out, dense in run_decode(sc, 4, steps=3):
@@ -103,7 +103,7 @@ def test_fp16_storage_stays_close_to_dense():
 def test_unequal_modality_ranks_over_stale_pages_match_oracle():
     """Text rank 8, image rank 16: text records leave columns unused; stale NaNs must not leak."""
     config = AttentionPackConfig.from_dict(
-        {"rank_text_key": 8, "rank_text_value": 8, "rank_vision_key": 16, "rank_vision_value": 16,
+        {**SIXTEEN_BIT, "rank_text_key": 8, "rank_text_value": 8, "rank_vision_key": 16, "rank_vision_value": 16,
          "partial_rank_values": False, "window_size": 3})
     sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[40, 21],
                         image_spans=[[(4, 30)], [(0, 9)]], pages_fill=float("nan"))
@@ -135,7 +135,7 @@ def test_full_rank_stays_exact_over_many_folds_past_the_layer_width():
 def test_a_span_shorter_than_its_rank_is_stored_exactly():
     """Full-rank random data: 12 image tokens under an image rank of 16 come back exact,
     while the 60 text tokens at text rank 4 do not (the check can fail)."""
-    config = AttentionPackConfig.from_dict({"rank_vision_key": 16, "rank_vision_value": 16,
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank_vision_key": 16, "rank_vision_value": 16,
                                             "rank_text_key": 4, "rank_text_value": 4, "sink_tokens": 0})
     sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[72], image_spans=[[(30, 41)]])
     slot = int(sc.slot_ids[0])

@@ -14,11 +14,11 @@ from attentionpack_vllm.plan import CompressionPlan
 from attentionpack_vllm.prefill import store_tokens
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.windows import WindowTracker
-from scenario import build_scenario, run_decode
+from scenario import SIXTEEN_BIT, build_scenario, run_decode
 
 
 def test_reused_slot_and_pages_carry_nothing_of_the_old_request():
-    config = AttentionPackConfig.from_dict({"rank": 16, "window_size": 5})
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 16, "window_size": 5})
     fresh = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[30], seed=11)
     # A dirty store: another request ran (with images, decode steps, a fold) in the
     # same slot and pages before the new request starts there.
@@ -69,7 +69,7 @@ def test_window_tracker_fills_sinks_first_and_never_folds_them():
 
 
 def test_importance_ema_matches_hand_computation():
-    plan = CompressionPlan.build(AttentionPackConfig.from_dict({"ema_weight": 0.25, "rank": 8}), 1, 16)
+    plan = CompressionPlan.build(AttentionPackConfig.from_dict({**SIXTEEN_BIT, "ema_weight": 0.25, "rank": 8}), 1, 16)
     pool = SlotPool.allocate(plan, 3, torch.float32)
     pages = torch.zeros(2, 16, plan.layout.width)
     block_table = torch.tensor([[1, 0]], dtype=torch.int32)
@@ -104,7 +104,7 @@ def test_group_of_rank_follows_fractions_rounding_up():
 
 
 def test_images_and_text_get_separate_bases():
-    config = AttentionPackConfig.from_dict({"rank": 4, "sink_tokens": 0})  # every token a record
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 4, "sink_tokens": 0})  # every token a record
     sc = build_scenario(config, num_kv_heads=1, head_size=32, prompt_lens=[20],
                         image_spans=[[(5, 14)]], data_rank=32)
     slot = int(sc.slot_ids[0])
@@ -116,10 +116,26 @@ def test_images_and_text_get_separate_bases():
     assert not torch.allclose(b_img, b_txt)
 
 
+def test_energy_rank_trims_text_bases_only():
+    """rank_text_energy: text bases keep the directions that reach the share; image bases keep the rank."""
+    def bases(settings):
+        config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 16, "sink_tokens": 0, **settings})
+        sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[60],
+                            image_spans=[[(10, 39)]], data_rank=32)
+        slot = int(sc.slot_ids[0])
+        kept = lambda b: int((b.abs().sum(-1) > 0).sum())  # noqa: E731
+        return [kept(sc.pool.basis_k[slot, m]) for m in (TEXT, IMAGE)], sc.plan
+    (text_full, image_full), plan = bases({})
+    (text_trim, image_trim), trimmed = bases({"rank_text_energy": 0.5})
+    assert plan.text_energy is None and trimmed.text_energy == 0.5
+    assert text_full == image_full == image_trim == 16
+    assert 0 < text_trim < 16
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ranks", [{"rank": 64}, {"rank_vision_key": 32, "rank_text_value": 16}])
 def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
-    config = AttentionPackConfig.from_dict({**ranks, "window_size": 16})
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, **ranks, "window_size": 16})
     plan = CompressionPlan.build(config, num_kv_heads=32, head_size=128)
     report = MemoryReport.of(plan, dtype)
     pool = SlotPool.allocate(plan, num_slots=3, dtype=dtype)
@@ -138,16 +154,18 @@ def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
 
 def test_cache_tokens_match_what_vllm_reported():
     """512 MiB, fp16, 2 layers of LLaVA-1.5-7B's geometry (a text-only stand-in, so text
-    bases only), blocks of 32, 4 slots, default settings: vLLM reported 16,384 tokens
+    bases only), blocks of 32, 4 slots, rank 64 in 16 bits: vLLM reported 16,384 tokens
     dense and 999,136 at rank 64 (benchmarks/results/capacity.json)."""
-    plan = CompressionPlan.build(AttentionPackConfig(), num_kv_heads=32, head_size=128, has_image=False)
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 64})
+    plan = CompressionPlan.build(config, num_kv_heads=32, head_size=128, has_image=False)
     report = MemoryReport.of(plan, torch.float16)
     assert report.cache_tokens(512 * 2**20, 2, 32, 4) == (16_384, 999_136)
     assert report.cache_tokens(report.slot_bytes * 2 * 4, 2, 32, 4)[1] == 0  # pools take it all
 
 
 def test_llava_geometry_rank_64_record_is_over_60x_smaller():
-    plan = CompressionPlan.build(AttentionPackConfig(), num_kv_heads=32, head_size=128)
+    plan = CompressionPlan.build(AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": 64}),
+                                 num_kv_heads=32, head_size=128)
     report = MemoryReport.of(plan, torch.float16)
     assert plan.layout.width == 64 + 64 + 2
     assert math.isclose(report.token_ratio, 8192 / 130)

@@ -9,6 +9,7 @@ from attentionpack_vllm.prefill import causal_attention, prefill_request
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.kernels.reference import dense_attention, reconstruct_request_kv
 from attentionpack_vllm.windows import WindowTracker
+from scenario import SIXTEEN_BIT
 
 
 def dense_causal(query, keys, values, scale):
@@ -29,7 +30,7 @@ def test_chunked_prefill_then_decode_at_full_rank_equals_dense(chunks, sinks):
     gen = torch.Generator().manual_seed(1)
     num_heads, num_kv_heads, head_size, block_size = 4, 2, 32, 16
     width = num_kv_heads * head_size
-    config = AttentionPackConfig.from_dict({"rank": width, "partial_rank_values": False, "window_size": 3,
+    config = AttentionPackConfig.from_dict({**SIXTEEN_BIT, "rank": width, "partial_rank_values": False, "window_size": 3,
                                             "sink_tokens": sinks})
     plan = CompressionPlan.build(config, num_kv_heads, head_size)
     pages = torch.full((12, block_size, plan.layout.width), float("nan"))
@@ -76,7 +77,7 @@ def test_sink_tokens_stay_exact_through_prefill_decode_and_folds(chunks):
     num_heads, num_kv_heads, head_size, block_size, sinks = 4, 2, 16, 16, 4
     width = num_kv_heads * head_size
     plan = CompressionPlan.build(AttentionPackConfig.from_dict(
-        {"rank": 2, "window_size": 3, "sink_tokens": sinks}), num_kv_heads, head_size)
+        {**SIXTEEN_BIT, "rank": 2, "window_size": 3, "sink_tokens": sinks}), num_kv_heads, head_size)
     pages = torch.full((8, block_size, plan.layout.width), float("nan"))
     pool = SlotPool.allocate(plan, 2, torch.float32)
     block_table = torch.tensor([[5, 1, 7, 3, 0]], dtype=torch.int32)

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import hf_attentionpack as hfap  # noqa: E402
+from scenario import SIXTEEN_BIT  # noqa: E402
 
 from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
 
@@ -27,7 +28,7 @@ def scored(tiny_llama):
                         generator=torch.Generator().manual_seed(0)).tolist()
 
     def packed(seed, **settings):
-        return hfap.PackedCache(AttentionPackConfig.from_dict(settings), NUM_LAYERS, NUM_KV_HEADS,
+        return hfap.PackedCache(AttentionPackConfig.from_dict({**SIXTEEN_BIT, **settings}), NUM_LAYERS, NUM_KV_HEADS,
                                 HEAD_SIZE, TOKENS, seed=seed)
 
     caches = [hfap.DenseCache(NUM_LAYERS),
@@ -63,24 +64,28 @@ def test_low_rank_changes_the_predictions(scored):
 
 def test_chunked_prefill_agrees_with_the_whole_prompt_on_smollm2(smollm2):
     """A 512-token prompt prefilled whole or in chunks of 128 (each later chunk attends to
-    the compressed earlier ones), at the default rank, then 64 tokens scored: perplexity
-    within 3 % (benchmarks/quality.py measured 1.5 % at 1,024 prompt tokens in chunks of
-    256, against 11 % between the default and dense; see its chunked rows)."""
+    the compressed earlier ones), then 64 tokens scored: perplexity within 3 % at the
+    defaults and at rank 64 in 16 bits, where compression itself costs more than 3 %
+    here, so the tolerance is finer than the loss (benchmarks/quality.py measured chunks
+    of 256 and 512 within 1.5 % at 1,024 prompt tokens; see its chunked rows)."""
     import pydoc_data.topics as topics
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(smollm2)(topics.topics["execmodel"]).input_ids[:576]
     model = hfap.load_causal_lm(smollm2)
 
+    settings = [{}, {**SIXTEEN_BIT, "rank": 64}]
+
     def scored(chunk):
-        caches = [hfap.PackedCache(AttentionPackConfig(), 30, 3, 64, len(ids))]
+        caches = [hfap.PackedCache(AttentionPackConfig.from_dict(s), 30, 3, 64, len(ids), seed=i)
+                  for i, s in enumerate(settings)]
         nll, _ = hfap.teacher_forced(model, ids, 512, caches, prefill_chunk=chunk)
-        return float(torch.exp(nll[0].mean()))
+        return torch.exp(nll.mean(-1))
 
     whole, chunked = scored(None), scored(128)
     dense, _ = hfap.teacher_forced(model, ids, 512, [hfap.DenseCache(30)])
-    assert abs(chunked / whole - 1) < 0.03
-    assert whole / float(torch.exp(dense[0].mean())) > 1.03  # the tolerance is finer than the loss
+    assert ((chunked / whole - 1).abs() < 0.03).all(), (chunked, whole)
+    assert float(whole[1] / torch.exp(dense[0].mean())) > 1.03  # the tolerance is finer than the loss
 
 
 def test_int8_storage_costs_under_two_percent_perplexity_on_smollm2(smollm2):

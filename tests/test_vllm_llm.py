@@ -5,7 +5,8 @@ from vllm_harness import attentionpack_engine, dense_engine, run_llm
 
 pytestmark = pytest.mark.vllm
 
-FULL_RANK = {"rank": 100_000, "partial_rank_values": False}  # clamped to each layer's KV width
+# Clamped to each layer's KV width; in the model's dtype, where full rank equals dense.
+FULL_RANK = {"rank": 100_000, "partial_rank_values": False, "storage": "auto"}
 TEXT = ("The quick brown fox jumps over the lazy dog. A large language model reads a prompt one "
         "token at a time and keeps the keys and values of every token it has seen in a cache. ")
 
@@ -41,7 +42,7 @@ def test_forced_triton_kernel_runs_inside_vllm_and_matches_dense(tiny_llama):
     Triton's interpreter; partial rank on, so the kernel's probabilities drive the groups."""
     requests = text_requests(12)[:2]
     env = {"TRITON_INTERPRET": "1"}
-    settings = {"window_size": 5, "rank": 100_000}
+    settings = {"window_size": 5, "rank": 100_000, "storage": "auto"}
     torch_path = run_llm(tiny_llama, attentionpack_engine({**settings, "decode_kernel": "torch"}), requests)
     kernel = run_llm(tiny_llama, attentionpack_engine({**settings, "decode_kernel": "triton"}), requests,
                      env=env)
