@@ -15,7 +15,9 @@ aten ops and host reads of one plain step (tests/op_counter.py's counter).
 
 Writes results/decode_step_cpu.json. `--storage auto,int8` runs every case in both
 storage formats, side by side (int8: records, bases and window in int8 with scales;
-the saved run is results/decode_step_cpu_int8.json).
+the saved run is results/decode_step_cpu_int8.json). `--compile` runs every case a
+second time with the latent attention compiled by `torch.compile` (inductor, dynamic
+shapes: the context grows every step), as vLLM's CPU backend compiles its model.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _environment import environment  # noqa: E402
 from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
 from attentionpack_vllm.decode import decode_and_fold, schedule_decode  # noqa: E402
+from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention  # noqa: E402
 from op_counter import OpCounter  # noqa: E402
 from scenario import build_scenario  # noqa: E402
 
@@ -42,7 +45,7 @@ HEADS, KV_HEADS, HEAD_SIZE, STEPS = 9, 3, 64, 40
 SHAPES = ((1, 64), (1, 512), (10, 900), (16, 800))
 
 
-def run_case(batch: int, context: int, partial: bool, storage: str = "auto") -> dict:
+def run_case(batch: int, context: int, partial: bool, storage: str = "auto", compiled: bool = False) -> dict:
     config = AttentionPackConfig.from_dict({"rank": 64, "window_size": 32, "partial_rank_values": partial,
                                             "storage": storage})
     sc = build_scenario(config, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, prompt_lens=[context] * batch,
@@ -51,6 +54,8 @@ def run_case(batch: int, context: int, partial: bool, storage: str = "auto") -> 
     q = torch.randn(batch, HEADS, HEAD_SIZE, generator=gen)
     k = torch.randn(batch, KV_HEADS * HEAD_SIZE, generator=gen)
     v = torch.randn(batch, KV_HEADS * HEAD_SIZE, generator=gen)
+    # A fresh compiled function per case: its compilation (first step) is not timed by the median.
+    attention = torch.compile(latent_decode_attention, dynamic=True) if compiled else latent_decode_attention
     steps, metadata, ops = [], [], None
     for step in range(STEPS):
         sc.seq_lens = [s + 1 for s in sc.seq_lens]
@@ -58,14 +63,15 @@ def run_case(batch: int, context: int, partial: bool, storage: str = "auto") -> 
         decode, folds = schedule_decode(sc.tracker, sc.plan, sc.block_table, sc.slot_ids.tolist(),
                                         sc.seq_lens, sc.pages.shape[1])
         metadata.append(time.perf_counter() - start)
-        if step == 1:
+        if step == 1 and not compiled:
             with OpCounter() as counter:
                 decode_and_fold(q, k, v, sc.pages, sc.pool, sc.plan, decode, folds, HEAD_SIZE ** -0.5)
             ops = {"working": counter.working, "host_reads": counter.host_reads}
             continue
         start = time.perf_counter()
-        decode_and_fold(q, k, v, sc.pages, sc.pool, sc.plan, decode, folds, HEAD_SIZE ** -0.5)
-        steps.append(time.perf_counter() - start)
+        decode_and_fold(q, k, v, sc.pages, sc.pool, sc.plan, decode, folds, HEAD_SIZE ** -0.5, attention)
+        if step >= 2 or not compiled:  # a compiled run's first steps compile
+            steps.append(time.perf_counter() - start)
     keys = torch.randn(batch, KV_HEADS, context, HEAD_SIZE)
     values = torch.randn(batch, KV_HEADS, context, HEAD_SIZE)
     query = torch.randn(batch, HEADS, 1, HEAD_SIZE)
@@ -76,6 +82,7 @@ def run_case(batch: int, context: int, partial: bool, storage: str = "auto") -> 
         dense.append(time.perf_counter() - start)
     us = lambda xs: round(1e6 * xs, 1)  # noqa: E731
     row = {"batch": batch, "context": context, "partial_rank": partial, "storage": storage,
+           "attention": "torch.compile" if compiled else "eager",
            "attentionpack_median_us": us(statistics.median(steps)),
            "attentionpack_mean_us": us(statistics.fmean(steps)),
            "metadata_per_step_us": us(statistics.median(metadata)),
@@ -83,10 +90,11 @@ def run_case(batch: int, context: int, partial: bool, storage: str = "auto") -> 
            "plain_step_ops": ops}
     row["ratio_median_to_dense"] = round(row["attentionpack_median_us"] / row["dense_sdpa_median_us"], 2)
     print(f"[decode_step_cpu] batch {batch}, context {context}, partial rank {'on' if partial else 'off'}, "
-          f"storage {storage}: "
+          f"storage {storage}{', compiled' if compiled else ''}: "
           f"{row['attentionpack_median_us']:.0f} us median ({row['attentionpack_mean_us']:.0f} mean with the fold), "
           f"dense SDPA {row['dense_sdpa_median_us']:.0f} us, metadata {row['metadata_per_step_us']:.0f} us/step, "
-          f"{ops['working']} ops, {ops['host_reads']} host reads", flush=True)
+          + (f"{ops['working']} ops, {ops['host_reads']} host reads" if ops else "ops not counted (compiled)"),
+          flush=True)
     return row
 
 
@@ -95,13 +103,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--storage", default="auto",
                         help="comma-separated storage formats to run each case in (auto, int8)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run every case with the latent attention compiled by torch.compile")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_step_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     storages = [x.strip() for x in args.storage.split(",") if x.strip()]
     if not storages or set(storages) - {"auto", "int8"}:
         parser.error(f"--storage: expected a comma-separated list of auto and int8, got {args.storage!r}")
-    rows = [run_case(b, c, p, st) for b, c in SHAPES for p in (False, True) for st in storages]
+    rows = [run_case(b, c, p, st, comp) for b, c in SHAPES for p in (False, True) for st in storages
+            for comp in ((False, True) if args.compile else (False,))]
     result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "threads": args.threads, "storage": storages, "geometry": {"heads": HEADS, "kv_heads": KV_HEADS,
                                                    "head_size": HEAD_SIZE, "rank": 64, "window": 32},
