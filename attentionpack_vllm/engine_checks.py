@@ -45,8 +45,8 @@ def conflicts(features: EngineFeatures) -> list[str]:
                        "use 1")
     if features.kv_cache_dtype not in ("auto", None):
         reasons.append(f"--kv-cache-dtype {features.kv_cache_dtype}: AttentionPack sets its own "
-                       "storage; use --kv-cache-dtype auto, and for 8-bit storage the attentionpack "
-                       "setting \"storage\": \"int8\"")
+                       "storage (8-bit by default, the attentionpack setting \"storage\": \"int8\"; "
+                       "\"auto\" for the model's dtype); use --kv-cache-dtype auto")
     if features.sliding_window:
         reasons.append("sliding-window attention layers are not supported; serve this model "
                        "with another --attention-backend")
