@@ -222,7 +222,8 @@ def policy_sweep() -> list[Setting]:
     return rows
 
 
-SWEEPS = {"settings": None, "storage": storage_sweep, "policy": policy_sweep}
+# --sweep: the rows of each mode ("settings" takes --quick).
+SWEEPS = {"settings": sweep, "storage": lambda quick: storage_sweep(), "policy": lambda quick: policy_sweep()}
 
 
 # ---------------------------------------------------------------------------
@@ -751,7 +752,7 @@ def main(argv=None) -> int:
     unknown = set(args.parts) - {"ppl", "vllm", "claims"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
-    rows = sweep(args.quick) if args.sweep == "settings" else SWEEPS[args.sweep]()
+    rows = SWEEPS[args.sweep](args.quick)
     if args.only is not None:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         known = [r.name for r in rows]

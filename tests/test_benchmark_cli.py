@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
     ("quality.py", ["--passkeys", "1k"], "--passkeys: expected comma-separated token counts"),
     ("quality.py", ["--passkeys", "0"], "--passkeys: expected positive token counts"),
     ("quality.py", ["--sweep", "storage", "--only", "r64 fp4"], "--only: unknown settings ['r64 fp4']"),
+    ("quality.py", ["--sweep", "policy", "--only", "r64 int4"], "--only: unknown settings ['r64 int4']"),
+    ("quality.py", ["--sweep", "ranks"], "invalid choice: 'ranks'"),
     ("decode_step_cpu.py", ["--storage", "auto,fp8"], "--storage: expected a comma-separated list"),
 ])
 def test_bad_arguments_exit_with_a_named_error(script, args, message):
