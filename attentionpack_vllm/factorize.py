@@ -390,7 +390,8 @@ def _fold_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
     frame = _orthonormalizer(stack_gram, passes=2)                                    # [B, k, k]
     basis_coords = stack_gram[:, :r_old] @ frame                                      # [B, R, k]
     new_coords = new_by_stack @ frame                                                 # [B, m, k]
-    old_gram = old.double().mT @ old.double()                                         # [B, R, R]
+    old64 = old.double()
+    old_gram = old64.mT @ old64                                                       # [B, R, R]
     gram = basis_coords.mT @ old_gram @ basis_coords + new_coords.mT @ new_coords     # [B, k, k]
     vectors, energies = _top_eigenvectors(gram, min(rank, gram.shape[-1]), exact, EIGEN_STEPS_FOLD)
     coeffs = frame @ _drop_negligible(vectors, energies)                              # [B, k, r]
