@@ -6,15 +6,16 @@ is accepted. Defaults: rank 80 for every matrix and modality, int8 storage, the
 first 4 tokens of each request and its newest 64 decode tokens kept exact, and
 partial rank off (each measured with benchmarks/quality.py: rank 80 with int8 storage
 keeps the long-context retrieval that rank 64 loses, in fewer bytes than rank 64 in
-16 bits; partial rank costs next-token agreement and a per-step importance update). Turned on, the groups are the paper's: top 25 % of
-tokens at full rank, the rest at a quarter of the rank, values only, EMA weight 0.25.
+16 bits; partial rank costs next-token agreement and a per-step importance update).
+Turned on, the groups are the paper's: top 25 % of tokens at full rank, the rest at a
+quarter of the rank, values only, EMA weight 0.25.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 RANK_KEYS = ("rank_vision_key", "rank_vision_value", "rank_text_key", "rank_text_value")
 SVD_METHODS = ("auto", "exact", "gram", "randomized")  # factorize.METHODS
@@ -89,15 +90,9 @@ class AttentionPackConfig:
             if not isinstance(getattr(self, key), bool):
                 raise AttentionPackConfigError(key, getattr(self, key), "true or false")
         _check_groups(self.group_fractions, self.group_rank_scales)
-        w = self.ema_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < 1.0:
-            raise AttentionPackConfigError("ema_weight", w, "a number in [0, 1)")
-        e = self.rank_text_energy
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.0 < e <= 1.0:
-            raise AttentionPackConfigError("rank_text_energy", e, "a number in (0, 1]")
-        f = self.max_pool_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
-            raise AttentionPackConfigError("max_pool_fraction", f, "a number in (0, 1)")
+        _check_number("ema_weight", self.ema_weight, "[0, 1)", lambda x: 0.0 <= x < 1.0)
+        _check_number("rank_text_energy", self.rank_text_energy, "(0, 1]", lambda x: 0.0 < x <= 1.0)
+        _check_number("max_pool_fraction", self.max_pool_fraction, "(0, 1)", lambda x: 0.0 < x < 1.0)
         if self.svd not in SVD_METHODS:
             raise AttentionPackConfigError("svd", self.svd, f"one of {list(SVD_METHODS)}")
         if self.storage not in STORAGE_FORMATS:
@@ -153,6 +148,11 @@ class AttentionPackConfig:
 def _check_int(key: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise AttentionPackConfigError(key, value, f"an integer >= {minimum}")
+
+
+def _check_number(key: str, value: Any, interval: str, inside: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not inside(value):
+        raise AttentionPackConfigError(key, value, f"a number in {interval}")
 
 
 def _check_groups(fractions: tuple, scales: tuple) -> None:

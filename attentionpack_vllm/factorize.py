@@ -339,10 +339,15 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
     directions = new_rows
     if new_rows.shape[1] > rank:
         directions = factorize_batch(new_rows, rank, svd).basis
+    # F^T F in float64: all the Gram method and the energy share need of the old tokens.
+    old_gram = None
+    if method != "exact" or energy is not None:
+        old64 = old.double()
+        old_gram = old64.mT @ old64                                                   # [B, R, R]
     if method == "exact":
         result = _fold_exact(old, basis, directions, new_rows, rank)
     else:
-        result = _fold_gram(old, basis, directions, new_rows, rank, exact=(method == "gram"))
+        result = _fold_gram(old_gram, basis, directions, new_rows, rank, exact=(method == "gram"))
     d = basis.shape[-1]
     result = Fold(rotation=_pad(result.rotation, basis.shape[1], rank),
                   new_factors=_pad(result.new_factors, new_rows.shape[1], rank),
@@ -350,10 +355,9 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
     if energy is None:
         return result
     # The combined data's energy per new direction and in all, the old tokens through F^T F.
-    gram = (old.mT @ old).double()
     rotation = result.rotation.double()
-    column_energy = ((gram @ rotation) * rotation).sum(-2) + result.new_factors.double().square().sum(-2)
-    total = (gram * (basis @ basis.mT).double()).sum((-2, -1)) + new_rows.double().square().sum((-2, -1))
+    column_energy = ((old_gram @ rotation) * rotation).sum(-2) + result.new_factors.double().square().sum(-2)
+    total = (old_gram * (basis @ basis.mT).double()).sum((-2, -1)) + new_rows.double().square().sum((-2, -1))
     keep = energy_keep(column_energy, total, energy)
     return Fold(rotation=result.rotation * keep.unsqueeze(-2),
                 new_factors=result.new_factors * keep.unsqueeze(-2),
@@ -372,7 +376,7 @@ def _fold_exact(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor
     return Fold(rotation=basis @ new_basis.mT, new_factors=new_rows @ new_basis.mT, basis=new_basis)
 
 
-def _fold_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
+def _fold_gram(old_gram: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
                new_rows: torch.Tensor, rank: int, exact: bool) -> Fold:
     """The fold through Gram matrices: S = [basis; directions] enters at width d only in
     S S^T, in the new basis rows M^T S and in their Gram matrix.
@@ -382,6 +386,7 @@ def _fold_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
     A^T (S B^T) F^T F (B S^T) A and the new rows' (N S^T) A. Its top eigenvectors W
     give the new basis rows M^T S with M = A W, orthonormalised by one explicit
     CholeskyQR pass (M <- M A'), then the rotation B S^T M and the new factors N S^T M.
+    `old_gram` is F^T F [B, R, R] in float64.
     """
     stack = torch.cat([basis, directions], dim=1).double()                          # [B, k, d]
     stack_gram = stack @ stack.mT                                                     # [B, k, k]
@@ -390,8 +395,6 @@ def _fold_gram(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
     frame = _orthonormalizer(stack_gram, passes=2)                                    # [B, k, k]
     basis_coords = stack_gram[:, :r_old] @ frame                                      # [B, R, k]
     new_coords = new_by_stack @ frame                                                 # [B, m, k]
-    old64 = old.double()
-    old_gram = old64.mT @ old64                                                       # [B, R, R]
     gram = basis_coords.mT @ old_gram @ basis_coords + new_coords.mT @ new_coords     # [B, k, k]
     vectors, energies = _top_eigenvectors(gram, min(rank, gram.shape[-1]), exact, EIGEN_STEPS_FOLD)
     coeffs = frame @ _drop_negligible(vectors, energies)                              # [B, k, r]
@@ -434,6 +437,12 @@ def stored_elements(num_tokens: int, width: int, rank: int, num_heads: int = 1) 
     """Elements stored for a segment: factors plus basis, per head when num_heads > 1."""
     head_width = width // num_heads
     return num_heads * (num_tokens * rank + rank * head_width)
+
+
+def directions_in_use(basis: torch.Tensor) -> torch.Tensor:
+    """[...]: the nonzero rows of bases [..., rank, d] (padding, rank deficiency and the
+    energy share leave the others zero)."""
+    return (basis != 0).any(-1).sum(-1)
 
 
 def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:

@@ -86,7 +86,7 @@ def prefill_request(
     context_len: int,           # tokens of this request already cached
     exact_len: int,             # of those, the ones in the slot's exact rows (sinks + window)
     scale: float,
-    attention: Callable[..., torch.Tensor] | None = None,  # exact causal attention; None: causal_attention
+    attention: Callable[..., torch.Tensor] = causal_attention,  # exact causal attention
 ) -> torch.Tensor:
     """Attend, then store the chunk; returns [num_tokens, num_heads, head_size].
 
@@ -111,7 +111,7 @@ def prefill_request(
     sink_rows = (slot, slice(None, sinks))
     all_k = torch.cat([pool.read("window_k", sink_rows), prefix_k, keys.float()])
     all_v = torch.cat([pool.read("window_v", sink_rows), prefix_v, values.float()])
-    out = (attention or causal_attention)(query, all_k, all_v, scale)
+    out = attention(query, all_k, all_v, scale)
     importance = last_token_importance(query[-1], all_k, scale)[context_len:]
     store_tokens(pages, pool, plan, slot, block_table_row, sinks, num_records, keys, values, is_image,
                  importance)

@@ -30,6 +30,8 @@ import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.decode import decode_and_fold, schedule_decode
+from attentionpack_vllm.factorize import directions_in_use
+from attentionpack_vllm.kernels.layout import TEXT
 from attentionpack_vllm.plan import CompressionPlan
 from attentionpack_vllm.prefill import causal_attention, prefill_request
 from attentionpack_vllm.slot_pool import SlotPool
@@ -125,9 +127,9 @@ class PackedCache:
     def text_ranks_kept(self) -> dict[str, float]:
         """Mean over layers of the text basis rows in use (K and V): below the text rank
         only with `rank_text_energy`, or while a request has fewer tokens than its rank."""
-        kept = lambda pools, name: sum(  # noqa: E731
-            float((getattr(p, name)[self.slot, 0].abs().sum(-1) > 0).sum()) for p in pools) / len(pools)
-        return {"key": kept(self.pools, "basis_k"), "value": kept(self.pools, "basis_v")}
+        kept = lambda name: sum(  # noqa: E731
+            int(directions_in_use(getattr(p, name)[self.slot, TEXT])) for p in self.pools) / len(self.pools)
+        return {"key": kept("basis_k"), "value": kept("basis_v")}
 
     def attend(self, layer, query, keys, values, scale, is_image=None):
         n, ctx = query.shape[0], self.seq_lens[layer]

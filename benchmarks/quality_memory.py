@@ -23,14 +23,9 @@ from pathlib import Path
 import torch
 
 from attentionpack_vllm.config import RANK_KEYS, AttentionPackConfig
-from attentionpack_vllm.memory import MemoryReport
-from attentionpack_vllm.plan import CompressionPlan
+from quality import MEMORY_TOKENS as TOKENS, MIB, NUM_LAYERS, RESULTS, Setting
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("quality.json", "quality_storage.json", "quality_policy.json")
-MIB = 1024 * 1024
-# SmolLM2-135M-Instruct's cache geometry, and the request the rows are compared on.
-NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, TOKENS = 30, 3, 64, 1024
 # The settings every point on a rank line has (the defaults of every run but the rank).
 PLAIN = {"window_size": 64, "sink_tokens": 4, "partial_rank_values": False, "partial_rank_keys": False,
          "rank_text_energy": 1.0}
@@ -38,11 +33,7 @@ PLAIN = {"window_size": 64, "sink_tokens": 4, "partial_rank_values": False, "par
 
 def kv_mib(settings: dict | None, fp8: bool = False) -> float:
     """KV MiB of one TOKENS-token request in a bfloat16 model (fp8 dense: a byte an element)."""
-    config = AttentionPackConfig.from_dict(settings or {"rank": 10**6, "storage": "auto"})
-    report = MemoryReport.of(CompressionPlan.build(config, NUM_KV_HEADS, HEAD_SIZE, has_image=False),
-                             torch.float8_e4m3fn if fp8 else torch.bfloat16)
-    dense, packed = report.request_bytes(TOKENS, NUM_LAYERS)
-    return (dense if settings is None else packed) / MIB
+    return Setting("", settings, fp8=fp8).kv_bytes(torch.bfloat16) / MIB
 
 
 def settings_of(row: dict, defaults_then: dict) -> dict | None:
@@ -121,15 +112,13 @@ def plot(pts: list[dict], path: Path) -> None:
                     xytext=(4, 0), fontsize=6, color="0.35")
     dense = next(p for p in pts if p["settings"] is None and not p["dense_fp8"])
     ax.plot([dense["kv_mib_bf16"]], [1.0], "k*", markersize=14, label="dense (vLLM, bf16)")
-    for p in pts:
-        if p["dense_fp8"]:
-            ax.plot([p["kv_mib_bf16"]], [p["ppl_ratio_to_dense"]], "kD", markersize=7, label="dense fp8 (vLLM)")
-            break
-    for p in pts:
-        if p["is_today_default"]:
-            ax.plot([p["kv_mib_bf16"]], [p["ppl_ratio_to_dense"]], "o", markersize=16, markerfacecolor="none",
-                    markeredgecolor="red", markeredgewidth=2, label="defaults (rank 80, int8)")
-            break
+    fp8 = next((p for p in pts if p["dense_fp8"]), None)
+    if fp8:
+        ax.plot([fp8["kv_mib_bf16"]], [fp8["ppl_ratio_to_dense"]], "kD", markersize=7, label="dense fp8 (vLLM)")
+    default = next((p for p in pts if p["is_today_default"]), None)
+    if default:
+        ax.plot([default["kv_mib_bf16"]], [default["ppl_ratio_to_dense"]], "o", markersize=16,
+                markerfacecolor="none", markeredgecolor="red", markeredgewidth=2, label="defaults (rank 80, int8)")
     ax.axhline(1.0, color="k", lw=0.7, ls=":")
     ax.axhline(1.15, color="red", lw=0.7, ls=":", label="perplexity goal (1.15x dense)")
     ax.axvline(dense["kv_mib_bf16"] / 2, color="red", lw=0.7, ls="--", label="memory goal (2x smaller than dense)")

@@ -8,9 +8,10 @@ import torch
 
 import attentionpack_vllm.factorize as fz
 from attentionpack_vllm.config import SVD_METHODS
-from attentionpack_vllm.factorize import (LowRank, SvdSettings, captured_energy, describe, factorize,
-                                          factorize_batch, fold, fold_batch, per_head_reconstruction,
-                                          relative_error, resolve_method, stored_elements)
+from attentionpack_vllm.factorize import (LowRank, SvdSettings, captured_energy, describe, directions_in_use,
+                                          factorize, factorize_batch, fold, fold_batch,
+                                          per_head_reconstruction, relative_error, resolve_method,
+                                          stored_elements)
 from scenario import low_rank_rows
 
 METHODS = ("exact", "gram", "randomized")
@@ -92,10 +93,6 @@ def decaying_rows(num_tokens, width, rank, gen, noise):
     return rows + noise * torch.randn(num_tokens, width, generator=gen)
 
 
-def kept_columns(low):
-    return (low.basis.abs().sum(-1) > 0).sum(-1)
-
-
 def assert_fewest_directions_reach(x, low, target):
     """captured energy >= target, and dropping the weakest kept direction falls below it."""
     got = captured_energy(x, low)
@@ -117,8 +114,8 @@ def test_energy_rank_reaches_its_target_with_the_fewest_directions(method, targe
     low = factorize_batch(x, 32, settings(method), energy=target)
     assert_fewest_directions_reach(x, low, target)
     full = factorize_batch(x, 32, settings(method))
-    kept = kept_columns(low)
-    assert bool((kept <= kept_columns(full)).all()) and len(set(kept.tolist())) > 1, kept
+    kept = directions_in_use(low.basis)
+    assert bool((kept <= directions_in_use(full.basis)).all()) and len(set(kept.tolist())) > 1, kept
     # The kept directions are the full factorisation's leading ones, unchanged.
     torch.testing.assert_close(low.basis, full.basis * (low.basis.abs().sum(-1, keepdim=True) > 0))
 
@@ -126,7 +123,7 @@ def test_energy_rank_reaches_its_target_with_the_fewest_directions(method, targe
 def test_energy_rank_is_capped_by_the_rank():
     x = torch.randn(50, 40, generator=torch.Generator().manual_seed(12))   # flat spectrum
     low = factorize(x, 8, energy=0.99)
-    assert int(kept_columns(low)) == 8
+    assert int(directions_in_use(low.basis)) == 8
     assert float(captured_energy(x, low)) < 0.99
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
+from attentionpack_vllm.factorize import directions_in_use
 from attentionpack_vllm.importance import group_of_rank, groups_by_importance, update_importance
 from attentionpack_vllm.kernels.decode_inputs import make_decode_batch
 from attentionpack_vllm.kernels.layout import IMAGE, TEXT, decode_flags
@@ -123,8 +124,7 @@ def test_energy_rank_trims_text_bases_only():
         sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[60],
                             image_spans=[[(10, 39)]], data_rank=32)
         slot = int(sc.slot_ids[0])
-        kept = lambda b: int((b.abs().sum(-1) > 0).sum())  # noqa: E731
-        return [kept(sc.pool.basis_k[slot, m]) for m in (TEXT, IMAGE)], sc.plan
+        return [int(directions_in_use(sc.pool.basis_k[slot, m])) for m in (TEXT, IMAGE)], sc.plan
     (text_full, image_full), plan = bases({})
     (text_trim, image_trim), trimmed = bases({"rank_text_energy": 0.5})
     assert plan.text_energy is None and trimmed.text_energy == 0.5
