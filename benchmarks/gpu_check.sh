@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # GPU check of the decode kernels, for a machine with only torch and triton (no vLLM, no install).
 #
-#   bash benchmarks/gpu_check.sh                 # on a GPU: about 6-7 minutes on an H100, capped below 8
-#                                                # (the step limits add up to 455 s)
+#   bash benchmarks/gpu_check.sh                 # on a GPU: about 3 minutes on an H200, capped below 8
+#                                                # (the step limits add up to 470 s)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # on CPU: the same steps at tiny sizes under the interpreter
 #
 # Steps, each under its own time limit (seconds on a GPU), each run even if an earlier one failed:
 #   1. (130) kernel tests on CUDA (tests/test_triton_kernel.py, tests/test_dense_paged_kernel.py) through
 #      benchmarks/run_kernel_tests.py (pytest if installed, else its built-in runner)
 #   2. (40) the CUDA-graph check (benchmarks/cuda_graph_check.py): capture, replay on new inputs, compare
-#   3. (180) benchmarks/kernel_bench.py: LLaVA-1.5-7B and Qwen2-VL-7B geometry, batch 1/64/256, context
+#   3. (150) benchmarks/kernel_bench.py: LLaVA-1.5-7B and Qwen2-VL-7B geometry, batch 1/64/256, context
 #      1000/4000, rank 64, partial rank off/on, eager and CUDA-graph timings, plus a tuning sweep
-#   4. (45) benchmarks/kernel_bench.py --int8: the AttentionPack cache in int8 storage (dense baselines
-#      unchanged), LLaVA-1.5-7B geometry, batch 64, context 4000, rank 64, partial rank off/on
+#   4. (90) benchmarks/kernel_bench.py --int8: the AttentionPack cache in int8 storage (dense baselines
+#      unchanged), LLaVA-1.5-7B geometry, batch 1/64, context 1000/4000, rank 64 and 80 (the defaults'
+#      rank and storage), partial rank off/on
 #   5. (60) benchmarks/factorize_bench.py, when the file exists
 # Everything goes to $OUT when set, else benchmarks/results/: kernel_tests_<card>.json,
 # cuda_graph_check_<card>.json, kernel_bench_<card>.json and kernel_bench_<card>_int8.json (each
@@ -76,10 +77,10 @@ if [ "$DRY" = 1 ]; then
 else
   step kernel_tests 130 "$PY" benchmarks/run_kernel_tests.py --json "$DEST/kernel_tests_$CARD.json"
   step cuda_graph_check 40 "$PY" benchmarks/cuda_graph_check.py --out "$DEST"
-  step kernel_bench 180 "$PY" benchmarks/kernel_bench.py --geometries llava qwen2vl --batches 1 64 256 \
+  step kernel_bench 150 "$PY" benchmarks/kernel_bench.py --geometries llava qwen2vl --batches 1 64 256 \
     --contexts 1000 4000 --ranks 64 --sweep --out "$DEST"
-  step kernel_bench_int8 45 "$PY" benchmarks/kernel_bench.py --int8 --geometries llava --batches 64 \
-    --contexts 4000 --ranks 64 --out "$DEST"
+  step kernel_bench_int8 90 "$PY" benchmarks/kernel_bench.py --int8 --geometries llava --batches 1 64 \
+    --contexts 1000 4000 --ranks 64 80 --out "$DEST"
 fi
 
 if [ -f benchmarks/factorize_bench.py ]; then
