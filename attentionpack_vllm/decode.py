@@ -56,8 +56,7 @@ def append_to_window(pool: SlotPool, batch: DecodeBatch, keys: torch.Tensor, val
     is written when the window folds.
     """
     rows = (batch.slot_ids, batch.new_window_rows)
-    pool.write("window_k", rows, keys)
-    pool.write("window_v", rows, values)
+    pool.write_window(rows, keys, values)
     if track_importance:
         pool.window_importance.index_put_(rows, torch.zeros((), device=keys.device))
 

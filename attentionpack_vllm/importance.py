@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .kernels.decode_inputs import DecodeBatch
-from .kernels.storage import read_importance, write_record_fields
+from .kernels.storage import read_importance, take_rows, write_record_fields
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -70,4 +70,4 @@ def update_importance(
     write_record_fields(flat, batch.valid_slots, layout, importance=torch.lerp(target, old, keep))
     window = pool.window_importance
     target_w = window_probs * batch.seq_lens[:, None]
-    window.index_put_((batch.slot_ids,), torch.lerp(target_w, window[batch.slot_ids], keep))
+    window.index_put_((batch.slot_ids,), torch.lerp(target_w, take_rows(window, batch.slot_ids), keep))

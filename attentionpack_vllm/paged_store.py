@@ -20,7 +20,7 @@ from .importance import groups_by_importance
 from .kernels.decode_inputs import page_slots_of, ragged_positions
 from .kernels.layout import IMAGE, TEXT, decode_flags, encode_flags
 from .kernels.storage import (pack_records, record_factors, record_flags, record_importance,
-                              write_record_fields)
+                              take_rows, write_record_fields)
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -33,7 +33,7 @@ def page_slots(block_table_row: torch.Tensor, start: int, end: int, block_size: 
 
 def read_records(pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """[len(slots), width] records at flat slots."""
-    return pages.view(-1, pages.shape[-1])[slots]
+    return take_rows(pages.view(-1, pages.shape[-1]), slots)
 
 
 def write_records(pages: torch.Tensor, slots: torch.Tensor, plan: CompressionPlan, **fields) -> None:
@@ -154,7 +154,7 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     c_lens = folds.compressed_lens[:, None]
     in_window = (positions >= c_lens) & (positions < c_lens + folds.counts[:, None])   # [F, L]
     window_row = (positions - c_lens).clamp(0, plan.window_size - 1)                  # [F, L]
-    raw = flat[folds.record_slots]                                                    # [F, L, width]
+    raw = take_rows(flat, folds.record_slots)                                         # [F, L, width]
     raw.masked_fill_(~(positions < c_lens)[..., None], 0)                             # old tokens only
     old_modality = record_flags(raw, layout) % 2
     old_text = (old_modality == TEXT) & (positions < c_lens)

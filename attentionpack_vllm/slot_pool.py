@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.storage import dequantize, quantize
+from .kernels.storage import dequantize, quantize, take_rows
 from .plan import CompressionPlan
 
 ROW_TENSORS = ("basis_k", "basis_v", "window_k", "window_v")
@@ -67,9 +67,9 @@ class SlotPool:
     def read(self, name: str, index) -> torch.Tensor:
         """Rows `getattr(self, name)[index]` as float32 (`name` in ROW_TENSORS; `index`
         selects whole rows)."""
-        rows = getattr(self, name)[index]
+        rows = _read_rows(getattr(self, name), index)
         scale = self.scales.get(name)
-        return rows.float() if scale is None else dequantize(rows, scale[index])
+        return rows.float() if scale is None else dequantize(rows, _read_rows(scale, index))
 
     def write(self, name: str, index, rows: torch.Tensor) -> None:
         """Store float rows [..., kv_width] at `getattr(self, name)[index]`."""
@@ -81,6 +81,18 @@ class SlotPool:
         q, s = quantize(rows, scale.shape[-1])
         target[index] = q
         scale[index] = s
+
+    def write_window(self, index, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store float key and value rows [..., kv_width] at `window_k[index]` and
+        `window_v[index]` (int8: one quantize for both, the decode step's append)."""
+        if not self.scales:
+            self.write("window_k", index, keys)
+            self.write("window_v", index, values)
+            return
+        q, s = quantize(torch.stack([keys, values]), self.scales["window_k"].shape[-1])
+        for i, name in enumerate(("window_k", "window_v")):
+            getattr(self, name)[index] = q[i]
+            self.scales[name][index] = s[i]
 
     @staticmethod
     def slot_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
@@ -95,3 +107,14 @@ class SlotPool:
         """Forget everything about the slot's previous request."""
         for t in self.tensors():
             t[slot].zero_()
+
+
+def _read_rows(t: torch.Tensor, index) -> torch.Tensor:
+    """t[index]; an index that starts with a tensor of slots and goes on with plain
+    indices or slices reads the slots through `take_rows` (fast on CPU) first."""
+    if isinstance(index, torch.Tensor):
+        return take_rows(t, index)
+    if (isinstance(index, tuple) and isinstance(index[0], torch.Tensor)
+            and not any(isinstance(i, torch.Tensor) for i in index[1:])):
+        return take_rows(t, index[0])[(slice(None),) * index[0].dim() + index[1:]]
+    return t[index]

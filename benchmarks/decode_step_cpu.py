@@ -2,8 +2,10 @@
 """One layer's decode step on this CPU: AttentionPack's PyTorch path against dense SDPA.
 
 For each (batch, context) the script runs 40 consecutive decode steps of one layer at
-SmolLM2-135M's attention geometry (9 query heads, 3 KV heads x 64), rank 64, window
-32 (so one window fold falls in the run), through `schedule_decode` (the per-step
+SmolLM2-135M's attention geometry (9 query heads, 3 KV heads x 64), by default at rank
+64 with a 32-token window (so one window fold falls in the run; `--settings` takes
+other AttentionPack settings as JSON, `--settings '{}'` the package defaults, where
+the 64-token window folds once in `--steps 70`), through `schedule_decode` (the per-step
 metadata, once for all layers, timed apart) and `decode_and_fold` (window append,
 latent attention, importance EMA with partial rank, the due folds). Dense is
 `scaled_dot_product_attention` over contiguous K/V of the same length, a lower bound
@@ -12,6 +14,8 @@ single-threaded, as vLLM's CPU worker computes on one core here. It also counts 
 aten ops and host reads of one plain step (tests/op_counter.py's counter).
 
     .venv/bin/python benchmarks/decode_step_cpu.py [--threads 1] [--storage auto,int8 --out F]
+    .venv/bin/python benchmarks/decode_step_cpu.py --settings '{}' --steps 70 --storage int8,auto \
+        --out benchmarks/results/decode_step_cpu_defaults.json
 
 Writes results/decode_step_cpu.json. `--storage auto,int8` runs every case in both
 storage formats, side by side (int8: records, bases and window in int8 with scales;
@@ -35,21 +39,23 @@ sys.path.insert(0, str(REPO / "tests"))  # the cache builder and op counter are 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _environment import environment  # noqa: E402
-from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
+from attentionpack_vllm.config import AttentionPackConfig, AttentionPackConfigError  # noqa: E402
 from attentionpack_vllm.decode import decode_and_fold, schedule_decode  # noqa: E402
 from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention  # noqa: E402
 from op_counter import OpCounter  # noqa: E402
 from scenario import build_scenario  # noqa: E402
 
-HEADS, KV_HEADS, HEAD_SIZE, STEPS = 9, 3, 64, 40
+HEADS, KV_HEADS, HEAD_SIZE = 9, 3, 64
 SHAPES = ((1, 64), (1, 512), (10, 900), (16, 800))
+SETTINGS = {"rank": 64, "window_size": 32}   # the settings of the committed runs before --settings
 
 
-def run_case(batch: int, context: int, partial: bool, storage: str = "auto", compiled: bool = False) -> dict:
-    config = AttentionPackConfig.from_dict({"rank": 64, "window_size": 32, "partial_rank_values": partial,
-                                            "storage": storage})
+def run_case(batch: int, context: int, partial: bool, storage: str = "auto", compiled: bool = False,
+             settings: dict | None = None, num_steps: int = 40) -> dict:
+    config = AttentionPackConfig.from_dict({**(SETTINGS if settings is None else settings),
+                                            "partial_rank_values": partial, "storage": storage})
     sc = build_scenario(config, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, prompt_lens=[context] * batch,
-                        max_new_tokens=STEPS + 1, has_image=False)
+                        max_new_tokens=num_steps + 1, has_image=False)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, HEADS, HEAD_SIZE, generator=gen)
     k = torch.randn(batch, KV_HEADS * HEAD_SIZE, generator=gen)
@@ -57,7 +63,7 @@ def run_case(batch: int, context: int, partial: bool, storage: str = "auto", com
     # A fresh compiled function per case: its compilation (first step) is not timed by the median.
     attention = torch.compile(latent_decode_attention, dynamic=True) if compiled else latent_decode_attention
     steps, metadata, ops = [], [], None
-    for step in range(STEPS):
+    for step in range(num_steps):
         sc.seq_lens = [s + 1 for s in sc.seq_lens]
         start = time.perf_counter()
         decode, folds = schedule_decode(sc.tracker, sc.plan, sc.block_table, sc.slot_ids.tolist(),
@@ -76,7 +82,7 @@ def run_case(batch: int, context: int, partial: bool, storage: str = "auto", com
     values = torch.randn(batch, KV_HEADS, context, HEAD_SIZE)
     query = torch.randn(batch, HEADS, 1, HEAD_SIZE)
     dense = []
-    for _ in range(STEPS):
+    for _ in range(num_steps):
         start = time.perf_counter()
         torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
         dense.append(time.perf_counter() - start)
@@ -105,17 +111,33 @@ def main(argv=None) -> int:
                         help="comma-separated storage formats to run each case in (auto, int8)")
     parser.add_argument("--compile", action="store_true",
                         help="also run every case with the latent attention compiled by torch.compile")
+    parser.add_argument("--settings", default=None,
+                        help="AttentionPack settings as JSON (default: rank 64, window 32; '{}': the defaults)")
+    parser.add_argument("--steps", type=int, default=40, help="decode steps per case (default 40)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_step_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     storages = [x.strip() for x in args.storage.split(",") if x.strip()]
     if not storages or set(storages) - {"auto", "int8"}:
         parser.error(f"--storage: expected a comma-separated list of auto and int8, got {args.storage!r}")
-    rows = [run_case(b, c, p, st, comp) for b, c in SHAPES for p in (False, True) for st in storages
+    try:
+        settings = SETTINGS if args.settings is None else json.loads(args.settings)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--settings must be a JSON object of AttentionPack settings: {exc}")
+    if not isinstance(settings, dict):
+        parser.error(f"--settings must be a JSON object of AttentionPack settings, got {args.settings!r}")
+    try:
+        config = AttentionPackConfig.from_dict(settings)
+    except AttentionPackConfigError as exc:
+        parser.error(f"--settings: {exc}")
+    rows = [run_case(b, c, p, st, comp, settings, args.steps)
+            for b, c in SHAPES for p in (False, True) for st in storages
             for comp in ((False, True) if args.compile else (False,))]
     result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "threads": args.threads, "storage": storages, "geometry": {"heads": HEADS, "kv_heads": KV_HEADS,
-                                                   "head_size": HEAD_SIZE, "rank": 64, "window": 32},
+                                                   "head_size": HEAD_SIZE, "rank": config.rank_text_key,
+                                                   "window": config.window_size},
+              "settings": settings, "steps": args.steps,
               "environment": environment(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

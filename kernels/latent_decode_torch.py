@@ -23,7 +23,7 @@ import torch
 
 from .decode_inputs import DecodeBatch, LatentSpec
 from .layout import IMAGE, TEXT, decode_flags
-from .storage import dequantize, record_factor_parts, record_flags
+from .storage import dequantize, record_factor_parts, record_flags, take_rows
 
 
 def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int) -> torch.Tensor:
@@ -35,7 +35,8 @@ def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int)
 
 def _slot_rows(stored: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """The batch's slot rows of a basis or window as float32 (int8 ones with their scales)."""
-    return stored[slots].float() if scale is None else dequantize(stored[slots], scale[slots])
+    rows = take_rows(stored, slots)
+    return rows.float() if scale is None else dequantize(rows, take_rows(scale, slots))
 
 
 def _project(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -22,15 +22,24 @@ from .layout import FLOAT32_BYTES, RecordLayout
 INT8_MAX = 127.0
 
 
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] for an integer tensor indexing t's first dimension ([*index.shape, *t.shape[1:]]).
+
+    Through `index_select`: PyTorch's advanced indexing reads rows many times slower on
+    CPU (ten requests' int8 window rows: 66 against 4 us)."""
+    return t.index_select(0, index.reshape(-1)).view(*index.shape, *t.shape[1:])
+
+
 def quantize(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., width] -> (int8 [..., width], float32 scales [..., groups]): symmetric,
     absmax / 127 per group of `width // groups` consecutive columns. An all-zero group
     gets scale 0 and zeros."""
     shape = x.shape
     grouped = x.float().reshape(*shape[:-1], groups, shape[-1] // groups)
-    scale = grouped.abs().amax(dim=-1) / INT8_MAX
+    scale = torch.linalg.vector_norm(grouped, float("inf"), dim=-1) / INT8_MAX  # absmax in one op
+    # |x| / (absmax / 127) exceeds 127 by round-off at most, so rounding never passes 127.
     q = torch.round(grouped / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
-    return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).reshape(shape), scale
+    return q.to(torch.int8).reshape(shape), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -84,7 +93,7 @@ def read_importance(flat: torch.Tensor, slots: torch.Tensor, layout: RecordLayou
     """[len(slots)] float32 importance of the records at flat page slots, reading only
     that field's columns."""
     width = FLOAT32_BYTES if layout.int8 else 1
-    part = flat[slots, layout.importance_offset:layout.importance_offset + width]
+    part = take_rows(flat, slots)[..., layout.importance_offset:layout.importance_offset + width]
     return part.contiguous().view(torch.float32)[..., 0] if layout.int8 else part[..., 0].float()
 
 

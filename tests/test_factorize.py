@@ -391,6 +391,49 @@ def test_fold_reorthonormalises_a_half_precision_basis(method):
     torch.testing.assert_close(result.new_factors @ result.basis, new, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("route", ["width", "frame"])
+def test_gram_fold_routes_match_exact(monkeypatch, route):
+    """"gram" folds through the d-square covariance at narrow widths and through the
+    (rank + window)-square frame otherwise; forced either way, each equals "exact" on
+    padded, rank-deficient and half-precision-basis requests."""
+    monkeypatch.setattr(fz, "WIDTH_FOLD_MAX_RATIO", 1e9 if route == "width" else 0.0)
+    gen = torch.Generator().manual_seed(12)
+    old_f, bases, new, truth_old, truth_new = _combined_rank_fits_batch(gen)
+    cases = [(old_f, bases.half().float(), new, 24)]   # a basis not orthonormal to round-off
+    rank, width = 16, 72
+    low = factorize_batch(torch.stack([low_rank_rows(90, width, 24, gen, noise=0.05) for _ in range(3)]), rank)
+    cases.append((low.factors, low.basis, torch.stack([low_rank_rows(20, width, 24, gen, noise=0.05)
+                                                       for _ in range(3)]), rank))
+    for i, (old, basis, rows, r) in enumerate(cases):
+        data = torch.cat([old @ basis, rows], dim=1)
+        got, want = (fold_batch(old, basis, rows, r, settings(m)) for m in ("gram", "exact"))
+        rec = lambda f: torch.cat([old @ f.rotation, f.new_factors], 1) @ f.basis  # noqa: E731
+        if i == 0:  # the combined data fits the rank: both reproduce it
+            torch.testing.assert_close(rec(got), rec(want), atol=1e-4, rtol=1e-4)
+        # More new rows than the rank: the frame keeps only their top `rank` directions
+        # first, the width route all of them, so it may only do better.
+        assert (rec(got) - data).norm() <= (rec(want) - data).norm() * (1 + 1e-5) + 1e-5
+        valid = directions_in_use(got.basis)
+        for b in range(basis.shape[0]):
+            n = int(valid[b])
+            torch.testing.assert_close(got.basis[b, :n] @ got.basis[b, :n].T, torch.eye(n), atol=1e-5, rtol=0)
+            assert (got.basis[b, n:] == 0).all()
+    # New rows inside the old span (request 1): no direction is invented.
+    assert int(directions_in_use(fold_batch(old_f, bases, new, 24, settings("gram")).basis)[1]) == 16
+
+
+def test_gram_fold_picks_the_width_route_only_for_narrow_widths(monkeypatch):
+    routes = []
+    for name in ("_fold_width", "_fold_gram"):
+        original = getattr(fz, name)
+        monkeypatch.setattr(fz, name, lambda *a, _f=original, _n=name, **k: routes.append(_n) or _f(*a, **k))
+    gen = torch.Generator().manual_seed(13)
+    for width, expected in ((192, "_fold_width"), (512, "_fold_gram")):   # frame: 80 + 64 rows
+        low = factorize_batch(torch.randn(2, 200, width, generator=gen), 80)
+        fold_batch(low.factors, low.basis, torch.randn(2, 64, width, generator=gen), 80, settings("gram"))
+        assert routes[-1] == expected, (width, routes)
+
+
 # ---------------------------------------------------------------------------
 # Real keys and values: SmolLM2-135M-Instruct (30 layers, KV width 192)
 # ---------------------------------------------------------------------------
