@@ -10,7 +10,7 @@
 #      benchmarks/run_kernel_tests.py (pytest if installed, else its built-in runner)
 #   2. (40) the CUDA-graph check (benchmarks/cuda_graph_check.py): capture, replay on new inputs, compare
 #   3. (150) benchmarks/kernel_bench.py: LLaVA-1.5-7B and Qwen2-VL-7B geometry, batch 1/64/256, context
-#      1000/4000, rank 64, partial rank off/on, eager and CUDA-graph timings, plus a tuning sweep
+#      1000/4000, rank 64 and 80 (the defaults'), partial rank off/on, eager and CUDA-graph timings, plus a tuning sweep
 #   4. (90) benchmarks/kernel_bench.py --int8: the AttentionPack cache in int8 storage (dense baselines
 #      unchanged), LLaVA-1.5-7B geometry, batch 1/64, context 1000/4000, rank 64 and 80 (the defaults'
 #      rank and storage), partial rank off/on
@@ -78,7 +78,7 @@ else
   step kernel_tests 130 "$PY" benchmarks/run_kernel_tests.py --json "$DEST/kernel_tests_$CARD.json"
   step cuda_graph_check 40 "$PY" benchmarks/cuda_graph_check.py --out "$DEST"
   step kernel_bench 150 "$PY" benchmarks/kernel_bench.py --geometries llava qwen2vl --batches 1 64 256 \
-    --contexts 1000 4000 --ranks 64 --sweep --out "$DEST"
+    --contexts 1000 4000 --ranks 64 80 --sweep --out "$DEST"
   step kernel_bench_int8 90 "$PY" benchmarks/kernel_bench.py --int8 --geometries llava --batches 1 64 \
     --contexts 1000 4000 --ranks 64 80 --out "$DEST"
 fi
