@@ -17,9 +17,7 @@ is a fixed sequence of launches that a `torch.cuda.CUDAGraph` can capture:
    heads (K' against the text and, with images, the image plane; the record's flag
    picks one), keeps an online softmax per head and accumulates V' in rank space into
    one accumulator per modality. Partial rank: masked loads of the first
-   cols[modality, group] columns, switched on per spec (constexpr). A rank that is not a
-   power of two is covered by two column tiles where that is narrower than one
-   (`column_chunks`: 80 = 64 + 16, not 128).
+   cols[modality, group] columns, switched on per spec (constexpr).
 3. `_combine`, grid (batch, KV head): merges the splits' partial softmaxes with the
    request's full-rank window tokens (scored and summed here, the window being the
    last "split" of the same softmax), normalises, and applies D_v[slot, m][:, kvh]
@@ -152,14 +150,13 @@ def _record_meta(rows, valid, cols_ptr, TILE: tl.constexpr, FLAGS_OFF: tl.conste
 @triton.jit
 def _load_factors(rows, valid, cols, OFF: tl.constexpr, RANK: tl.constexpr, RP: tl.constexpr,
                   PARTIAL: tl.constexpr, INT8: tl.constexpr, SCALE_OFF: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, COL0: tl.constexpr = 0):
-    """[TILE, RP] factor columns [COL0, COL0 + RP) at record offset OFF; a token's columns
-    past `cols` (partial rank), the padding past RANK and invalid rows (stale bytes, maybe
-    NaN) are never loaded.
+                  DOT_DTYPE: tl.constexpr):
+    """[TILE, RP] factors at record offset OFF; a token's columns past `cols` (partial rank),
+    the padding past RANK and invalid rows (stale bytes, maybe NaN) are never loaded.
 
     INT8: int8 factors times the record's float32 scale at byte SCALE_OFF (a multiple of 4
     in a row whose address is one too, so a plain float32 load), in DOT_DTYPE."""
-    c = COL0 + tl.arange(0, RP)
+    c = tl.arange(0, RP)
     mask = valid[:, None] & (c[None, :] < RANK)
     if PARTIAL:
         mask = mask & (c[None, :] < cols[:, None])
@@ -172,11 +169,10 @@ def _load_factors(rows, valid, cols, OFF: tl.constexpr, RANK: tl.constexpr, RP: 
 
 @triton.jit
 def _load_queries(q_lat_ptr, b, HP: tl.constexpr, RKP: tl.constexpr, NUM_HEADS: tl.constexpr,
-                  RANK_K: tl.constexpr, M: tl.constexpr, HAS_IMAGE: tl.constexpr, COL0: tl.constexpr = 0):
-    """Projected queries [HP, RKP], columns [COL0, COL0 + RKP), of request b, text and image
-    planes (float32)."""
+                  RANK_K: tl.constexpr, M: tl.constexpr, HAS_IMAGE: tl.constexpr):
+    """Projected queries [HP, RKP] of request b, text and image planes (float32)."""
     h = tl.arange(0, HP)
-    r = COL0 + tl.arange(0, RKP)
+    r = tl.arange(0, RKP)
     mask = (h[:, None] < NUM_HEADS) & (r[None, :] < RANK_K)
     base = q_lat_ptr + b.to(tl.int64) * (M * NUM_HEADS * RANK_K) + h[:, None] * RANK_K + r[None, :]
     q_txt = tl.load(base + TEXT_PLANE * NUM_HEADS * RANK_K, mask=mask, other=0.0)
@@ -187,67 +183,12 @@ def _load_queries(q_lat_ptr, b, HP: tl.constexpr, RKP: tl.constexpr, NUM_HEADS: 
 
 
 @triton.jit
-def _chunk_scores(k_fac, q_txt, q_img, is_image, HAS_IMAGE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Scores [TILE, HP] of one chunk of factor columns (scale already in q_lat)."""
+def _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Scores [TILE, HP] (scale already in q_lat); -inf on invalid rows."""
     scores = _mm(k_fac, tl.trans(q_txt), DOT_FP32)
     if HAS_IMAGE:
         scores = tl.where(is_image[:, None], _mm(k_fac, tl.trans(q_img), DOT_FP32), scores)
-    return scores
-
-
-@triton.jit
-def _queries(q_lat_ptr, b, HP: tl.constexpr, NUM_HEADS: tl.constexpr, RANK_K: tl.constexpr, M: tl.constexpr,
-             RKA: tl.constexpr, RKB: tl.constexpr, HAS_IMAGE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Request b's projected queries as dot operands, text and image planes, in the two column
-    chunks [0, RKA) and [RKA, RKA + RKB) (with RKB 0 the second pair repeats the first, unused)."""
-    a_txt, a_img = _load_queries(q_lat_ptr, b, HP, RKA, NUM_HEADS, RANK_K, M, HAS_IMAGE)
-    b_txt, b_img = a_txt, a_img
-    if RKB > 0:
-        b_txt, b_img = _load_queries(q_lat_ptr, b, HP, RKB, NUM_HEADS, RANK_K, M, HAS_IMAGE, RKA)
-    return a_txt.to(DOT_DTYPE), a_img.to(DOT_DTYPE), b_txt.to(DOT_DTYPE), b_img.to(DOT_DTYPE)
-
-
-@triton.jit
-def _tile_scores(rows, valid, cols_k, qa_txt, qa_img, qb_txt, qb_img, is_image, RANK_K: tl.constexpr,
-                 RKA: tl.constexpr, RKB: tl.constexpr, K_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr,
-                 PARTIAL_K: tl.constexpr, HAS_IMAGE: tl.constexpr, INT8: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 DOT_FP32: tl.constexpr):
-    """Scores [TILE, HP] of a tile of records (scale already in q_lat); -inf on invalid rows.
-
-    The key columns come in two chunks, [0, RKA) and [RKA, RKA + RKB) (RKB 0: one), so a
-    rank such as 80 is multiplied as 64 + 16 columns, not padded to 128 (`column_chunks`)."""
-    k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKA, PARTIAL_K, INT8, K_SCALE_OFF, DOT_DTYPE)
-    scores = _chunk_scores(k_fac, qa_txt, qa_img, is_image, HAS_IMAGE, DOT_FP32)
-    if RKB > 0:
-        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKB, PARTIAL_K, INT8, K_SCALE_OFF, DOT_DTYPE,
-                              RKA)
-        scores += _chunk_scores(k_fac, qb_txt, qb_img, is_image, HAS_IMAGE, DOT_FP32)
     return tl.where(valid[:, None], scores, float("-inf"))
-
-
-@triton.jit
-def _accumulate(acc_txt, acc_img, p, alpha, is_image, v_fac, HAS_IMAGE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One tile's values into the rank-space accumulators [HP, columns] of each modality
-    (rescaled by the online softmax's alpha first)."""
-    if HAS_IMAGE:
-        p_img = tl.where(is_image[:, None], p, 0.0)
-        acc_img = acc_img * alpha[:, None] + _mm(tl.trans(_operand(p_img, v_fac, DOT_FP32)), v_fac, DOT_FP32)
-        p = tl.where(is_image[:, None], 0.0, p)
-    acc_txt = acc_txt * alpha[:, None] + _mm(tl.trans(_operand(p, v_fac, DOT_FP32)), v_fac, DOT_FP32)
-    return acc_txt, acc_img
-
-
-@triton.jit
-def _store_acc(ws_ptr, off_acc, row, acc_txt, acc_img, NUM_HEADS: tl.constexpr, RANK_V: tl.constexpr,
-               M: tl.constexpr, HP: tl.constexpr, RVP: tl.constexpr, COL0: tl.constexpr, HAS_IMAGE: tl.constexpr):
-    """Columns [COL0, COL0 + RVP) of a split's accumulators into the workspace."""
-    h = tl.arange(0, HP)
-    rv = COL0 + tl.arange(0, RVP)
-    acc_mask = (h < NUM_HEADS)[:, None] & (rv[None, :] < RANK_V)
-    acc_at = ws_ptr + off_acc + ((row * M) * NUM_HEADS + h[:, None]) * RANK_V + rv[None, :]
-    tl.store(acc_at + TEXT_PLANE * NUM_HEADS * RANK_V, acc_txt, mask=acc_mask)
-    if HAS_IMAGE:
-        tl.store(acc_at + IMAGE_PLANE * NUM_HEADS * RANK_V, acc_img, mask=acc_mask)
 
 
 @triton.jit
@@ -296,7 +237,7 @@ def _latent_pass(
     off_m, off_l, off_acc,
     stride_page, stride_row, stride_bt,
     NUM_HEADS: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, M: tl.constexpr,
-    HP: tl.constexpr, RKA: tl.constexpr, RKB: tl.constexpr, RVA: tl.constexpr, RVB: tl.constexpr,
+    HP: tl.constexpr, RKP: tl.constexpr, RVP: tl.constexpr,
     K_OFF: tl.constexpr, V_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr, NUM_GROUPS: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr,
     BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGN: tl.constexpr,
@@ -309,49 +250,46 @@ def _latent_pass(
     clen = tl.load(clens_ptr + b)
     first, last = _tile_range(clen, split, num_splits, TILE)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
-    # Dot operands in the cache dtype (the model's with int8 storage); K' and V' columns in
-    # two chunks each (`column_chunks`), so each accumulator exists per chunk.
-    qa_txt, qa_img, qb_txt, qb_img = _queries(q_lat_ptr, b, HP, NUM_HEADS, RANK_K, M, RKA, RKB, HAS_IMAGE,
-                                              DOT_DTYPE)
+    q_txt, q_img = _load_queries(q_lat_ptr, b, HP, RKP, NUM_HEADS, RANK_K, M, HAS_IMAGE)
+    q_txt = q_txt.to(DOT_DTYPE)   # dot operands in the cache dtype (the model's with int8 storage)
+    q_img = q_img.to(DOT_DTYPE)
 
     m = tl.full([HP], float("-inf"), tl.float32)
     l_sum = tl.zeros([HP], tl.float32)
-    acc_txt = tl.zeros([HP, RVA], tl.float32)
-    acc_img = tl.zeros([HP, RVA], tl.float32)
-    acc_txt_b, acc_img_b = acc_txt, acc_img   # the second chunk's (unused without one)
-    if RVB > 0:
-        acc_txt_b = tl.zeros([HP, RVB], tl.float32)
-        acc_img_b = tl.zeros([HP, RVB], tl.float32)
+    acc_txt = tl.zeros([HP, RVP], tl.float32)
+    acc_img = tl.zeros([HP, RVP], tl.float32)
     offsets = tl.arange(0, TILE)
     for tile in range(first, last):
         rows, valid = _tile_rows(pages_ptr, bt_row, tile * TILE + offsets, clen, stride_page, stride_row, BLOCK,
                                  ALIGN)
         is_image, cols_k, cols_v = _record_meta(rows, valid, cols_ptr, TILE, FLAGS_OFF, NUM_GROUPS,
                                                 NEED_FLAGS, PARTIAL_K, PARTIAL_V)
-        scores = _tile_scores(rows, valid, cols_k, qa_txt, qa_img, qb_txt, qb_img, is_image, RANK_K, RKA, RKB,
-                              K_OFF, K_SCALE_OFF, PARTIAL_K, HAS_IMAGE, INT8, DOT_DTYPE, DOT_FP32)
+        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K, INT8, K_SCALE_OFF, DOT_DTYPE)
+        scores = _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE, DOT_FP32)
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha, m_safe = _rescale(m, m_new)
         p = tl.exp(scores - m_safe[None, :])                                          # [TILE, HP]
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        v_fac = _load_factors(rows, valid, cols_v, V_OFF, RANK_V, RVA, PARTIAL_V, INT8, V_SCALE_OFF,
-                              DOT_DTYPE)                                              # [TILE, RVA]
-        acc_txt, acc_img = _accumulate(acc_txt, acc_img, p, alpha, is_image, v_fac, HAS_IMAGE, DOT_FP32)
-        if RVB > 0:
-            v_fac = _load_factors(rows, valid, cols_v, V_OFF, RANK_V, RVB, PARTIAL_V, INT8, V_SCALE_OFF,
-                                  DOT_DTYPE, RVA)                                     # [TILE, RVB]
-            acc_txt_b, acc_img_b = _accumulate(acc_txt_b, acc_img_b, p, alpha, is_image, v_fac, HAS_IMAGE,
-                                               DOT_FP32)
+        v_fac = _load_factors(rows, valid, cols_v, V_OFF, RANK_V, RVP, PARTIAL_V, INT8, V_SCALE_OFF,
+                              DOT_DTYPE)                                              # [TILE, RVP]
+        if HAS_IMAGE:
+            p_img = tl.where(is_image[:, None], p, 0.0)
+            acc_img = acc_img * alpha[:, None] + _mm(tl.trans(_operand(p_img, v_fac, DOT_FP32)), v_fac, DOT_FP32)
+            p = tl.where(is_image[:, None], 0.0, p)
+        acc_txt = acc_txt * alpha[:, None] + _mm(tl.trans(_operand(p, v_fac, DOT_FP32)), v_fac, DOT_FP32)
         m = m_new
 
     h = tl.arange(0, HP)
+    rv = tl.arange(0, RVP)
     h_mask = h < NUM_HEADS
     row = b.to(tl.int64) * num_splits + split
     tl.store(ws_ptr + off_m + row * NUM_HEADS + h, m, mask=h_mask)
     tl.store(ws_ptr + off_l + row * NUM_HEADS + h, l_sum, mask=h_mask)
-    _store_acc(ws_ptr, off_acc, row, acc_txt, acc_img, NUM_HEADS, RANK_V, M, HP, RVA, 0, HAS_IMAGE)
-    if RVB > 0:
-        _store_acc(ws_ptr, off_acc, row, acc_txt_b, acc_img_b, NUM_HEADS, RANK_V, M, HP, RVB, RVA, HAS_IMAGE)
+    acc_mask = h_mask[:, None] & (rv[None, :] < RANK_V)
+    acc_at = ws_ptr + off_acc + ((row * M) * NUM_HEADS + h[:, None]) * RANK_V + rv[None, :]
+    tl.store(acc_at + TEXT_PLANE * NUM_HEADS * RANK_V, acc_txt, mask=acc_mask)
+    if HAS_IMAGE:
+        tl.store(acc_at + IMAGE_PLANE * NUM_HEADS * RANK_V, acc_img, mask=acc_mask)
 
 
 @triton.jit
@@ -454,8 +392,7 @@ def _probs_pass(
     off_stats, off_wp, max_len, batch,
     stride_page, stride_row, stride_bt, stride_pb, stride_wb,
     NUM_HEADS: tl.constexpr, RANK_K: tl.constexpr, M: tl.constexpr, NUM_KV: tl.constexpr,
-    WINDOW: tl.constexpr, HP: tl.constexpr, RKA: tl.constexpr, RKB: tl.constexpr, KVP: tl.constexpr,
-    WP: tl.constexpr,
+    WINDOW: tl.constexpr, HP: tl.constexpr, RKP: tl.constexpr, KVP: tl.constexpr, WP: tl.constexpr,
     K_OFF: tl.constexpr, FLAGS_OFF: tl.constexpr, NUM_GROUPS: tl.constexpr, K_SCALE_OFF: tl.constexpr,
     BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGN: tl.constexpr,
     HAS_IMAGE: tl.constexpr, NEED_FLAGS: tl.constexpr, PARTIAL_K: tl.constexpr,
@@ -468,8 +405,9 @@ def _probs_pass(
     clen = tl.load(clens_ptr + b)
     first, last = _tile_range(clen, split, num_splits, TILE)
     bt_row = block_table_ptr + b64 * stride_bt
-    qa_txt, qa_img, qb_txt, qb_img = _queries(q_lat_ptr, b, HP, NUM_HEADS, RANK_K, M, RKA, RKB, HAS_IMAGE,
-                                              DOT_DTYPE)
+    q_txt, q_img = _load_queries(q_lat_ptr, b, HP, RKP, NUM_HEADS, RANK_K, M, HAS_IMAGE)
+    q_txt = q_txt.to(DOT_DTYPE)
+    q_img = q_img.to(DOT_DTYPE)
     h = tl.arange(0, HP)
     h_mask = h < NUM_HEADS
     stats = ws_ptr + off_stats + b64 * NUM_HEADS + h
@@ -483,8 +421,8 @@ def _probs_pass(
         rows, valid = _tile_rows(pages_ptr, bt_row, pos, clen, stride_page, stride_row, BLOCK, ALIGN)
         is_image, cols_k, cols_v = _record_meta(rows, valid, cols_ptr, TILE, FLAGS_OFF, NUM_GROUPS,
                                                 NEED_FLAGS, PARTIAL_K, False)
-        scores = _tile_scores(rows, valid, cols_k, qa_txt, qa_img, qb_txt, qb_img, is_image, RANK_K, RKA, RKB,
-                              K_OFF, K_SCALE_OFF, PARTIAL_K, HAS_IMAGE, INT8, DOT_DTYPE, DOT_FP32)
+        k_fac = _load_factors(rows, valid, cols_k, K_OFF, RANK_K, RKP, PARTIAL_K, INT8, K_SCALE_OFF, DOT_DTYPE)
+        scores = _tile_scores(k_fac, q_txt, q_img, is_image, valid, HAS_IMAGE, DOT_FP32)
         p = tl.exp(scores - m_fin[None, :]) * inv[None, :]                             # [TILE, HP]
         tl.store(row_out + pos, tl.sum(p, axis=1) / NUM_HEADS, mask=pos < max_len)   # 0 past clen
 
@@ -536,17 +474,6 @@ def num_splits(batch: int, max_compressed_len: int, tile: int, device: torch.dev
     else:
         splits = INTERPRETER_SPLITS
     return max(1, min(tiles, splits))
-
-
-def column_chunks(rank: int) -> tuple[int, int]:
-    """How the latent pass covers a record's `rank` factor columns: (a, b), a tile of `a`
-    columns, then one of `b` (0: none). Triton tiles are powers of two (dots at least 16
-    wide), so a rank of 80 is 64 + 16 columns rather than 128, of 96 64 + 32; a split is
-    used only where it covers fewer columns than one power of two does."""
-    whole = _pow2(rank)
-    first = max(16, whole // 2)
-    second = _pow2(rank - first) if rank > first else 0
-    return (first, second) if second and first + second < whole else (whole, 0)
 
 
 def _align(n: int) -> int:
@@ -655,18 +582,15 @@ class _Plan:
         self.project_const = dict(
             NUM_HEADS=num_heads, G=group, HEAD_SIZE=head_size, RANK_K=layout.rank_k, M=planes, NUM_KV=num_kv,
             GP=gp, DP=dp, RKP=rkp, **dot, num_warps=TUNING["project_warps"])
-        rka, rkb = column_chunks(layout.rank_k)
-        rva, rvb = column_chunks(layout.rank_v)
         records = dict(
-            NUM_HEADS=num_heads, RANK_K=layout.rank_k, M=planes, HP=hp, RKA=rka, RKB=rkb,
+            NUM_HEADS=num_heads, RANK_K=layout.rank_k, M=planes, HP=hp, RKP=rkp,
             K_OFF=layout.k_offset, FLAGS_OFF=layout.flags_offset, NUM_GROUPS=spec.num_groups,
             K_SCALE_OFF=layout.k_scale_offset if int8 else 0,
             BLOCK=pages.shape[1], TILE=tile, ALIGN=_record_alignment(pages, layout), HAS_IMAGE=has_image,
             NEED_FLAGS=has_image or partial_k or partial_v,
             PARTIAL_K=partial_k, **dot, num_warps=TUNING["pass_warps"])
         self.pass_args = (off_m, off_l, off_acc, p_stride[0], p_stride[1], bt_stride)
-        self.pass_const = dict(records, RANK_V=layout.rank_v, RVA=rva, RVB=rvb, V_OFF=layout.v_offset,
-                               PARTIAL_V=partial_v,
+        self.pass_const = dict(records, RANK_V=layout.rank_v, RVP=rvp, V_OFF=layout.v_offset, PARTIAL_V=partial_v,
                                V_SCALE_OFF=layout.v_scale_offset if int8 else 0)
         self.combine_args = (
             off_m, off_l, off_acc, off_stats, off_wp, splits, bsz,
