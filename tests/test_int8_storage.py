@@ -27,6 +27,31 @@ def test_quantize_is_within_half_a_step_per_group():
     assert (err <= absmax * HALF_STEP * 1.0001).all()   # per head: the small head keeps its precision
 
 
+def test_quantize_maps_each_group_absmax_to_127_and_never_past_it():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, 64, generator=gen) * torch.logspace(-20, 20, 4000)[:, None]
+    q, _ = quantize(x, groups=4)
+    per_group = q.view(4000, 4, 16).abs().amax(-1)
+    assert (per_group == 127).all()                        # no clamp needed: round-off stays below 127.5
+
+
+def test_window_append_of_keys_and_values_equals_separate_writes():
+    config = AttentionPackConfig.from_dict({"rank": 8, "storage": "int8", "window_size": 4, "sink_tokens": 2})
+    plan = CompressionPlan.build(config, num_kv_heads=2, head_size=16)
+    together, apart = (SlotPool.allocate(plan, 3, torch.float32) for _ in range(2))
+    index = (torch.tensor([2, 0]), torch.tensor([1, 3]))
+    keys, values = torch.randn(2, 32), torch.randn(2, 32)
+    together.write_window(index, keys, values)
+    apart.write("window_k", index, keys)
+    apart.write("window_v", index, values)
+    for a, b in zip(together.tensors(), apart.tensors()):
+        assert torch.equal(a, b)
+    # Reads through index_select equal plain indexing, for every index form the callers use.
+    for index in (torch.tensor([2, 0]), (torch.tensor([2, 0]), slice(1, None)), (1, slice(None, 3)), 2):
+        torch.testing.assert_close(together.read("window_k", index),
+                                   dequantize(together.window_k[index], together.scales["window_k"][index]))
+
+
 def test_quantize_zero_rows_stay_zero():
     q, scale = quantize(torch.zeros(3, 8), groups=2)
     assert not q.any() and not scale.any()
