@@ -27,13 +27,15 @@ class MemoryReport:
     dense_token_bytes: int    # K and V of one token, one layer
     record_bytes: int         # one AttentionPack record, one layer
     slot_bytes: int           # one request's slot (bases + window + window scores), one layer
+    pool_spare_bytes: int = 0  # one layer's pool beyond its slots (`SlotPool.spare_bytes`)
 
     @classmethod
     def of(cls, plan: CompressionPlan, dtype: torch.dtype) -> "MemoryReport":
         item = dtype_bytes(dtype)
         return cls(dense_token_bytes=2 * plan.kv_width * item,
                    record_bytes=plan.layout.width * dtype_bytes(plan.page_dtype(dtype)),
-                   slot_bytes=SlotPool.slot_bytes(plan, dtype))
+                   slot_bytes=SlotPool.slot_bytes(plan, dtype),
+                   pool_spare_bytes=SlotPool.spare_bytes(plan, dtype))
 
     @property
     def token_ratio(self) -> float:
@@ -59,7 +61,7 @@ class MemoryReport:
         """(dense, attentionpack) tokens a KV budget pages in whole blocks; AttentionPack's
         `num_slots` slot pools come out of the budget first."""
         dense_blocks = budget_bytes // (self.dense_token_bytes * num_layers * block_size)
-        records = budget_bytes - self.slot_bytes * num_layers * num_slots
+        records = budget_bytes - (self.slot_bytes * num_slots + self.pool_spare_bytes) * num_layers
         packed_blocks = max(records, 0) // (self.record_bytes * num_layers * block_size)
         return dense_blocks * block_size, packed_blocks * block_size
 

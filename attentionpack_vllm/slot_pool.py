@@ -1,8 +1,9 @@
 """Per-request state beside the pages: bases and the full-rank window, one slot per request.
 
 One pool per layer, allocated once. A slot holds, for its request, the key and value
-bases of each modality the plan has (text only, or text and image; zero rows past a
-segment's rank) and its exact rows at full precision: the sink tokens (the request's
+bases of each modality the plan has (text only, or text and image, each plane only as
+many rows as its own rank: see `_planes`; zero rows past a segment's rank up to it) and
+its exact rows at full precision: the sink tokens (the request's
 first `sink_tokens`), then the window of newest decode tokens, with those tokens'
 importance scores. How many exact rows are valid is host-side state
 (`windows.WindowTracker`), the same for every layer. `reset` clears everything a
@@ -26,30 +27,46 @@ ROW_TENSORS = ("basis_k", "basis_v", "window_k", "window_v")
 
 @dataclass
 class SlotPool:
-    basis_k: torch.Tensor             # [num_slots, M, rank_k, kv_width] (M = plan.num_modalities)
-    basis_v: torch.Tensor             # [num_slots, M, rank_v, kv_width]
+    # Bases: [num_slots, M, rank, kv_width] views (M = plan.num_modalities, rank = the
+    # largest of the modalities'), each plane holding its own rank's rows (`_planes`).
+    basis_k: torch.Tensor
+    basis_v: torch.Tensor
     window_k: torch.Tensor            # [num_slots, exact_rows, kv_width]: sinks, then window
     window_v: torch.Tensor            # [num_slots, exact_rows, kv_width]
     window_importance: torch.Tensor   # [num_slots, exact_rows] float32
     # int8 storage: name in ROW_TENSORS -> float32 scales [..rows.., num_kv_heads]; else empty.
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    # What `allocate` put behind the basis views (and their scales): buffer, rows per slot.
+    backing: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, plan: CompressionPlan, num_slots: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> "SlotPool":
-        layout, width, window = plan.layout, plan.kv_width, plan.exact_rows
+        width, window = plan.kv_width, plan.exact_rows
         row_dtype = torch.int8 if plan.int8 else dtype
         zeros = lambda *shape, dt=row_dtype: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
+        backing = []
+
+        def planes(ranks, columns, dt=row_dtype):
+            view, buffer = _planes(num_slots, ranks, columns, dt, device)
+            backing.append((buffer, sum(ranks)))
+            return view
+
+        ranks_k, ranks_v = plan.ranks_k[:plan.num_modalities], plan.ranks_v[:plan.num_modalities]
         pool = cls(
-            basis_k=zeros(num_slots, plan.num_modalities, layout.rank_k, width),
-            basis_v=zeros(num_slots, plan.num_modalities, layout.rank_v, width),
+            basis_k=planes(ranks_k, width),
+            basis_v=planes(ranks_v, width),
             window_k=zeros(num_slots, window, width),
             window_v=zeros(num_slots, window, width),
             window_importance=zeros(num_slots, window, dt=torch.float32),
         )
         if plan.int8:
-            pool.scales = {name: zeros(*getattr(pool, name).shape[:-1], plan.num_kv_heads, dt=torch.float32)
-                           for name in ROW_TENSORS}
+            heads = plan.num_kv_heads
+            pool.scales = {"basis_k": planes(ranks_k, heads, torch.float32),
+                           "basis_v": planes(ranks_v, heads, torch.float32),
+                           "window_k": zeros(num_slots, window, heads, dt=torch.float32),
+                           "window_v": zeros(num_slots, window, heads, dt=torch.float32)}
+        pool.backing = backing
         return pool
 
     @property
@@ -60,9 +77,15 @@ class SlotPool:
         return (self.basis_k, self.basis_v, self.window_k, self.window_v, self.window_importance,
                 *self.scales.values())
 
+    def _unbacked(self) -> list[torch.Tensor]:
+        """The tensors with storage of their own: all but the basis views over `backing`."""
+        views = {id(self.basis_k), id(self.basis_v), *(id(t) for n, t in self.scales.items() if n.startswith("basis"))}
+        return [t for t in self.tensors() if not self.backing or id(t) not in views]
+
     def nbytes(self) -> int:
-        """Bytes actually allocated by this pool."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        """Bytes actually allocated by this pool (the buffers behind the basis views)."""
+        owned = self._unbacked() + [buffer for buffer, _ in self.backing]
+        return sum(t.numel() * t.element_size() for t in owned)
 
     def read(self, name: str, index) -> torch.Tensor:
         """Rows `getattr(self, name)[index]` as float32 (`name` in ROW_TENSORS; `index`
@@ -98,15 +121,45 @@ class SlotPool:
     def slot_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
         """Bytes of one slot (what `allocate` takes per slot)."""
         item = 1 if plan.int8 else torch.empty((), dtype=dtype).element_size()
-        layout, width, window = plan.layout, plan.kv_width, plan.exact_rows
-        rows = plan.num_modalities * (layout.rank_k + layout.rank_v) + 2 * window
+        width, window = plan.kv_width, plan.exact_rows
+        planes = range(plan.num_modalities)
+        rows = sum(plan.ranks_k[m] + plan.ranks_v[m] for m in planes) + 2 * window
         scales = rows * plan.num_kv_heads * 4 if plan.int8 else 0
         return rows * width * item + scales + window * 4
 
+    @staticmethod
+    def spare_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
+        """Bytes a pool holds beyond its slots: the spare rows at the end of the basis
+        buffers when the image planes are narrower than the text planes (see `_planes`)."""
+        if plan.num_modalities == 1:
+            return 0
+        item = 1 if plan.int8 else torch.empty((), dtype=dtype).element_size()
+        rows = sum(max(ranks) - ranks[-1] for ranks in (plan.ranks_k, plan.ranks_v))
+        return rows * (plan.kv_width * item + (plan.num_kv_heads * 4 if plan.int8 else 0))
+
     def reset(self, slot: int) -> None:
-        """Forget everything about the slot's previous request."""
-        for t in self.tensors():
+        """Forget everything about the slot's previous request (its own rows only)."""
+        for t in self._unbacked():
             t[slot].zero_()
+        for buffer, rows in self.backing:
+            buffer[slot * rows:(slot + 1) * rows].zero_()
+
+
+def _planes(num_slots: int, ranks: tuple[int, ...], columns: int, dtype: torch.dtype,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [num_slots, len(ranks), max(ranks), columns] view of per-modality basis planes, and
+    the zeroed buffer behind it, in which each plane takes only its own rank's rows.
+
+    Plane m of a slot starts right after plane m - 1's own rows, so the view's rows past a
+    plane's rank are the next plane's (or the next slot's) first rows, not zeros. Nothing
+    takes them for that plane's data: every record's factor columns past its modality's
+    rank are zero, and stores and folds touch a plane's own rows only. The buffer ends
+    with max(ranks) - ranks[-1] spare rows, so the last slot's view stays inside it.
+    """
+    rows, widest = sum(ranks), max(ranks)
+    buffer = torch.zeros(num_slots * rows + widest - ranks[-1], columns, dtype=dtype, device=device)
+    view = buffer.as_strided((num_slots, len(ranks), widest, columns), (rows * columns, ranks[0] * columns, columns, 1))
+    return view, buffer
 
 
 def _read_rows(t: torch.Tensor, index) -> torch.Tensor:

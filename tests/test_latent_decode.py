@@ -1,8 +1,12 @@
 """Latent-space decode against dense attention (full rank) and the naive oracle (partial rank)."""
+import os
+
 import pytest
 import torch
 
 from attentionpack_vllm.config import AttentionPackConfig
+from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention
+from attentionpack_vllm.kernels.latent_decode_triton import latent_decode_attention_triton
 from attentionpack_vllm.kernels.reference import dense_attention, reconstruct_request_kv
 from scenario import SIXTEEN_BIT, attend_now, build_scenario, run_decode
 
@@ -121,6 +125,42 @@ def test_unequal_modality_ranks_over_stale_pages_match_oracle():
             sc.pool.window_k[slot], sc.pool.window_v[slot], w_lens[b], sc.plan.layout)
         expected, _ = dense_attention(q[b:b + 1], keys, values, 0.25)
         torch.testing.assert_close(out[b], expected[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_planes_of_their_own_rank_read_no_neighbour_rows(attention):
+    """Each modality's basis plane takes only its own rank's rows (`slot_pool._planes`): with
+    text ranks above image ranks a slot's image plane, viewed at the widest rank, runs into the
+    next slot's text rows. Attention must equal the oracle built from each plane's own rows."""
+    if attention == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("the scenario's tensors are on CPU: Triton runs them under TRITON_INTERPRET=1 only")
+    config = AttentionPackConfig.from_dict(
+        {"rank_text_key": 20, "rank_text_value": 12, "rank_vision_key": 8, "rank_vision_value": 4,
+         "window_size": 3, "sink_tokens": 1, "storage": "int8"})
+    sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[40, 30, 25],
+                        image_spans=[[(4, 30)], [(0, 9)], [(10, 20)]])
+    for _ in run_decode(sc, 4, steps=4, oracle=False):  # one fold
+        pass
+    view, own = sc.pool.basis_k, sc.plan.ranks_k
+    assert view.shape[2] == 20
+    assert view[int(sc.slot_ids[0]), 1, own[1]:].abs().sum() > 0   # past the image rank: neighbour rows
+    q = torch.randn(sc.batch, 4, 16, generator=torch.Generator().manual_seed(3))
+    fn = latent_decode_attention if attention == "torch" else latent_decode_attention_triton
+    out, _, _ = attend_now(sc, q, 0.25, attention=fn)
+    w_lens = sc.exact_lens()
+    for b in range(sc.batch):
+        slot = int(sc.slot_ids[b])
+        planes = []
+        for name, ranks in (("basis_k", sc.plan.ranks_k), ("basis_v", sc.plan.ranks_v)):
+            rows = sc.pool.read(name, slot).clone()
+            for m, rank in enumerate(ranks):
+                rows[m, rank:] = 0                              # the plane's own rows only
+            planes.append(rows)
+        windows = [sc.pool.read(name, slot) for name in ("window_k", "window_v")]
+        keys, values = reconstruct_request_kv(sc.pages, sc.block_table[b], sc.seq_lens[b] - w_lens[b], *planes,
+                                              *windows, w_lens[b], sc.plan.layout)
+        expected, _ = dense_attention(q[b:b + 1], keys, values, 0.25)
+        torch.testing.assert_close(out[b], expected[0], rtol=1e-4, atol=1e-4)
 
 
 def test_full_rank_stays_exact_over_many_folds_past_the_layer_width():

@@ -139,7 +139,14 @@ def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
     plan = CompressionPlan.build(config, num_kv_heads=32, head_size=128)
     report = MemoryReport.of(plan, dtype)
     pool = SlotPool.allocate(plan, num_slots=3, dtype=dtype)
-    assert pool.nbytes() == 3 * report.slot_bytes
+    item = torch.empty((), dtype=dtype).element_size()
+    # Each modality's basis plane takes its own rank's rows (text 80 and image 32 key rows in
+    # the unequal case), plus spare rows at the end of the buffer when text is the wider.
+    rows = sum(plan.ranks_k) + sum(plan.ranks_v) + 2 * plan.exact_rows
+    assert report.slot_bytes == rows * plan.kv_width * item + plan.exact_rows * 4
+    spare = sum(max(r) - r[1] for r in (plan.ranks_k, plan.ranks_v))
+    assert report.pool_spare_bytes == spare * plan.kv_width * item
+    assert pool.nbytes() == 3 * report.slot_bytes + report.pool_spare_bytes
     pages = torch.empty(5, 16, plan.layout.width, dtype=dtype)
     assert pages.numel() * pages.element_size() == 5 * 16 * report.record_bytes
     item = pages.element_size()
