@@ -344,20 +344,22 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
                          f"basis {list(basis.shape)}, new_rows {list(new_rows.shape)}")
     method = resolve_method(svd.method, new_rows.device)
     old, basis, new_rows = old_factors.float(), basis.float(), new_rows.float()
-    directions = new_rows
-    if new_rows.shape[1] > rank:
-        directions = factorize_batch(new_rows, rank, svd).basis
     # F^T F in float64: all the Gram method and the energy share need of the old tokens.
     old_gram = None
     if method != "exact" or energy is not None:
         old64 = old.double()
         old_gram = old64.mT @ old64                                                   # [B, R, R]
-    if method == "exact":
-        result = _fold_exact(old, basis, directions, new_rows, rank)
-    elif method == "gram" and basis.shape[-1] <= WIDTH_FOLD_MAX_RATIO * (basis.shape[1] + directions.shape[1]):
-        result = _fold_width(old_gram, basis, new_rows, rank)
+    frame = basis.shape[1] + min(new_rows.shape[1], rank)    # rows of the frame's spanning set
+    if method == "gram" and basis.shape[-1] <= WIDTH_FOLD_MAX_RATIO * frame:
+        result = _fold_width(old_gram, basis, new_rows, rank)   # uses every new row as it is
     else:
-        result = _fold_gram(old_gram, basis, directions, new_rows, rank, exact=(method == "gram"))
+        directions = new_rows
+        if new_rows.shape[1] > rank:
+            directions = factorize_batch(new_rows, rank, svd).basis
+        if method == "exact":
+            result = _fold_exact(old, basis, directions, new_rows, rank)
+        else:
+            result = _fold_gram(old_gram, basis, directions, new_rows, rank, exact=(method == "gram"))
     d = basis.shape[-1]
     result = Fold(rotation=_pad(result.rotation, basis.shape[1], rank),
                   new_factors=_pad(result.new_factors, new_rows.shape[1], rank),

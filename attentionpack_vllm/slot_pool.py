@@ -36,8 +36,6 @@ class SlotPool:
     window_importance: torch.Tensor   # [num_slots, exact_rows] float32
     # int8 storage: name in ROW_TENSORS -> float32 scales [..rows.., num_kv_heads]; else empty.
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
-    # What `allocate` put behind the basis views (and their scales): buffer, rows per slot.
-    backing: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, plan: CompressionPlan, num_slots: int, dtype: torch.dtype,
@@ -45,13 +43,7 @@ class SlotPool:
         width, window = plan.kv_width, plan.exact_rows
         row_dtype = torch.int8 if plan.int8 else dtype
         zeros = lambda *shape, dt=row_dtype: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
-        backing = []
-
-        def planes(ranks, columns, dt=row_dtype):
-            view, buffer = _planes(num_slots, ranks, columns, dt, device)
-            backing.append((buffer, sum(ranks)))
-            return view
-
+        planes = lambda ranks, columns, dt=row_dtype: _planes(num_slots, ranks, columns, dt, device)  # noqa: E731
         ranks_k, ranks_v = plan.ranks_k[:plan.num_modalities], plan.ranks_v[:plan.num_modalities]
         pool = cls(
             basis_k=planes(ranks_k, width),
@@ -66,7 +58,6 @@ class SlotPool:
                            "basis_v": planes(ranks_v, heads, torch.float32),
                            "window_k": zeros(num_slots, window, heads, dt=torch.float32),
                            "window_v": zeros(num_slots, window, heads, dt=torch.float32)}
-        pool.backing = backing
         return pool
 
     @property
@@ -77,15 +68,10 @@ class SlotPool:
         return (self.basis_k, self.basis_v, self.window_k, self.window_v, self.window_importance,
                 *self.scales.values())
 
-    def _unbacked(self) -> list[torch.Tensor]:
-        """The tensors with storage of their own: all but the basis views over `backing`."""
-        views = {id(self.basis_k), id(self.basis_v), *(id(t) for n, t in self.scales.items() if n.startswith("basis"))}
-        return [t for t in self.tensors() if not self.backing or id(t) not in views]
-
     def nbytes(self) -> int:
-        """Bytes actually allocated by this pool (the buffers behind the basis views)."""
-        owned = self._unbacked() + [buffer for buffer, _ in self.backing]
-        return sum(t.numel() * t.element_size() for t in owned)
+        """Bytes actually allocated by this pool (each tensor's whole buffer, the basis
+        views' spare rows included)."""
+        return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
     def read(self, name: str, index) -> torch.Tensor:
         """Rows `getattr(self, name)[index]` as float32 (`name` in ROW_TENSORS; `index`
@@ -120,35 +106,38 @@ class SlotPool:
     @staticmethod
     def slot_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
         """Bytes of one slot (what `allocate` takes per slot)."""
-        item = 1 if plan.int8 else torch.empty((), dtype=dtype).element_size()
-        width, window = plan.kv_width, plan.exact_rows
         planes = range(plan.num_modalities)
-        rows = sum(plan.ranks_k[m] + plan.ranks_v[m] for m in planes) + 2 * window
-        scales = rows * plan.num_kv_heads * 4 if plan.int8 else 0
-        return rows * width * item + scales + window * 4
+        rows = sum(plan.ranks_k[m] + plan.ranks_v[m] for m in planes) + 2 * plan.exact_rows
+        return rows * _row_bytes(plan, dtype) + plan.exact_rows * 4
 
     @staticmethod
     def spare_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
         """Bytes a pool holds beyond its slots: the spare rows at the end of the basis
         buffers when the image planes are narrower than the text planes (see `_planes`)."""
-        if plan.num_modalities == 1:
-            return 0
-        item = 1 if plan.int8 else torch.empty((), dtype=dtype).element_size()
-        rows = sum(max(ranks) - ranks[-1] for ranks in (plan.ranks_k, plan.ranks_v))
-        return rows * (plan.kv_width * item + (plan.num_kv_heads * 4 if plan.int8 else 0))
+        planes = plan.num_modalities
+        rows = sum(max(ranks[:planes]) - ranks[planes - 1] for ranks in (plan.ranks_k, plan.ranks_v))
+        return rows * _row_bytes(plan, dtype)
 
     def reset(self, slot: int) -> None:
-        """Forget everything about the slot's previous request (its own rows only)."""
-        for t in self._unbacked():
-            t[slot].zero_()
-        for buffer, rows in self.backing:
-            buffer[slot * rows:(slot + 1) * rows].zero_()
+        """Forget everything about the slot's previous request: the elements the slot owns in
+        every tensor, `stride(0)` of them from its first (a basis plane's rows past its rank
+        belong to the next plane or slot and are left alone)."""
+        for t in self.tensors():
+            t.as_strided((t.stride(0),), (1,), t.storage_offset() + slot * t.stride(0)).zero_()
+
+
+def _row_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
+    """Bytes of one basis or exact row: kv_width elements, plus one float32 scale per KV
+    head with int8 storage."""
+    if plan.int8:
+        return plan.kv_width + plan.num_kv_heads * 4
+    return plan.kv_width * torch.empty((), dtype=dtype).element_size()
 
 
 def _planes(num_slots: int, ranks: tuple[int, ...], columns: int, dtype: torch.dtype,
-            device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [num_slots, len(ranks), max(ranks), columns] view of per-modality basis planes, and
-    the zeroed buffer behind it, in which each plane takes only its own rank's rows.
+            device) -> torch.Tensor:
+    """A [num_slots, len(ranks), max(ranks), columns] view of per-modality basis planes over
+    one zeroed buffer, in which each plane takes only its own rank's rows.
 
     Plane m of a slot starts right after plane m - 1's own rows, so the view's rows past a
     plane's rank are the next plane's (or the next slot's) first rows, not zeros. Nothing
@@ -158,8 +147,7 @@ def _planes(num_slots: int, ranks: tuple[int, ...], columns: int, dtype: torch.d
     """
     rows, widest = sum(ranks), max(ranks)
     buffer = torch.zeros(num_slots * rows + widest - ranks[-1], columns, dtype=dtype, device=device)
-    view = buffer.as_strided((num_slots, len(ranks), widest, columns), (rows * columns, ranks[0] * columns, columns, 1))
-    return view, buffer
+    return buffer.as_strided((num_slots, len(ranks), widest, columns), (rows * columns, ranks[0] * columns, columns, 1))
 
 
 def _read_rows(t: torch.Tensor, index) -> torch.Tensor:

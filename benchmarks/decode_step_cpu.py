@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the cache builder and op counter are test tooling
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _cli import parse_settings  # noqa: E402
 from _environment import environment  # noqa: E402
 from attentionpack_vllm.config import AttentionPackConfig, AttentionPackConfigError  # noqa: E402
 from attentionpack_vllm.decode import decode_and_fold, schedule_decode  # noqa: E402
@@ -120,12 +121,7 @@ def main(argv=None) -> int:
     storages = [x.strip() for x in args.storage.split(",") if x.strip()]
     if not storages or set(storages) - {"auto", "int8"}:
         parser.error(f"--storage: expected a comma-separated list of auto and int8, got {args.storage!r}")
-    try:
-        settings = SETTINGS if args.settings is None else json.loads(args.settings)
-    except json.JSONDecodeError as exc:
-        parser.error(f"--settings must be a JSON object of AttentionPack settings: {exc}")
-    if not isinstance(settings, dict):
-        parser.error(f"--settings must be a JSON object of AttentionPack settings, got {args.settings!r}")
+    settings = SETTINGS if args.settings is None else parse_settings(parser, args.settings)
     try:
         config = AttentionPackConfig.from_dict(settings)
     except AttentionPackConfigError as exc:

@@ -35,6 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _cli import parse_settings
 from _environment import environment
 from attentionpack_vllm import models
 from attentionpack_vllm.local_server import vllm_server
@@ -105,7 +106,7 @@ def run_backend(name: str, args, mix_args: list[str]) -> dict:
                   "--enforce-eager", "--seed", "0", "--block-size", "32"]
     if name == "attentionpack":
         serve_args += ["--attention-backend", "attentionpack", "--additional-config",
-                       json.dumps({"attentionpack": json.loads(args.settings)})]
+                       json.dumps({"attentionpack": args.settings})]
     else:
         serve_args += ["--no-enable-prefix-caching"]  # same as AttentionPack, which turns it off
     log = RESULTS / f"_serve_{name}.log"
@@ -180,12 +181,7 @@ def main(argv=None) -> int:
         args.max_model_len = args.input_len + args.output_len + 64
     if args.image_size < 1:
         p.error(f"--image-size must be a positive number of pixels, got {args.image_size}")
-    try:
-        settings = json.loads(args.settings)
-    except json.JSONDecodeError as e:
-        p.error(f"--settings must be a JSON object of AttentionPack settings: {e}")
-    if not isinstance(settings, dict):
-        p.error(f"--settings must be a JSON object of AttentionPack settings, got {args.settings!r}")
+    args.settings = parse_settings(p, args.settings)
     builder, folder, mix_args = MIXES[args.mix]
     if args.mix == "image":
         mix_args = [*mix_args, "--random-mm-bucket-config",
@@ -200,7 +196,7 @@ def main(argv=None) -> int:
               "environment": environment(), "dtype": args.dtype, "reps": args.reps,
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
               "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
-              "attentionpack_settings": settings, "backends": {}}
+              "attentionpack_settings": args.settings, "backends": {}}
     for name in ("dense", "attentionpack"):
         result["backends"][name] = run_backend(name, args, mix_args)
     d, a = result["backends"]["dense"], result["backends"]["attentionpack"]
