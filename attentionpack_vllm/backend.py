@@ -23,6 +23,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from . import runtime
 from .decode import decode_and_fold, schedule_decode
 from .factorize import describe as describe_factorisation
+from .kernels import latent_decode_cpu
 from .kernels.decode_inputs import DecodeBatch
 from .memory import MemoryReport
 from .paged_store import FoldBatch
@@ -33,6 +34,8 @@ from .slot_pool import SlotPool
 from .windows import WindowTracker
 
 logger = init_logger("vllm.attentionpack")
+DECODE_KERNEL_NAMES = {"triton": "Triton kernel", "cpu": "compiled CPU kernel",
+                       "torch": "PyTorch latent-space path"}
 
 
 class AttentionPackBackend(AttentionBackend):
@@ -124,7 +127,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                                           has_image=runtime.model_has_images(vllm_config))
         self.block_size = kv_cache_spec.block_size
         self.windows = WindowTracker.for_plan(runtime.num_request_slots(vllm_config), self.plan)
-        self.with_index = not runtime.uses_triton(config, device)
+        # Only the PyTorch path reads the padded gather index (the kernels read in place).
+        self.with_index = runtime.decode_kernel_name(config, device) == "torch"
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttentionPackMetadata:
@@ -215,9 +219,11 @@ class AttentionPackImpl(AttentionImpl):
         self.pool: SlotPool | None = None
         self.decode_attention = runtime.decode_attention_for(self.config, self.device)
         self.prefill_attention = runtime.prefill_attention_for(self.device)
-        logger.info_once("AttentionPack: decode with the %s",
-                         "Triton kernel" if "triton" in self.decode_attention.__module__
-                         else "PyTorch latent-space path")
+        kernel = runtime.decode_kernel_name(self.config, self.device)
+        logger.info_once("AttentionPack: decode with the %s", DECODE_KERNEL_NAMES[kernel])
+        if kernel == "torch" and self.config.decode_kernel == "auto" and str(self.device).startswith("cpu"):
+            logger.warning_once("AttentionPack: the compiled CPU decode kernel is unavailable (%s); "
+                                "decoding with the slower PyTorch path", latent_decode_cpu.unavailable_reason())
         logger.info_once("AttentionPack: prefill attention with %s",
                          "vLLM's CPU attention kernel" if "cpu_attention" in self.prefill_attention.__module__
                          else "PyTorch SDPA")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 RANK_KEYS = ("rank_vision_key", "rank_vision_value", "rank_text_key", "rank_text_value")
 SVD_METHODS = ("auto", "exact", "gram", "randomized")  # factorize.METHODS
-DECODE_KERNELS = ("auto", "torch", "triton")
+DECODE_KERNELS = ("auto", "torch", "triton", "cpu")
 STORAGE_FORMATS = ("auto", "int8")
 
 
@@ -71,8 +71,9 @@ class AttentionPackConfig:
     # Extra sketch columns and power iterations of the randomized range finder.
     svd_oversample: int = 16
     svd_power_iters: int = 2
-    # Decode attention implementation: Triton on CUDA and PyTorch on CPU ("auto"),
-    # or forced ("triton" on CPU runs under TRITON_INTERPRET=1).
+    # Decode attention implementation: Triton on CUDA and the compiled CPU kernel on CPU
+    # ("auto"; the PyTorch path where no C++ compiler is found), or forced: "torch",
+    # "triton" (on CPU under TRITON_INTERPRET=1), "cpu" (refused without a compiler).
     decode_kernel: str = "auto"
     # Most of a worker's KV cache budget the per-request slot pools may take: when
     # max_num_seqs slots would take more, max_num_seqs is lowered at startup.

@@ -49,14 +49,16 @@ def schedule_decode(tracker: WindowTracker, plan: CompressionPlan, block_table: 
 
 
 def append_to_window(pool: SlotPool, batch: DecodeBatch, keys: torch.Tensor, values: torch.Tensor,
-                     track_importance: bool = True) -> None:
-    """Write each request's new token ([B, kv_width] keys and values) into its window row.
+                     track_importance: bool = True, write_rows: bool = True) -> None:
+    """Write each request's new token ([B, kv_width] keys and values) into its window row
+    (unless `write_rows` is False: a kernel that appends in its own pass).
 
     Its importance starts at 0 (kept only while partial rank needs it); its page record
     is written when the window folds.
     """
     rows = (batch.slot_ids, batch.new_window_rows)
-    pool.write_window(rows, keys, values)
+    if write_rows:
+        pool.write_window(rows, keys, values)
     if track_importance:
         pool.window_importance.index_put_(rows, torch.zeros((), device=keys.device))
 
@@ -78,11 +80,15 @@ def decode_step(
     otherwise). Folds are the caller's next call (`fold_windows`), for the rows the
     step's metadata marks as due.
     """
-    append_to_window(pool, batch, key, value, plan.tracks_importance)
-    int8 = {"scales": pool.scales} if plan.int8 else {}
+    # The compiled CPU kernel writes the new token's rows itself, in the same pass.
+    fused = getattr(attention, "fuses_window_append", False)
+    append_to_window(pool, batch, key, value, plan.tracks_importance, write_rows=not fused)
+    extra = {"scales": pool.scales} if plan.int8 else {}
+    if fused:
+        extra.update(new_keys=key, new_values=value)
     out, p_c, p_w = attention(
         query, pages, pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, batch,
-        plan.spec, scale, need_probs=plan.tracks_importance, **int8)
+        plan.spec, scale, need_probs=plan.tracks_importance, **extra)
     if plan.tracks_importance:
         update_importance(pages, pool, batch, p_c, p_w, plan)
     return out

@@ -110,17 +110,37 @@ def pool_bytes() -> int:
 
 # --- decode implementation ----------------------------------------------------
 
-def uses_triton(config: AttentionPackConfig, device: Any) -> bool:
-    """Triton on CUDA, PyTorch on CPU, unless `decode_kernel` forces one."""
-    return config.decode_kernel == "triton" or (
-        config.decode_kernel == "auto" and str(device).startswith("cuda"))
+def decode_kernel_name(config: AttentionPackConfig, device: Any) -> str:
+    """The decode implementation in force: "triton" on CUDA; on CPU "cpu" (the compiled
+    kernel) where it builds, else "torch"; or what `decode_kernel` forces.
+
+    Raises ValueError for a forced "cpu" on a GPU, or where the kernel cannot be built."""
+    choice, on_cuda = config.decode_kernel, str(device).startswith("cuda")
+    if choice == "triton" or (choice == "auto" and on_cuda):
+        return "triton"
+    if choice == "torch":
+        return "torch"
+    from .kernels import latent_decode_cpu
+    reason = latent_decode_cpu.unavailable_reason()
+    if choice == "auto":
+        return "torch" if reason else "cpu"
+    if on_cuda:
+        raise ValueError(f"decode_kernel 'cpu' runs on the CPU only, not on {device}; "
+                         "use 'auto' or 'triton'")
+    if reason:
+        raise ValueError(f"decode_kernel 'cpu' is unavailable here: {reason}")
+    return "cpu"
 
 
 def decode_attention_for(config: AttentionPackConfig, device: Any) -> Callable:
-    """The latent-space decode function (see `uses_triton`)."""
-    if uses_triton(config, device):
+    """The latent-space decode function (see `decode_kernel_name`)."""
+    name = decode_kernel_name(config, device)
+    if name == "triton":
         from .kernels.latent_decode_triton import latent_decode_attention_triton
         return latent_decode_attention_triton
+    if name == "cpu":
+        from .kernels.latent_decode_cpu import latent_decode_attention_cpu
+        return latent_decode_attention_cpu
     from .kernels.latent_decode_torch import latent_decode_attention
     return latent_decode_attention
 

@@ -225,3 +225,35 @@ def same_outputs(a, b) -> bool:
     """Bitwise equality of two (out, probs, window probs) results (None where absent)."""
     return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
                for x, y in zip(a, b))
+
+
+# Kernel-against-PyTorch cases (Triton and the compiled CPU kernel).
+C_LENS = [0, 5, 23, 40]   # no compressed token, mid-page, several pages, several tiles
+W_LENS = [1, 4, 2, 3]     # 1 .. window
+# name: (num_heads, num_kv_heads, head_size, rank_k, rank_v, block_size, has_image, partial, dtype, need_probs)
+CASES = {
+    "mha-image":        (4, 4, 16, 16, 16, 8, True, "", torch.float32, True),
+    "mha-image-pkv":    (4, 4, 16, 16, 16, 8, True, "kv", torch.float16, False),
+    "mha-text":         (4, 4, 16, 16, 16, 8, False, "", torch.float16, True),
+    "mha-text-pv":      (4, 4, 16, 16, 16, 8, False, "v", torch.float32, False),
+    "gqa-image":        (8, 2, 32, 24, 20, 16, True, "", torch.float16, False),
+    "gqa-image-pkv":    (8, 2, 32, 24, 20, 16, True, "kv", torch.float32, True),
+    "gqa-image-pv-b4":  (8, 2, 32, 24, 20, 4, True, "v", torch.float16, True),
+    "gqa-text-pkv":     (8, 2, 32, 24, 20, 16, False, "kv", torch.float16, True),
+    "gqa-text":         (8, 2, 32, 24, 20, 8, False, "", torch.float32, False),
+    "gqa-odd-image-pk": (6, 3, 24, 16, 32, 8, True, "k", torch.float32, True),
+    "mqa-text-pkv":     (4, 1, 32, 32, 16, 16, False, "kv", torch.float32, True),
+    # Ranks that are not powers of two, padded to one: 48 and 40 to 64.
+    "gqa-text-split":       (8, 2, 32, 48, 40, 16, False, "", torch.float16, True),
+    "gqa-image-split-pkv":  (8, 2, 32, 40, 48, 8, True, "kv", torch.float32, True),
+}
+# int8 storage, same fields (dtype: the query's). The odd case's 13 + 6 columns put padding
+# before the record's scales and V' at an offset that is not a multiple of 4.
+INT8_CASES = {
+    "int8-mha-image":         (4, 4, 16, 16, 16, 8, True, "", torch.float32, True),
+    "int8-mha-text-pkv":      (4, 4, 16, 16, 16, 8, False, "kv", torch.float16, True),
+    "int8-gqa-image-pv":      (8, 2, 32, 24, 20, 16, True, "v", torch.float16, False),
+    "int8-gqa-odd-image-pkv": (6, 3, 24, 13, 6, 8, True, "kv", torch.float32, True),
+    "int8-mqa-text":          (4, 1, 32, 32, 16, 16, False, "", torch.bfloat16, True),
+    "int8-gqa-image-split-pkv": (8, 4, 32, 80, 96, 16, True, "kv", torch.float16, True),   # the defaults' rank 80
+}

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("quality.py", ["--sweep", "policy", "--only", "r64 int4"], "--only: unknown settings ['r64 int4']"),
     ("quality.py", ["--sweep", "ranks"], "invalid choice: 'ranks'"),
     ("decode_step_cpu.py", ["--storage", "auto,fp8"], "--storage: expected a comma-separated list"),
+    ("decode_step_cpu.py", ["--kernels", "torch,cuda"], "--kernels: expected a comma-separated list of torch, cpu"),
     ("decode_step_cpu.py", ["--settings", "[1]"], "--settings must be a JSON object"),
     ("decode_step_cpu.py", ["--settings", '{"rank": 0}'], "--settings: attentionpack setting 'rank"),
 ])

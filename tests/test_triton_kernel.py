@@ -18,7 +18,7 @@ import attentionpack_vllm.kernels as K
 from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.kernels import decode_inputs, latent_decode_torch, latent_decode_triton  # noqa: F401
 from attentionpack_vllm.kernels import layout  # noqa: F401
-from latent_cases import random_case, replay_against_eager, same_outputs
+from latent_cases import C_LENS, CASES, INT8_CASES, W_LENS, random_case, replay_against_eager, same_outputs
 from scenario import attend_now, build_scenario, run_decode
 from triton_devices import DEVICES, HAS_CUDA, interpreted
 
@@ -26,8 +26,6 @@ pytestmark = pytest.mark.triton
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 KERNELS = ("_project_queries", "_latent_pass", "_combine", "_probs_pass")
-C_LENS = [0, 5, 23, 40]   # no compressed token, mid-page, several pages, several tiles
-W_LENS = [1, 4, 2, 3]     # 1 .. window
 
 
 def tolerances(device: str, dtype) -> tuple[float, float]:
@@ -67,35 +65,6 @@ def assert_same(ref, got, device, dtype, need_probs=True):
     for a, b in zip(ref[1:], got[1:]):
         assert b.dtype == torch.float32 and b.shape == a.shape
         torch.testing.assert_close(b, a, rtol=10 * tol_p, atol=tol_p)
-
-
-# name: (num_heads, num_kv_heads, head_size, rank_k, rank_v, block_size, has_image, partial, dtype, need_probs)
-CASES = {
-    "mha-image":        (4, 4, 16, 16, 16, 8, True, "", F32, True),
-    "mha-image-pkv":    (4, 4, 16, 16, 16, 8, True, "kv", F16, False),
-    "mha-text":         (4, 4, 16, 16, 16, 8, False, "", F16, True),
-    "mha-text-pv":      (4, 4, 16, 16, 16, 8, False, "v", F32, False),
-    "gqa-image":        (8, 2, 32, 24, 20, 16, True, "", F16, False),
-    "gqa-image-pkv":    (8, 2, 32, 24, 20, 16, True, "kv", F32, True),
-    "gqa-image-pv-b4":  (8, 2, 32, 24, 20, 4, True, "v", F16, True),
-    "gqa-text-pkv":     (8, 2, 32, 24, 20, 16, False, "kv", F16, True),
-    "gqa-text":         (8, 2, 32, 24, 20, 8, False, "", F32, False),
-    "gqa-odd-image-pk": (6, 3, 24, 16, 32, 8, True, "k", F32, True),
-    "mqa-text-pkv":     (4, 1, 32, 32, 16, 16, False, "kv", F32, True),
-    # Ranks that are not powers of two, padded to one: 48 and 40 to 64.
-    "gqa-text-split":       (8, 2, 32, 48, 40, 16, False, "", F16, True),
-    "gqa-image-split-pkv":  (8, 2, 32, 40, 48, 8, True, "kv", F32, True),
-}
-# int8 storage, same fields (dtype: the query's). The odd case's 13 + 6 columns put padding
-# before the record's scales and V' at an offset that is not a multiple of 4.
-INT8_CASES = {
-    "int8-mha-image":         (4, 4, 16, 16, 16, 8, True, "", F32, True),
-    "int8-mha-text-pkv":      (4, 4, 16, 16, 16, 8, False, "kv", F16, True),
-    "int8-gqa-image-pv":      (8, 2, 32, 24, 20, 16, True, "v", F16, False),
-    "int8-gqa-odd-image-pkv": (6, 3, 24, 13, 6, 8, True, "kv", F32, True),
-    "int8-mqa-text":          (4, 1, 32, 32, 16, 16, False, "", BF16, True),
-    "int8-gqa-image-split-pkv": (8, 4, 32, 80, 96, 16, True, "kv", F16, True),   # the defaults' rank 80
-}
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -23,6 +23,7 @@ def test_full_rank_matches_dense_token_for_token_with_chunked_prefill(tiny_llama
     packed = run_llm(tiny_llama, attentionpack_engine({**FULL_RANK, "window_size": 8}, **engine),
                      text_requests())
     assert "Using AttentionPack attention backend" in packed.log
+    assert "decode with the compiled CPU kernel" in packed.log  # the default on CPU
     # Full rank saves nothing, and the log says so rather than rounding to "1.0x smaller".
     assert "x larger); record = K' 64 + V' 64" in packed.log
     assert "stores at least as many bytes per token as the dense cache" in packed.log
@@ -100,8 +101,8 @@ def test_preemption_and_slot_reuse_keep_full_rank_outputs_equal_to_dense(tiny_ll
 
 def test_int8_storage_runs_inside_vllm_on_both_decode_paths(tiny_llama):
     """int8 records, bases and windows through vLLM's page allocation (rows of bytes in the
-    model's cache tensor), chunked prefill and window folds, on the PyTorch path and the
-    Triton kernel (under the interpreter). Tokens are not compared: the two paths differ
+    model's cache tensor), chunked prefill and window folds, on the PyTorch path, the
+    compiled CPU kernel and the Triton kernel (under the interpreter). Tokens are not compared: the two paths differ
     by float32 summation order (about 5e-6 here), which flips the int8 rounding of later
     keys and values, and this random-weight model turns that into another continuation.
     The kernel equals the PyTorch path on the same int8 state in test_triton_kernel;
@@ -114,6 +115,10 @@ def test_int8_storage_runs_inside_vllm_on_both_decode_paths(tiny_llama):
     assert "AttentionPack bytes per token per layer: 144 (dense 512" in torch_path.log
     assert "(int8 factors with float32 scales)" in torch_path.log
     assert [len(t) for t in torch_path.token_ids] == [24] * 4
+    compiled = run_llm(tiny_llama, attentionpack_engine({**settings, "decode_kernel": "cpu"}, **engine),
+                       text_requests(24))
+    assert "decode with the compiled CPU kernel" in compiled.log
+    assert [len(t) for t in compiled.token_ids] == [24] * 4
     kernel = run_llm(tiny_llama, attentionpack_engine({**settings, "decode_kernel": "triton"}, **engine),
                      text_requests(24), env={"TRITON_INTERPRET": "1"})
     assert "decode with the Triton kernel" in kernel.log

@@ -1,0 +1,424 @@
+// Latent-space decode attention on CPU: one call per layer for the whole batch.
+//
+// Same math and contract as kernels/latent_decode_torch.py (the reference it is tested
+// against); see there for the formulas. One work item is a (request, KV head) pair, and
+// the items run in parallel (OpenMP). An item:
+//   1. optionally appends the request's new token to its window (int8: quantised exactly
+//      as storage.quantize does);
+//   2. projects the G query heads of the KV head into every modality's key basis;
+//   3. walks the compressed records in tiles of TILE tokens, read in place through the
+//      block table: each record's K' and V' are converted to float32 once for all G heads,
+//      scores and an online softmax (running maximum and sum per head) give each token's
+//      weight, and V' is summed in rank space per modality;
+//   4. adds the window rows to the same softmax, applies the value basis once per head
+//      and normalises.
+// Rows are converted into zero-padded float buffers of whole vectors (LANES floats), so
+// every product below runs on whole vectors, whatever the rank or head size.
+//
+// Storage formats (`Args::storage`): int8 (factors, bases and window rows int8 with
+// float32 scales; record offsets in bytes), float32 or bfloat16 (everything in that type;
+// record offsets in elements). Built and loaded by latent_decode_cpu.py with plain g++.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Storage : int64_t { INT8 = 0, FLOAT32 = 1, BFLOAT16 = 2 };
+
+struct Bf16 {
+    uint16_t bits;
+};
+
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+inline float to_float(float x) { return x; }
+inline float to_float(Bf16 x) {
+    uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+inline void from_float(float f, float* out) { *out = f; }
+inline void from_float(float f, Bf16* out) {  // round to nearest even, as torch does
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    out->bits = static_cast<uint16_t>(u >> 16);
+}
+
+// Everything one call needs; filled by latent_decode_cpu.py (a ctypes.Structure of the
+// same fields in the same order). Strides count elements of the storage type.
+struct Args {
+    int64_t batch, num_heads, kv_heads, head_size, num_planes, rank_k, rank_v;
+    int64_t storage, window_size, num_threads;
+    double scale;
+    // per request
+    const int32_t* block_table;
+    int64_t block_table_stride, block_size;
+    const int64_t* slot_ids;
+    const int32_t* compressed_lens;
+    const int32_t* window_lens;
+    const int64_t* new_window_rows;
+    // page records [num_blocks, block_size, width]
+    const void* pages;
+    int64_t page_stride_block, page_stride_row;
+    int64_t k_offset, v_offset, k_scale_offset, v_scale_offset, flags_offset;
+    const int64_t* cols_k_by_flag;  // nullptr: every token reads every column
+    const int64_t* cols_v_by_flag;
+    // bases [slot, plane, row, kv_width] and their int8 scales [slot, plane, row, kv_heads]
+    const void* basis_k;
+    int64_t basis_k_strides[3];
+    const float* basis_k_scale;
+    int64_t basis_k_scale_strides[3];
+    const void* basis_v;
+    int64_t basis_v_strides[3];
+    const float* basis_v_scale;
+    int64_t basis_v_scale_strides[3];
+    // exact rows [slot, row, kv_width] and their int8 scales [slot, row, kv_heads]
+    void* window_k;
+    int64_t window_k_strides[2];
+    float* window_k_scale;
+    int64_t window_k_scale_strides[2];
+    void* window_v;
+    int64_t window_v_strides[2];
+    float* window_v_scale;
+    int64_t window_v_scale_strides[2];
+    // float32 inputs and outputs, contiguous
+    const float* query;       // [B, H, D]
+    const float* new_keys;    // [B, KV * D], or nullptr: the window append is done already
+    const float* new_values;
+    float* out;               // [B, H, D]
+    float* probs_compressed;  // [B, KV, max_compressed_len] sums over the KV head's query heads, or nullptr
+    int64_t probs_len;
+    float* probs_window;      // [B, KV, window_size]
+};
+
+constexpr int64_t LANES = 16;  // floats per vector: one AVX-512 register, two AVX2 ones
+constexpr int64_t TILE = 16;   // records per online-softmax step
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+
+inline int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+inline vfloat vload(const float* p) {
+    vfloat v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+inline float hsum(vfloat v) {
+    float s = 0.f;
+    for (int64_t k = 0; k < LANES; ++k) s += v[k];
+    return s;
+}
+
+// a . b over n floats (n a multiple of LANES).
+inline float dot(const float* a, const float* b, int64_t n) {
+    vfloat acc = {};
+    for (int64_t i = 0; i < n; i += LANES) acc += vload(a + i) * vload(b + i);
+    return hsum(acc);
+}
+
+// The lane sums of TILE vectors as one vector (lane i: the sum of v[i]), by a tree of
+// shuffles and adds: 15 steps instead of a horizontal sum per vector.
+typedef int32_t vindex __attribute__((vector_size(LANES * sizeof(int32_t))));
+static_assert(TILE == LANES, "a tile's scores are one vector");
+
+// One level of the tree: a and b hold groups of `size` lanes (each group: partial sums of one
+// vector); the result holds a's groups, then b's, each folded to size / 2 lanes.
+template <int size>
+inline vfloat fold_groups(vfloat a, vfloat b) {
+    vindex low, high;
+    for (int k = 0; k < LANES; ++k) {
+        const int half = size / 2, source = (k / half) * size + k % half;  // lane of concat(a, b)
+        low[k] = source;
+        high[k] = source + half;
+    }
+    return __builtin_shuffle(a, b, low) + __builtin_shuffle(a, b, high);
+}
+
+inline vfloat lane_sums(const vfloat* v) {
+    vfloat l1[8], l2[4], l3[2];
+    for (int k = 0; k < 8; ++k) l1[k] = fold_groups<16>(v[2 * k], v[2 * k + 1]);
+    for (int k = 0; k < 4; ++k) l2[k] = fold_groups<8>(l1[2 * k], l1[2 * k + 1]);
+    for (int k = 0; k < 2; ++k) l3[k] = fold_groups<4>(l2[2 * k], l2[2 * k + 1]);
+    return fold_groups<2>(l3[0], l3[1]);
+}
+
+// q . rows[i] for the TILE rows of a tile ([TILE, width], width a multiple of LANES), as one vector.
+inline vfloat tile_dots(const float* q, const float* rows, int64_t width) {
+    vfloat acc[TILE] = {};
+    for (int64_t c = 0; c < width; c += LANES) {
+        const vfloat qc = vload(q + c);
+        for (int64_t i = 0; i < TILE; ++i) acc[i] += qc * vload(rows + i * width + c);
+    }
+    return lane_sums(acc);
+}
+
+// y += sum_i w[i] * rows[i] over a tile's TILE rows (four independent sums per column vector).
+inline void tile_axpy(const float* w, const float* rows, int64_t width, float* y) {
+    for (int64_t c = 0; c < width; c += LANES) {
+        vfloat s[4] = {};
+        for (int64_t i = 0; i < TILE; ++i) s[i % 4] += w[i] * vload(rows + i * width + c);
+        vstore(y + c, vload(y + c) + ((s[0] + s[1]) + (s[2] + s[3])));
+    }
+}
+
+// y += w * x over n floats (n a multiple of LANES).
+inline void axpy(float w, const float* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; i += LANES) vstore(y + i, vload(y + i) + w * vload(x + i));
+}
+
+// LANES stored values as one float32 vector. The widening conversions are spelled out with
+// intrinsics where the CPU has them: GCC vectorises them into narrow steps or scalars.
+inline vfloat widen(const float* p) { return vload(p); }
+inline vfloat widen(const int8_t* p) {
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    vfloat v;
+    for (int64_t k = 0; k < LANES; ++k) v[k] = static_cast<float>(p[k]);
+    return v;
+#endif
+}
+inline vfloat widen(const Bf16* p) {
+#if defined(__AVX512F__)
+    __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return (vfloat)_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+#else
+    vfloat v;
+    for (int64_t k = 0; k < LANES; ++k) v[k] = to_float(p[k]);
+    return v;
+#endif
+}
+
+// n stored values times `scale` into float32 `out`, zeros after them up to `width`.
+template <typename T>
+inline void load(const T* __restrict src, float scale, float* __restrict out, int64_t n, int64_t width) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) vstore(out + i, widen(src + i) * scale);
+    for (; i < n; ++i) out[i] = to_float(src[i]) * scale;
+    for (; i < width; ++i) out[i] = 0.f;
+}
+
+inline float float_at(const int8_t* row, int64_t byte_offset) {
+    float f;
+    std::memcpy(&f, row + byte_offset, sizeof f);
+    return f;
+}
+
+template <typename T>
+struct Kernel {
+    const Args& a;
+    const int64_t D, G, M, Dp, Rk, Rv;  // head size, query heads per KV head, planes; padded widths
+
+    explicit Kernel(const Args& args)
+        : a(args), D(args.head_size), G(args.num_heads / args.kv_heads), M(args.num_planes),
+          Dp(padded(args.head_size)), Rk(padded(args.rank_k)), Rv(padded(args.rank_v)) {}
+
+    // Row `row` of plane `plane` of a slot's basis, KV head g's columns, into `out` (Dp floats).
+    void basis_row(const void* base, const int64_t* st, const float* scale, const int64_t* sst,
+                   int64_t slot, int64_t plane, int64_t row, int64_t g, float* out) const {
+        const T* p = static_cast<const T*>(base) + slot * st[0] + plane * st[1] + row * st[2] + g * D;
+        load(p, scale ? scale[slot * sst[0] + plane * sst[1] + row * sst[2] + g] : 1.f, out, D, Dp);
+    }
+
+    // Exact row `row` of a slot's window, KV head g's columns, into `out` (Dp floats).
+    void window_row(const void* base, const int64_t* st, const float* scale, const int64_t* sst,
+                    int64_t slot, int64_t row, int64_t g, float* out) const {
+        const T* p = static_cast<const T*>(base) + slot * st[0] + row * st[1] + g * D;
+        load(p, scale ? scale[slot * sst[0] + row * sst[1] + g] : 1.f, out, D, Dp);
+    }
+
+    float record_scale(const T* rec, int64_t offset) const {
+        if constexpr (std::is_same_v<T, int8_t>) return float_at(rec, offset);
+        return 1.f;
+    }
+
+    // The new token's row of KV head g into the window (int8: absmax / 127 per row and head).
+    // Compiled without fast maths: true divisions, so the bytes equal storage.quantize's.
+    __attribute__((optimize("no-fast-math"))) void append(const float* x, void* base, const int64_t* st,
+                                                          float* scale, const int64_t* sst, int64_t slot,
+                                                          int64_t row, int64_t g) const {
+        T* dst = static_cast<T*>(base) + slot * st[0] + row * st[1] + g * D;
+        if constexpr (std::is_same_v<T, int8_t>) {
+            float absmax = 0.f;
+            for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::fabs(x[d]));
+            float s = absmax / 127.0f;
+            float denom = std::max(s, FLT_MIN);
+            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<int8_t>(std::nearbyint(x[d] / denom));
+            scale[slot * sst[0] + row * sst[1] + g] = s;
+        } else {
+            for (int64_t d = 0; d < D; ++d) from_float(x[d], dst + d);
+        }
+    }
+
+    // Scratch of one work item, reused across the items a thread runs.
+    struct Scratch {
+        std::vector<float> q, q_lat, acc, scores, k_tile, v_tile, weights, row, out, top, total;
+        std::vector<int64_t> planes;
+    };
+
+    // Online softmax of head j: `n` new scores join the running maximum and sum; the
+    // accumulators scaled by the old maximum are rescaled. Leaves exp(score - max) in `p`.
+    void softmax_step(Scratch& s, int64_t j, const float* scores, float* p, int64_t n) const {
+        float tile_top = -FLT_MAX;
+        for (int64_t i = 0; i < n; ++i) tile_top = std::max(tile_top, scores[i]);
+        float& top = s.top[j];
+        if (tile_top > top) {
+            const float shrink = top == -FLT_MAX ? 0.f : std::exp(top - tile_top);  // 0: nothing yet
+            s.total[j] *= shrink;
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t r = 0; r < Rv; ++r) s.acc[(m * G + j) * Rv + r] *= shrink;
+            top = tile_top;
+        }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; ++i) {
+            p[i] = std::exp(scores[i] - top);
+            sum += p[i];
+        }
+        s.total[j] += sum;
+    }
+
+    void run(int64_t b, int64_t g, Scratch& s) const {
+        const int64_t slot = a.slot_ids[b];
+        const int64_t c = a.compressed_lens[b], wl = a.window_lens[b], L = c + wl;
+        const int64_t H = a.num_heads, KV = a.kv_heads;
+        s.q.assign(G * Dp, 0.f);
+        s.q_lat.assign(M * G * Rk, 0.f);
+        s.acc.assign(M * G * Rv, 0.f);
+        s.scores.resize(G * L);
+        s.k_tile.resize(TILE * Rk);
+        s.v_tile.resize(TILE * Rv);
+        s.weights.resize(M * G * TILE);
+        s.row.resize(std::max(Dp, std::max(Rk, Rv)));
+        s.out.assign(G * Dp, 0.f);
+        s.top.assign(G, -FLT_MAX);
+        s.total.assign(G, 0.f);
+        s.planes.resize(TILE);
+        float* row = s.row.data();
+
+        if (a.new_keys) {
+            const int64_t w = a.new_window_rows[b];
+            append(a.new_keys + (b * KV + g) * D, a.window_k, a.window_k_strides, a.window_k_scale,
+                   a.window_k_scale_strides, slot, w, g);
+            append(a.new_values + (b * KV + g) * D, a.window_v, a.window_v_strides, a.window_v_scale,
+                   a.window_v_scale_strides, slot, w, g);
+        }
+        // Scaled queries, and each modality's latent queries q_lat[m][j] = D_k[m][:, g] q_j.
+        for (int64_t j = 0; j < G; ++j) {
+            const float* q = a.query + (b * H + g * G + j) * D;
+            for (int64_t d = 0; d < D; ++d) s.q[j * Dp + d] = q[d] * static_cast<float>(a.scale);
+        }
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t r = 0; r < a.rank_k; ++r) {
+                basis_row(a.basis_k, a.basis_k_strides, a.basis_k_scale, a.basis_k_scale_strides, slot, m, r, g, row);
+                for (int64_t j = 0; j < G; ++j) s.q_lat[(m * G + j) * Rk + r] = dot(row, &s.q[j * Dp], Dp);
+            }
+
+        // Compressed records, TILE at a time: walk the block table without dividing per token.
+        const T* pages = static_cast<const T*>(a.pages);
+        const int32_t* blocks = a.block_table + b * a.block_table_stride;
+        int64_t page = 0, in_page = 0;
+        for (int64_t t0 = 0; t0 < c; t0 += TILE) {
+            // A last, partial tile computes on its other rows too (finite leftovers of the tile
+            // before, or zeros) and discards those scores; their weights are zero.
+            const int64_t n = std::min(TILE, c - t0);
+            float k_scales[TILE] = {}, v_scales[TILE] = {};
+            for (int64_t i = 0; i < n; ++i) {
+                const T* rec = pages + blocks[page] * a.page_stride_block + in_page * a.page_stride_row;
+                if (++in_page == a.block_size) in_page = 0, ++page;
+                const int64_t flags = static_cast<int64_t>(to_float(rec[a.flags_offset]));
+                s.planes[i] = M > 1 ? (flags & 1) : 0;
+                load(rec + a.k_offset, 1.f, &s.k_tile[i * Rk], a.cols_k_by_flag ? a.cols_k_by_flag[flags] : a.rank_k, Rk);
+                load(rec + a.v_offset, 1.f, &s.v_tile[i * Rv], a.cols_v_by_flag ? a.cols_v_by_flag[flags] : a.rank_v, Rv);
+                k_scales[i] = record_scale(rec, a.k_scale_offset);
+                v_scales[i] = record_scale(rec, a.v_scale_offset);
+            }
+            for (int64_t j = 0; j < G; ++j) {
+                vfloat dots = tile_dots(&s.q_lat[j * Rk], s.k_tile.data(), Rk);
+                if (M > 1) {  // image tokens score against the image plane's latent query
+                    const vfloat image = tile_dots(&s.q_lat[(G + j) * Rk], s.k_tile.data(), Rk);
+                    for (int64_t i = 0; i < n; ++i)
+                        if (s.planes[i]) dots[i] = image[i];
+                }
+                float* scores = &s.scores[j * L + t0];
+                for (int64_t i = 0; i < n; ++i) scores[i] = dots[i] * k_scales[i];
+                float p[TILE];
+                softmax_step(s, j, scores, p, n);
+                for (int64_t m = 0; m < M; ++m)  // a token's weight goes to its own plane only
+                    for (int64_t i = 0; i < TILE; ++i)
+                        s.weights[(m * G + j) * TILE + i] = i < n && s.planes[i] == m ? p[i] * v_scales[i] : 0.f;
+            }
+            for (int64_t m = 0; m < M; ++m)  // acc[m][j] += sum_i weight * V'_i
+                for (int64_t j = 0; j < G; ++j)
+                    tile_axpy(&s.weights[(m * G + j) * TILE], s.v_tile.data(), Rv, &s.acc[(m * G + j) * Rv]);
+        }
+
+        // Window rows join the same softmax; their values are summed directly.
+        for (int64_t w = 0; w < wl; ++w) {
+            window_row(a.window_k, a.window_k_strides, a.window_k_scale, a.window_k_scale_strides, slot, w, g, row);
+            for (int64_t j = 0; j < G; ++j) s.scores[j * L + c + w] = dot(&s.q[j * Dp], row, Dp);
+        }
+        for (int64_t j = 0; j < G; ++j) {
+            float* scores = &s.scores[j * L + c];
+            softmax_step(s, j, scores, scores, wl);  // window scores become exp(score - max) in place
+        }
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t r = 0; r < a.rank_v; ++r) {
+                basis_row(a.basis_v, a.basis_v_strides, a.basis_v_scale, a.basis_v_scale_strides, slot, m, r, g, row);
+                for (int64_t j = 0; j < G; ++j) axpy(s.acc[(m * G + j) * Rv + r], row, &s.out[j * Dp], Dp);
+            }
+        for (int64_t w = 0; w < wl; ++w) {
+            window_row(a.window_v, a.window_v_strides, a.window_v_scale, a.window_v_scale_strides, slot, w, g, row);
+            for (int64_t j = 0; j < G; ++j) axpy(s.scores[j * L + c + w], row, &s.out[j * Dp], Dp);
+        }
+        for (int64_t j = 0; j < G; ++j) {
+            const float inv = 1.f / s.total[j];
+            float* out = a.out + (b * H + g * G + j) * D;
+            for (int64_t d = 0; d < D; ++d) out[d] = s.out[j * Dp + d] * inv;
+        }
+
+        if (a.probs_compressed) {  // summed over the G heads; the caller averages over all heads
+            float* pc = a.probs_compressed + (b * KV + g) * a.probs_len;
+            float* pw = a.probs_window + (b * KV + g) * a.window_size;
+            for (int64_t j = 0; j < G; ++j) {
+                const float inv = 1.f / s.total[j], top = s.top[j];
+                const float* scores = &s.scores[j * L];
+                for (int64_t t = 0; t < c; ++t) pc[t] += std::exp(scores[t] - top) * inv;
+                for (int64_t w = 0; w < wl; ++w) pw[w] += scores[c + w] * inv;
+            }
+        }
+    }
+
+    void run_all() const {
+        const int64_t items = a.batch * a.kv_heads;
+#pragma omp parallel num_threads(a.num_threads)
+        {
+            Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < items; ++i) run(i / a.kv_heads, i % a.kv_heads, scratch);
+        }
+    }
+};
+
+}  // namespace
+
+extern "C" int attentionpack_latent_decode(const Args* args) {
+    switch (args->storage) {
+        case INT8: Kernel<int8_t>(*args).run_all(); return 0;
+        case FLOAT32: Kernel<float>(*args).run_all(); return 0;
+        case BFLOAT16: Kernel<Bf16>(*args).run_all(); return 0;
+    }
+    return 1;  // unknown storage
+}
+
+// The size of Args, so the Python side can check its structure matches.
+extern "C" int64_t attentionpack_args_size() { return sizeof(Args); }

@@ -1,0 +1,224 @@
+"""Latent-space decode attention on CPU as one compiled call per layer.
+
+`latent_decode_attention_cpu` has the contract of `latent_decode_torch.latent_decode_attention`
+(the reference the tests hold it to) and can also append the step's new token to the
+window in the same call (`new_keys`, `new_values`; the function's `fuses_window_append`). The work is
+in `latent_decode_cpu.cpp`: each (request, KV head) pair reads its records through the
+block table and its bases and window rows by slot, where they are stored, and runs the
+whole attention in float32 without a gathered copy or a chain of PyTorch ops. The
+PyTorch path takes about 50 ops per layer and call; this takes one, plus the output's
+dtype conversion.
+
+The library is plain C++ (no PyTorch headers), built with the system's g++ on first use
+into a cache folder (`ATTENTIONPACK_CACHE`, else `$XDG_CACHE_HOME/attentionpack_vllm`)
+under a name that hashes the source, flags and CPU, and loaded with ctypes. Without a
+compiler `available()` is False and `unavailable_reason()` says why; the backend then
+runs the PyTorch path (or refuses `decode_kernel: "cpu"` with that reason).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .decode_inputs import DecodeBatch, LatentSpec
+
+SOURCE = Path(__file__).with_name("latent_decode_cpu.cpp")
+# -ffast-math lets the reductions and exp vectorise (the window append opts out, so that its
+# int8 rounding equals storage.quantize bit for bit). Linked without -ffast-math, so the
+# library does not switch the process to flush-to-zero.
+COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp", "-ffast-math")
+LINK_FLAGS = ("-shared", "-fopenmp")
+STORAGE_CODES = {torch.int8: 0, torch.float32: 1, torch.bfloat16: 2}
+
+_P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class _Args(ctypes.Structure):
+    """Mirror of `Args` in latent_decode_cpu.cpp (same fields, same order)."""
+
+    _fields_ = [(name, _I64) for name in ("batch", "num_heads", "kv_heads", "head_size", "num_planes",
+                                          "rank_k", "rank_v", "storage", "window_size", "num_threads")] + [
+        ("scale", _F64),
+        ("block_table", _P), ("block_table_stride", _I64), ("block_size", _I64),
+        ("slot_ids", _P), ("compressed_lens", _P), ("window_lens", _P), ("new_window_rows", _P),
+        ("pages", _P), ("page_stride_block", _I64), ("page_stride_row", _I64),
+        ("k_offset", _I64), ("v_offset", _I64), ("k_scale_offset", _I64), ("v_scale_offset", _I64),
+        ("flags_offset", _I64), ("cols_k_by_flag", _P), ("cols_v_by_flag", _P),
+        ("basis_k", _P), ("basis_k_strides", _I64 * 3), ("basis_k_scale", _P), ("basis_k_scale_strides", _I64 * 3),
+        ("basis_v", _P), ("basis_v_strides", _I64 * 3), ("basis_v_scale", _P), ("basis_v_scale_strides", _I64 * 3),
+        ("window_k", _P), ("window_k_strides", _I64 * 2), ("window_k_scale", _P), ("window_k_scale_strides", _I64 * 2),
+        ("window_v", _P), ("window_v_strides", _I64 * 2), ("window_v_scale", _P), ("window_v_scale_strides", _I64 * 2),
+        ("query", _P), ("new_keys", _P), ("new_values", _P), ("out", _P),
+        ("probs_compressed", _P), ("probs_len", _I64), ("probs_window", _P),
+    ]
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """The CPU decode library could not be built or loaded here."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTENTIONPACK_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attentionpack_vllm"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    raise CpuKernelUnavailable("no C++ compiler found (set CXX, or install g++)")
+
+
+def build(verbose: bool = False) -> Path:
+    """The compiled library's path, building it first if the cache lacks it."""
+    compiler = _compiler()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *COMPILE_FLAGS, *LINK_FLAGS,
+                                    platform.machine(), _cpu_model()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"latent_decode_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+        for command in ([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+                        [compiler, *LINK_FLAGS, str(obj), "-o", str(lib)]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise CpuKernelUnavailable(f"building the CPU decode kernel failed: {' '.join(command)}\n"
+                                           f"{done.stderr[-2000:]}")
+        os.replace(lib, target)  # atomic: processes building at once each install a whole file
+    if verbose:
+        print(f"built {target}")
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _library():
+    lib = ctypes.CDLL(str(build()))
+    lib.attentionpack_latent_decode.argtypes = [ctypes.POINTER(_Args)]
+    lib.attentionpack_latent_decode.restype = ctypes.c_int
+    lib.attentionpack_args_size.restype = ctypes.c_int64
+    if lib.attentionpack_args_size() != ctypes.sizeof(_Args):
+        raise CpuKernelUnavailable("latent_decode_cpu.cpp's Args and the Python mirror differ")
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """None when the library builds and loads, else why not."""
+    try:
+        _library()
+    except (CpuKernelUnavailable, OSError) as err:
+        return str(err)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _strides(t: torch.Tensor, dims: int, name: str):
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name}: the CPU decode kernel needs unit stride along the last dimension")
+    return (_I64 * dims)(*t.stride()[:dims])
+
+
+def latent_decode_attention_cpu(
+    query: torch.Tensor,      # [B, num_heads, head_size]
+    pages: torch.Tensor,      # [num_blocks, block_size, width] records
+    basis_k: torch.Tensor,    # [num_slots, M, rank_k, kv_width]
+    basis_v: torch.Tensor,    # [num_slots, M, rank_v, kv_width]
+    window_k: torch.Tensor,   # [num_slots, window, kv_width]
+    window_v: torch.Tensor,   # [num_slots, window, kv_width]
+    batch: DecodeBatch,
+    spec: LatentSpec,
+    scale: float,
+    need_probs: bool = False,
+    scales: dict[str, torch.Tensor] | None = None,
+    new_keys: torch.Tensor | None = None,    # [B, kv_width]: written to window row new_window_rows first
+    new_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One decode step on CPU; same contract and results as `latent_decode_attention`.
+
+    Given `new_keys` and `new_values`, each request's new token is first written to its
+    window row `batch.new_window_rows` (int8: quantised as `SlotPool.write_window` does),
+    so the caller skips that append. Needs only the batch's block table, slot ids and
+    lengths (the PyTorch path's index tensors may be None). Reads no device value.
+    """
+    layout = spec.layout
+    storage = STORAGE_CODES.get(pages.dtype)
+    if storage is None or basis_k.dtype != pages.dtype or window_k.dtype != pages.dtype:
+        raise ValueError(f"the CPU decode kernel stores int8, float32 or bfloat16 rows, got pages "
+                         f"{pages.dtype}, bases {basis_k.dtype}, windows {window_k.dtype}")
+    bsz, num_heads, head_size = query.shape
+    kv_heads = basis_k.shape[-1] // head_size
+    scales = scales or {}
+    q = query.float().contiguous()
+    out = torch.empty(bsz, num_heads, head_size, dtype=torch.float32)
+    if new_keys is not None:
+        new_keys, new_values = new_keys.float().contiguous(), new_values.float().contiguous()
+    probs_c = probs_w = None
+    if need_probs:
+        probs_c = torch.zeros(bsz, kv_heads, batch.max_compressed_len, dtype=torch.float32)
+        probs_w = torch.zeros(bsz, kv_heads, batch.window_size, dtype=torch.float32)
+    cols = {which: spec.cols_by_flag(which, "cpu") if getattr(spec, f"partial_{which}") else None
+            for which in ("k", "v")}
+    args = _Args(
+        batch=bsz, num_heads=num_heads, kv_heads=kv_heads, head_size=head_size, num_planes=spec.num_modalities,
+        rank_k=layout.rank_k, rank_v=layout.rank_v, storage=storage, window_size=batch.window_size,
+        num_threads=torch.get_num_threads(), scale=scale,
+        block_table=_ptr(batch.block_table), block_table_stride=batch.block_table.stride(0),
+        block_size=pages.shape[1], slot_ids=_ptr(batch.slot_ids), compressed_lens=_ptr(batch.compressed_lens),
+        window_lens=_ptr(batch.window_lens), new_window_rows=_ptr(batch.new_window_rows),
+        pages=_ptr(pages), page_stride_block=pages.stride(0), page_stride_row=pages.stride(1),
+        k_offset=layout.k_offset, v_offset=layout.v_offset,
+        k_scale_offset=layout.k_scale_offset if layout.int8 else 0,
+        v_scale_offset=layout.v_scale_offset if layout.int8 else 0,
+        flags_offset=layout.flags_offset, cols_k_by_flag=_ptr(cols["k"]), cols_v_by_flag=_ptr(cols["v"]),
+        query=_ptr(q), new_keys=_ptr(new_keys), new_values=_ptr(new_values), out=_ptr(out),
+        probs_compressed=_ptr(probs_c), probs_len=batch.max_compressed_len, probs_window=_ptr(probs_w),
+    )
+    for name, rows, dims in (("basis_k", basis_k, 3), ("basis_v", basis_v, 3),
+                             ("window_k", window_k, 2), ("window_v", window_v, 2)):
+        setattr(args, name, _ptr(rows))
+        setattr(args, f"{name}_strides", _strides(rows, dims, name))
+        scale_rows = scales.get(name)
+        if scale_rows is not None:
+            setattr(args, f"{name}_scale", _ptr(scale_rows))
+            setattr(args, f"{name}_scale_strides", _strides(scale_rows, dims, f"{name} scales"))
+    if pages.stride(-1) != 1:
+        raise ValueError("pages: the CPU decode kernel needs unit stride along the record")
+    if _library().attentionpack_latent_decode(ctypes.byref(args)) != 0:
+        raise ValueError(f"the CPU decode kernel refused storage code {storage}")
+    out = out.to(query.dtype)
+    if not need_probs:
+        return out, None, None
+    return out, probs_c.sum(1) / num_heads, probs_w.sum(1) / num_heads
+
+
+# decode.decode_step hands this function the step's new token instead of appending it itself.
+latent_decode_attention_cpu.fuses_window_append = True
