@@ -23,7 +23,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from . import runtime
 from .decode import decode_and_fold, schedule_decode
 from .factorize import describe as describe_factorisation
-from .kernels import latent_decode_cpu
+from .kernels import cpu_library
 from .kernels.decode_inputs import DecodeBatch
 from .memory import MemoryReport
 from .paged_store import FoldBatch
@@ -223,7 +223,7 @@ class AttentionPackImpl(AttentionImpl):
         logger.info_once("AttentionPack: decode with the %s", DECODE_KERNEL_NAMES[kernel])
         if kernel == "torch" and self.config.decode_kernel == "auto" and str(self.device).startswith("cpu"):
             logger.warning_once("AttentionPack: the compiled CPU decode kernel is unavailable (%s); "
-                                "decoding with the slower PyTorch path", latent_decode_cpu.unavailable_reason())
+                                "decoding with the slower PyTorch path", cpu_library.unavailable_reason())
         logger.info_once("AttentionPack: prefill attention with %s",
                          "vLLM's CPU attention kernel" if "cpu_attention" in self.prefill_attention.__module__
                          else "PyTorch SDPA")

@@ -44,7 +44,7 @@ def schedule_decode(tracker: WindowTracker, plan: CompressionPlan, block_table: 
     folds = make_fold_batch(block_table[rows], [slot_ids[i] for i in due],
                             [seq_lens[i] - exact_lens[i] for i in due],
                             [exact_lens[i] - plan.sink_tokens for i in due],
-                            block_size)
+                            block_size, plan.window_size)
     return batch, folds
 
 

@@ -190,8 +190,9 @@ def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tu
     energy 0.
     """
     if exact:
-        values, vectors = torch.linalg.eigh(gram)
-        return vectors.flip(-1)[..., :r], values.flip(-1)[..., :r].clamp_min(0)
+        values, vectors = torch.linalg.eigh(gram)  # ascending: the top r are the last, reversed
+        first = gram.shape[-1] - r
+        return vectors[..., first:].flip(-1), values[..., first:].flip(-1).clamp_min(0)
     order = gram.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)       # [..., c]
     vectors = torch.zeros_like(gram).scatter_(-2, order.unsqueeze(-2), 1.0)        # axes e_order[j]
     squared = gram @ gram
@@ -314,7 +315,8 @@ def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings(),
 # ---------------------------------------------------------------------------
 
 def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
-               rank: int, svd: SvdSettings = SvdSettings(), energy: float | None = None) -> Fold:
+               rank: int, svd: SvdSettings = SvdSettings(), energy: float | None = None,
+               diagonal_gram: bool = False) -> Fold:
     """Re-factorise every [old_factors[b] @ basis[b]; new_rows[b]] at `rank`.
 
     old_factors: [B, T, R] (zero rows: padding, or tokens that keep their factors);
@@ -333,6 +335,13 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
     (`_fold_width`). With
     `energy`, only the fewest directions capturing that share of the combined data's
     energy are kept (see `energy_keep`).
+
+    `diagonal_gram`: the caller knows F^T F to be diagonal, as it is for factors that a
+    factorisation or a fold produced (their columns are the data's coordinates along
+    orthogonal principal directions: F = X U gives F^T F = U^T X^T X U, diagonal). Then
+    only its diagonal, the columns' energies, is computed: O(T R) work instead of
+    O(T R^2) in float64. Stored factors (rounded to 16 bits or int8) are diagonal up to
+    that rounding, which the fold then leaves out.
     """
     if old_factors.dim() != 3 or basis.dim() != 3 or new_rows.dim() != 3:
         raise ValueError("fold_batch: old_factors [B, T, R], basis [B, R, d] and new_rows [B, m, d] "
@@ -344,13 +353,20 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
                          f"basis {list(basis.shape)}, new_rows {list(new_rows.shape)}")
     method = resolve_method(svd.method, new_rows.device)
     old, basis, new_rows = old_factors.float(), basis.float(), new_rows.float()
-    # F^T F in float64: all the Gram method and the energy share need of the old tokens.
+    # F^T F in float64: all the Gram method and the energy share need of the old tokens
+    # ([B, R, R], or its diagonal [B, R] with `diagonal_gram`; see `_times_gram`).
     old_gram = None
     if method != "exact" or energy is not None:
-        old64 = old.double()
-        old_gram = old64.mT @ old64                                                   # [B, R, R]
+        if diagonal_gram:
+            old_gram = old.square().sum(-2).double()
+        else:
+            old64 = old.double()
+            old_gram = old64.mT @ old64
     frame = basis.shape[1] + min(new_rows.shape[1], rank)    # rows of the frame's spanning set
-    if method == "gram" and basis.shape[-1] <= WIDTH_FOLD_MAX_RATIO * frame:
+    stacked = basis.shape[1] + new_rows.shape[1]             # rows of [sqrt(energies) B; N]
+    if method == "gram" and diagonal_gram and stacked < basis.shape[-1]:
+        result = _fold_stacked(old_gram, basis, new_rows, rank)
+    elif method == "gram" and basis.shape[-1] <= WIDTH_FOLD_MAX_RATIO * frame:
         result = _fold_width(old_gram, basis, new_rows, rank)   # uses every new row as it is
     else:
         directions = new_rows
@@ -368,12 +384,31 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
         return result
     # The combined data's energy per new direction and in all, the old tokens through F^T F.
     rotation = result.rotation.double()
-    column_energy = ((old_gram @ rotation) * rotation).sum(-2) + result.new_factors.double().square().sum(-2)
-    total = (old_gram * (basis @ basis.mT).double()).sum((-2, -1)) + new_rows.double().square().sum((-2, -1))
+    column_energy = (_times_gram(old_gram, rotation) * rotation).sum(-2) + result.new_factors.double().square().sum(-2)
+    basis_gram = (basis @ basis.mT).double()
+    old_total = ((old_gram * basis_gram.diagonal(dim1=-2, dim2=-1)).sum(-1) if old_gram.dim() == 2
+                 else (old_gram * basis_gram).sum((-2, -1)))
+    total = old_total + new_rows.double().square().sum((-2, -1))
     keep = energy_keep(column_energy, total, energy)
     return Fold(rotation=result.rotation * keep.unsqueeze(-2),
                 new_factors=result.new_factors * keep.unsqueeze(-2),
                 basis=result.basis * keep.unsqueeze(-1))
+
+
+def fold_batch_diagonal(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
+                        rank: int, svd: SvdSettings = SvdSettings(), energy: float | None = None) -> Fold:
+    """`fold_batch` for old factors whose Gram matrix is diagonal, given by that diagonal:
+    old_energies [B, R], the squared norms of their columns.
+
+    A fold sees the old factors only through F^T F, so F = diag(sqrt(energies)) (R rows)
+    stands for any T of them: the result is the same, with no pass over the T tokens."""
+    stand_in = torch.diag_embed(old_energies.double().clamp_min(0).sqrt()).float()
+    return fold_batch(stand_in, basis, new_rows, rank, svd, energy, diagonal_gram=True)
+
+
+def _times_gram(old_gram: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """F^T F @ m for m [B, R, k]: old_gram is F^T F [B, R, R], or its diagonal [B, R]."""
+    return m * old_gram.unsqueeze(-1) if old_gram.dim() == 2 else old_gram @ m
 
 
 def _fold_exact(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
@@ -395,12 +430,33 @@ def _fold_width(old_gram: torch.Tensor, basis: torch.Tensor, new_rows: torch.Ten
     stored basis B was), the rotation is B U and the new factors N U: the best rank-`rank`
     approximation of [F B; N], as "exact" gives. For narrow KV widths, where the
     d-square eigenproblem is no larger than the frame's (WIDTH_FOLD_MAX_RATIO).
-    `old_gram` is F^T F [B, R, R] in float64.
+    `old_gram` is F^T F in float64 (see `_times_gram`).
     """
     b64, n64 = basis.double(), new_rows.double()
-    covariance = b64.mT @ old_gram @ b64 + n64.mT @ n64                               # [B, d, d]
+    covariance = b64.mT @ _times_gram(old_gram, b64) + n64.mT @ n64                   # [B, d, d]
     vectors, energies = _top_eigenvectors(covariance, min(rank, covariance.shape[-1]), True, 0)
     top = _drop_negligible(vectors, energies)                                        # [B, d, r]
+    return Fold(rotation=(b64 @ top).float(), new_factors=(n64 @ top).float(), basis=top.mT.float())
+
+
+def _fold_stacked(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor, rank: int) -> Fold:
+    """The fold through the Gram matrix of the stacked rows A = [sqrt(E) B; N], when the old
+    factors' Gram matrix is diagonal (E = `old_energies` [B, R], float64) and A has fewer
+    rows (R + m) than the KV width d.
+
+    A^T A = B^T E B + N^T N is the combined data's d-square covariance (`_fold_width`), and
+    its top eigenvectors are A^T W / sigma for the top eigenpairs (W, sigma^2) of the
+    smaller A A^T: one (R + m)-square eigendecomposition instead of a d-square one (SmolLM2:
+    144 against 192). The directions A^T W are orthonormalised through their Gram matrix
+    W^T (A A^T) W, as `_top_row_space` does for a factorisation.
+    """
+    b64, n64 = basis.double(), new_rows.double()
+    stacked = torch.cat([b64 * old_energies.sqrt().unsqueeze(-1), n64], dim=1)        # [B, R + m, d]
+    gram = stacked @ stacked.mT
+    vectors, energies = _top_eigenvectors(gram, min(rank, gram.shape[-1]), True, 0)
+    coeffs = _drop_negligible(vectors, energies)
+    coeffs = coeffs @ _orthonormalizer(coeffs.mT @ gram @ coeffs)
+    top = stacked.mT @ coeffs                                                          # [B, d, r]
     return Fold(rotation=(b64 @ top).float(), new_factors=(n64 @ top).float(), basis=top.mT.float())
 
 
@@ -414,7 +470,7 @@ def _fold_gram(old_gram: torch.Tensor, basis: torch.Tensor, directions: torch.Te
     A^T (S B^T) F^T F (B S^T) A and the new rows' (N S^T) A. Its top eigenvectors W
     give the new basis rows M^T S with M = A W, orthonormalised by one explicit
     CholeskyQR pass (M <- M A'), then the rotation B S^T M and the new factors N S^T M.
-    `old_gram` is F^T F [B, R, R] in float64.
+    `old_gram` is F^T F in float64 (see `_times_gram`).
     """
     stack = torch.cat([basis, directions], dim=1).double()                          # [B, k, d]
     stack_gram = stack @ stack.mT                                                     # [B, k, k]
@@ -423,7 +479,7 @@ def _fold_gram(old_gram: torch.Tensor, basis: torch.Tensor, directions: torch.Te
     frame = _orthonormalizer(stack_gram, passes=2)                                    # [B, k, k]
     basis_coords = stack_gram[:, :r_old] @ frame                                      # [B, R, k]
     new_coords = new_by_stack @ frame                                                 # [B, m, k]
-    gram = basis_coords.mT @ old_gram @ basis_coords + new_coords.mT @ new_coords     # [B, k, k]
+    gram = basis_coords.mT @ _times_gram(old_gram, basis_coords) + new_coords.mT @ new_coords  # [B, k, k]
     vectors, energies = _top_eigenvectors(gram, min(rank, gram.shape[-1]), exact, EIGEN_STEPS_FOLD)
     coeffs = frame @ _drop_negligible(vectors, energies)                              # [B, k, r]
     rows = coeffs.mT @ stack                                                          # [B, r, d]

@@ -17,6 +17,7 @@ import torch
 
 from . import factorize
 from .importance import groups_by_importance
+from .kernels import fold_cpu
 from .kernels.decode_inputs import page_slots_of, ragged_positions
 from .kernels.layout import IMAGE, TEXT, decode_flags, encode_flags
 from .kernels.storage import (pack_records, record_factors, record_flags, record_importance,
@@ -114,6 +115,8 @@ class FoldBatch:
     record_slots: torch.Tensor      # [F, max_len] int64 flat page slots (padding clamped)
     valid_index: torch.Tensor       # [N] int64: valid positions in the flattened [F, max_len]
     valid_slots: torch.Tensor       # [N] int64: their flat page slots
+    window_index: torch.Tensor      # [W] int64: the folding window rows in the flattened [F, window]
+    window_slots: torch.Tensor      # [W] int64: the flat page slots their records go to
 
     @property
     def size(self) -> int:
@@ -121,8 +124,9 @@ class FoldBatch:
 
 
 def make_fold_batch(block_table: torch.Tensor, slot_ids: Sequence[int], compressed_lens: Sequence[int],
-                    counts: Sequence[int], block_size: int) -> FoldBatch:
-    """Index the folds of `len(slot_ids)` requests (block_table: their rows, [F, max_blocks])."""
+                    counts: Sequence[int], block_size: int, window_size: int) -> FoldBatch:
+    """Index the folds of `len(slot_ids)` requests (block_table: their rows, [F, max_blocks];
+    `window_size`: the rows of a window after the sinks)."""
     device = block_table.device
     as_long = lambda xs: torch.tensor(list(xs), dtype=torch.int64, device=device)  # noqa: E731
     after = [c + n for c, n in zip(compressed_lens, counts)]
@@ -132,9 +136,13 @@ def make_fold_batch(block_table: torch.Tensor, slot_ids: Sequence[int], compress
     lengths = as_long(after)
     rows, cols = ragged_positions(after, lengths)
     valid_index = rows * max_len + cols
-    return FoldBatch(slot_ids=as_long(slot_ids), compressed_lens=as_long(compressed_lens),
+    window_rows, window_cols = ragged_positions(counts, as_long(counts))
+    c_lens = as_long(compressed_lens)
+    return FoldBatch(slot_ids=as_long(slot_ids), compressed_lens=c_lens,
                      counts=as_long(counts), max_len=max_len, record_slots=record_slots,
-                     valid_index=valid_index, valid_slots=record_slots.reshape(-1)[valid_index])
+                     valid_index=valid_index, valid_slots=record_slots.reshape(-1)[valid_index],
+                     window_index=window_rows * window_size + window_cols,
+                     window_slots=record_slots[window_rows, c_lens[window_rows] + window_cols])
 
 
 def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, folds: FoldBatch) -> None:
@@ -145,9 +153,57 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     basis, the window tokens get their records (factors, their importance, text
     flags), and, with partial rank, every factor token of the request is regrouped.
     Image tokens keep their factors. The caller clears the windows' host-side lengths.
+
+    On CPU (with the compiled kernels, and without partial rank's regrouping) the old
+    records are read and rotated in place (`_fold_windows_in_place`); otherwise, and as
+    the reference the tests hold that to, every record is rebuilt in PyTorch.
     """
     if folds.size == 0:
         return
+    if not plan.tracks_importance and fold_cpu.supports(pages):
+        _fold_windows_in_place(pages, pool, plan, folds)
+    else:
+        _fold_windows_rebuilt(pages, pool, plan, folds)
+
+
+def _window_rows(plan: CompressionPlan, folds: FoldBatch) -> tuple[tuple, torch.Tensor]:
+    """(pool index of the folding windows' rows, after the sinks; [F, window] mask of the rows
+    each request folds)."""
+    mask = torch.arange(plan.window_size, device=folds.counts.device)[None, :] < folds.counts[:, None]
+    return (folds.slot_ids, slice(plan.sink_tokens, None)), mask
+
+
+def _fold_windows_in_place(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, folds: FoldBatch) -> None:
+    """The fold on CPU: the old text factors' column energies and their rotation into the new
+    basis are two compiled passes over the records where they are stored (kernels/fold_cpu.py);
+    the fold itself needs only those energies (`factorize.fold_batch_diagonal`: factors that
+    factorisations and folds made have a diagonal Gram matrix). The window tokens' records
+    are then written whole."""
+    layout, slots = plan.layout, folds.slot_ids
+    ranks = (plan.ranks_k[TEXT], plan.ranks_v[TEXT])
+    energies = fold_cpu.text_energies(pages, folds.record_slots, folds.compressed_lens, layout, *ranks)
+    window_rows, window_mask = _window_rows(plan, folds)
+    results = []
+    for window, basis, rank, old_energies in zip(("window_k", "window_v"), ("basis_k", "basis_v"), ranks, energies):
+        rows = pool.read(window, window_rows) * window_mask[..., None]
+        basis_rows = (slots, TEXT, slice(None, rank))
+        result = factorize.fold_batch_diagonal(old_energies, pool.read(basis, basis_rows), rows, rank, plan.svd,
+                                               plan.text_energy)
+        pool.write(basis, basis_rows, result.basis)
+        results.append(result)
+    fold_cpu.rotate_text_records(pages, folds.record_slots, folds.compressed_lens, layout,
+                                 results[0].rotation, results[1].rotation)
+    new_factors = [torch.nn.functional.pad(r.new_factors.reshape(-1, rank)[folds.window_index], (0, width - rank))
+                   for r, rank, width in zip(results, ranks, (layout.rank_k, layout.rank_v))]
+    importance = pool.window_importance[window_rows].reshape(-1)[folds.window_index]
+    records = pack_records(layout, pages.dtype, *new_factors, importance,
+                           torch.full_like(folds.window_slots, encode_flags(TEXT, 0)))
+    pages.view(-1, layout.width)[folds.window_slots] = records
+
+
+def _fold_windows_rebuilt(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, folds: FoldBatch) -> None:
+    """The fold with every record of the folding requests read, rebuilt and written back in
+    PyTorch (any device; regroups by importance with partial rank)."""
     layout, slots = plan.layout, folds.slot_ids
     flat = pages.view(-1, layout.width)
     positions = torch.arange(folds.max_len, device=pages.device)[None, :]
@@ -159,8 +215,10 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     old_modality = record_flags(raw, layout) % 2
     old_text = (old_modality == TEXT) & (positions < c_lens)
 
-    window_mask = torch.arange(plan.window_size, device=pages.device)[None, :] < folds.counts[:, None]
-    window_rows = (slots, slice(plan.sink_tokens, None))  # after the sinks, which never fold
+    window_rows, window_mask = _window_rows(plan, folds)
+    # The stored text factors come from factorisations and folds: their Gram matrix is
+    # diagonal (exactly so for the eigendecomposition methods; see factorize.fold_batch).
+    diagonal_gram = factorize.resolve_method(plan.svd.method, pages.device) != "randomized"
     factors = []  # the records' K' and V', rebuilt whole (no strided writes)
     for window, basis, rank, stored, width in zip(
             ("window_k", "window_v"), ("basis_k", "basis_v"), (plan.ranks_k[TEXT], plan.ranks_v[TEXT]),
@@ -169,7 +227,7 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
         rows = pool.read(window, window_rows) * window_mask[..., None]
         basis_rows = (slots, TEXT, slice(None, rank))
         result = factorize.fold_batch(old, pool.read(basis, basis_rows), rows, rank, plan.svd,
-                                      plan.text_energy)
+                                      plan.text_energy, diagonal_gram=diagonal_gram)
         pool.write(basis, basis_rows, result.basis)
         # Text rank below the record's width: zero columns past it (the window's rows were stale).
         rotated = torch.nn.functional.pad(torch.matmul(old, result.rotation), (0, width - rank))

@@ -103,7 +103,8 @@ def prefill_request(
     if context_len == 0:
         pool.reset(slot)  # a new request, or a preempted one starting over
     elif window_len:
-        folds = make_fold_batch(block_table_row[None], [slot], [num_records], [window_len], pages.shape[1])
+        folds = make_fold_batch(block_table_row[None], [slot], [num_records], [window_len], pages.shape[1],
+                                plan.window_size)
         fold_windows(pages, pool, plan, folds)
         num_records += window_len
     prefix_k, prefix_v = reconstruct_prefix(pages, pool, slot, block_table_row, num_records, plan)

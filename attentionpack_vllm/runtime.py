@@ -120,8 +120,8 @@ def decode_kernel_name(config: AttentionPackConfig, device: Any) -> str:
         return "triton"
     if choice == "torch":
         return "torch"
-    from .kernels import latent_decode_cpu
-    reason = latent_decode_cpu.unavailable_reason()
+    from .kernels import cpu_library
+    reason = cpu_library.unavailable_reason()
     if choice == "auto":
         return "torch" if reason else "cpu"
     if on_cuda:

@@ -17,42 +17,12 @@
 //
 // Storage formats (`Args::storage`): int8 (factors, bases and window rows int8 with
 // float32 scales; record offsets in bytes), float32 or bfloat16 (everything in that type;
-// record offsets in elements). Built and loaded by latent_decode_cpu.py with plain g++.
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
-#include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+// record offsets in elements). Built with the other CPU kernels by cpu_library.py.
+#include "cpu_common.h"
 
 namespace {
 
-enum Storage : int64_t { INT8 = 0, FLOAT32 = 1, BFLOAT16 = 2 };
-
-struct Bf16 {
-    uint16_t bits;
-};
-
-inline float to_float(int8_t x) { return static_cast<float>(x); }
-inline float to_float(float x) { return x; }
-inline float to_float(Bf16 x) {
-    uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-inline void from_float(float f, float* out) { *out = f; }
-inline void from_float(float f, Bf16* out) {  // round to nearest even, as torch does
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    out->bits = static_cast<uint16_t>(u >> 16);
-}
+constexpr int64_t TILE = 16;  // records per online-softmax step
 
 // Everything one call needs; filled by latent_decode_cpu.py (a ctypes.Structure of the
 // same fields in the same order). Strides count elements of the storage type.
@@ -100,23 +70,6 @@ struct Args {
     int64_t probs_len;
     float* probs_window;      // [B, KV, window_size]
 };
-
-constexpr int64_t LANES = 16;  // floats per vector: one AVX-512 register, two AVX2 ones
-constexpr int64_t TILE = 16;   // records per online-softmax step
-typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
-
-inline int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
-inline vfloat vload(const float* p) {
-    vfloat v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(vfloat v) {
-    float s = 0.f;
-    for (int64_t k = 0; k < LANES; ++k) s += v[k];
-    return s;
-}
 
 // a . b over n floats (n a multiple of LANES).
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -175,44 +128,6 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; i += LANES) vstore(y + i, vload(y + i) + w * vload(x + i));
 }
 
-// LANES stored values as one float32 vector. The widening conversions are spelled out with
-// intrinsics where the CPU has them: GCC vectorises them into narrow steps or scalars.
-inline vfloat widen(const float* p) { return vload(p); }
-inline vfloat widen(const int8_t* p) {
-#if defined(__AVX512F__)
-    return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-    vfloat v;
-    for (int64_t k = 0; k < LANES; ++k) v[k] = static_cast<float>(p[k]);
-    return v;
-#endif
-}
-inline vfloat widen(const Bf16* p) {
-#if defined(__AVX512F__)
-    __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return (vfloat)_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-#else
-    vfloat v;
-    for (int64_t k = 0; k < LANES; ++k) v[k] = to_float(p[k]);
-    return v;
-#endif
-}
-
-// n stored values times `scale` into float32 `out`, zeros after them up to `width`.
-template <typename T>
-inline void load(const T* __restrict src, float scale, float* __restrict out, int64_t n, int64_t width) {
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) vstore(out + i, widen(src + i) * scale);
-    for (; i < n; ++i) out[i] = to_float(src[i]) * scale;
-    for (; i < width; ++i) out[i] = 0.f;
-}
-
-inline float float_at(const int8_t* row, int64_t byte_offset) {
-    float f;
-    std::memcpy(&f, row + byte_offset, sizeof f);
-    return f;
-}
-
 template <typename T>
 struct Kernel {
     const Args& a;
@@ -241,22 +156,12 @@ struct Kernel {
         return 1.f;
     }
 
-    // The new token's row of KV head g into the window (int8: absmax / 127 per row and head).
-    // Compiled without fast maths: true divisions, so the bytes equal storage.quantize's.
-    __attribute__((optimize("no-fast-math"))) void append(const float* x, void* base, const int64_t* st,
-                                                          float* scale, const int64_t* sst, int64_t slot,
-                                                          int64_t row, int64_t g) const {
+    // The new token's row of KV head g into the window (int8: absmax / 127 per row and head,
+    // as storage.quantize).
+    void append(const float* x, void* base, const int64_t* st, float* scale, const int64_t* sst,
+                int64_t slot, int64_t row, int64_t g) const {
         T* dst = static_cast<T*>(base) + slot * st[0] + row * st[1] + g * D;
-        if constexpr (std::is_same_v<T, int8_t>) {
-            float absmax = 0.f;
-            for (int64_t d = 0; d < D; ++d) absmax = std::max(absmax, std::fabs(x[d]));
-            float s = absmax / 127.0f;
-            float denom = std::max(s, FLT_MIN);
-            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<int8_t>(std::nearbyint(x[d] / denom));
-            scale[slot * sst[0] + row * sst[1] + g] = s;
-        } else {
-            for (int64_t d = 0; d < D; ++d) from_float(x[d], dst + d);
-        }
+        store_row(x, D, dst, scale ? &scale[slot * sst[0] + row * sst[1] + g] : nullptr);
     }
 
     // Scratch of one work item, reused across the items a thread runs.

@@ -2,42 +2,23 @@
 
 `latent_decode_attention_cpu` has the contract of `latent_decode_torch.latent_decode_attention`
 (the reference the tests hold it to) and can also append the step's new token to the
-window in the same call (`new_keys`, `new_values`; the function's `fuses_window_append`). The work is
-in `latent_decode_cpu.cpp`: each (request, KV head) pair reads its records through the
-block table and its bases and window rows by slot, where they are stored, and runs the
-whole attention in float32 without a gathered copy or a chain of PyTorch ops. The
-PyTorch path takes about 50 ops per layer and call; this takes one, plus the output's
-dtype conversion.
-
-The library is plain C++ (no PyTorch headers), built with the system's g++ on first use
-into a cache folder (`ATTENTIONPACK_CACHE`, else `$XDG_CACHE_HOME/attentionpack_vllm`)
-under a name that hashes the source, flags and CPU, and loaded with ctypes. Without a
-compiler `available()` is False and `unavailable_reason()` says why; the backend then
-runs the PyTorch path (or refuses `decode_kernel: "cpu"` with that reason).
+window in the same call (`new_keys`, `new_values`; the function's `fuses_window_append`).
+The work is in `latent_decode_cpu.cpp` (built by `cpu_library`): each (request, KV head)
+pair reads its records through the block table and its bases and window rows by slot,
+where they are stored, and runs the whole attention in float32 without a gathered copy
+or a chain of PyTorch ops. The PyTorch path takes about 50 ops per layer and call; this
+takes one, plus the output's dtype conversion.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from . import cpu_library
+from .cpu_library import STORAGE_CODES, pointer as _ptr
 from .decode_inputs import DecodeBatch, LatentSpec
-
-SOURCE = Path(__file__).with_name("latent_decode_cpu.cpp")
-# -ffast-math lets the reductions and exp vectorise (the window append opts out, so that its
-# int8 rounding equals storage.quantize bit for bit). Linked without -ffast-math, so the
-# library does not switch the process to flush-to-zero.
-COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp", "-ffast-math")
-LINK_FLAGS = ("-shared", "-fopenmp")
-STORAGE_CODES = {torch.int8: 0, torch.float32: 1, torch.bfloat16: 2}
 
 _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
@@ -62,89 +43,9 @@ class _Args(ctypes.Structure):
     ]
 
 
-class CpuKernelUnavailable(RuntimeError):
-    """The CPU decode library could not be built or loaded here."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ATTENTIONPACK_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attentionpack_vllm"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compiler() -> str:
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return name
-    raise CpuKernelUnavailable("no C++ compiler found (set CXX, or install g++)")
-
-
-def build(verbose: bool = False) -> Path:
-    """The compiled library's path, building it first if the cache lacks it."""
-    compiler = _compiler()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *COMPILE_FLAGS, *LINK_FLAGS,
-                                    platform.machine(), _cpu_model()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"latent_decode_cpu-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
-        for command in ([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, *LINK_FLAGS, str(obj), "-o", str(lib)]):
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise CpuKernelUnavailable(f"building the CPU decode kernel failed: {' '.join(command)}\n"
-                                           f"{done.stderr[-2000:]}")
-        os.replace(lib, target)  # atomic: processes building at once each install a whole file
-    if verbose:
-        print(f"built {target}")
-    return target
-
-
 @functools.lru_cache(maxsize=1)
-def _library():
-    lib = ctypes.CDLL(str(build()))
-    lib.attentionpack_latent_decode.argtypes = [ctypes.POINTER(_Args)]
-    lib.attentionpack_latent_decode.restype = ctypes.c_int
-    lib.attentionpack_args_size.restype = ctypes.c_int64
-    if lib.attentionpack_args_size() != ctypes.sizeof(_Args):
-        raise CpuKernelUnavailable("latent_decode_cpu.cpp's Args and the Python mirror differ")
-    return lib
-
-
-def unavailable_reason() -> str | None:
-    """None when the library builds and loads, else why not."""
-    try:
-        _library()
-    except (CpuKernelUnavailable, OSError) as err:
-        return str(err)
-    return None
-
-
-def available() -> bool:
-    return unavailable_reason() is None
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _strides(t: torch.Tensor, dims: int, name: str):
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name}: the CPU decode kernel needs unit stride along the last dimension")
-    return (_I64 * dims)(*t.stride()[:dims])
+def _kernel():
+    return cpu_library.bind("attentionpack_latent_decode", _Args, "attentionpack_args_size")
 
 
 def latent_decode_attention_cpu(
@@ -205,14 +106,14 @@ def latent_decode_attention_cpu(
     for name, rows, dims in (("basis_k", basis_k, 3), ("basis_v", basis_v, 3),
                              ("window_k", window_k, 2), ("window_v", window_v, 2)):
         setattr(args, name, _ptr(rows))
-        setattr(args, f"{name}_strides", _strides(rows, dims, name))
+        setattr(args, f"{name}_strides", cpu_library.strides(rows, dims, name, _I64))
         scale_rows = scales.get(name)
         if scale_rows is not None:
             setattr(args, f"{name}_scale", _ptr(scale_rows))
-            setattr(args, f"{name}_scale_strides", _strides(scale_rows, dims, f"{name} scales"))
+            setattr(args, f"{name}_scale_strides", cpu_library.strides(scale_rows, dims, f"{name} scales", _I64))
     if pages.stride(-1) != 1:
         raise ValueError("pages: the CPU decode kernel needs unit stride along the record")
-    if _library().attentionpack_latent_decode(ctypes.byref(args)) != 0:
+    if _kernel()(ctypes.byref(args)) != 0:
         raise ValueError(f"the CPU decode kernel refused storage code {storage}")
     out = out.to(query.dtype)
     if not need_probs:

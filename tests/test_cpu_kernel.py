@@ -1,9 +1,10 @@
-"""The compiled CPU decode kernel (kernels/latent_decode_cpu.py) against the PyTorch path.
+"""The compiled CPU kernels (kernels/latent_decode_cpu.py, kernels/fold_cpu.py) against the PyTorch paths.
 
 The same random caches as the Triton tests (tests/latent_cases.py: shuffled pages whose
 other rows are NaN or random bytes, ragged lengths, a request with no compressed token,
 slots from a larger pool), the window append it fuses against `SlotPool.write_window`,
-whole decode runs against dense attention, and how the backend picks the kernel.
+whole decode runs against dense attention, the in-place fold against the rebuilt one, and
+how the backend picks the kernel.
 """
 import pytest
 import torch
@@ -12,15 +13,16 @@ import attentionpack_vllm.kernels as K
 from attentionpack_vllm import runtime
 from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.decode import decode_step, schedule_decode
-from attentionpack_vllm.kernels import latent_decode_cpu, latent_decode_torch
+from attentionpack_vllm.kernels import cpu_library, fold_cpu, latent_decode_cpu, latent_decode_torch
+from attentionpack_vllm.kernels.reference import reconstruct_request_kv
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.plan import CompressionPlan
 from latent_cases import C_LENS, CASES, INT8_CASES, W_LENS, random_case
 from op_counter import OpCounter
-from scenario import SIXTEEN_BIT, build_scenario, run_decode
+from scenario import SIXTEEN_BIT, attend_now, build_scenario, run_decode
 
-pytestmark = pytest.mark.skipif(not latent_decode_cpu.available(),
-                                reason=f"CPU kernel unavailable: {latent_decode_cpu.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not cpu_library.available(),
+                                reason=f"CPU kernels unavailable: {cpu_library.unavailable_reason()}")
 cpu_attention = latent_decode_cpu.latent_decode_attention_cpu
 
 
@@ -151,8 +153,8 @@ def test_float16_rows_are_refused_with_the_formats_it_takes():
 def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("ATTENTIONPACK_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(latent_decode_cpu.CpuKernelUnavailable, match="building the CPU decode kernel failed"):
-        latent_decode_cpu.build()
+    with pytest.raises(cpu_library.CpuKernelUnavailable, match="building the CPU kernels failed"):
+        cpu_library.build()
 
 
 def test_the_backend_picks_the_kernel(monkeypatch):
@@ -163,7 +165,45 @@ def test_the_backend_picks_the_kernel(monkeypatch):
     assert runtime.decode_attention_for(AttentionPackConfig(), "cpu") is cpu_attention
     with pytest.raises(ValueError, match="decode_kernel 'cpu' runs on the CPU only"):
         pick("cpu", "cuda:0")
-    monkeypatch.setattr(latent_decode_cpu, "unavailable_reason", lambda: "no C++ compiler found")
+    monkeypatch.setattr(cpu_library, "unavailable_reason", lambda: "no C++ compiler found")
     assert pick("auto") == "torch"
     with pytest.raises(ValueError, match="decode_kernel 'cpu' is unavailable here: no C\\+\\+ compiler found"):
         pick("cpu")
+
+
+def reconstruct(sc, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request b's keys and values as the cache holds them (factors @ bases, then the exact rows)."""
+    slot, exact = int(sc.slot_ids[b]), sc.exact_lens()[b]
+    rows = [sc.pool.read(name, slot) for name in ("basis_k", "basis_v", "window_k", "window_v")]
+    return reconstruct_request_kv(sc.pages, sc.block_table[b], sc.seq_lens[b] - exact, *rows, exact, sc.plan.layout)
+
+
+@pytest.mark.parametrize("with_images", [False, True])
+@pytest.mark.parametrize("storage,dtype", [("int8", torch.float32), ("auto", torch.float32),
+                                           ("auto", torch.bfloat16)])
+def test_fold_in_place_matches_the_rebuilt_fold(with_images, storage, dtype, monkeypatch):
+    """The CPU fold (energies and rotation compiled, in place; the stacked-rows eigenproblem)
+    against the PyTorch fold that rebuilds every record (full F^T F, the width-square
+    covariance): the same keys and values (factors times bases: a basis direction's sign
+    is free), the same flags, and the same attention afterwards."""
+    config = AttentionPackConfig.from_dict({"rank": 24, "window_size": 6, "storage": storage})
+    spans = [[(3, 20)], [], [(0, 15)]] if with_images else None
+    states = []
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(fold_cpu, "supports", lambda pages: False)
+        sc = build_scenario(config, num_kv_heads=2, head_size=32, prompt_lens=[70, 9, 40], image_spans=spans,
+                            max_new_tokens=14, has_image=with_images, dtype=dtype, data_rank=12)
+        for _ in run_decode(sc, 4, steps=13, attention=cpu_attention, oracle=False):  # two folds
+            pass
+        states.append(sc)
+    tol = 1e-4 if storage == "auto" and dtype == torch.float32 else 3e-2
+    for b in range(3):
+        kv = [reconstruct(sc, b) for sc in states]
+        for fast, ref in zip(*kv):
+            torch.testing.assert_close(fast, ref, rtol=tol, atol=tol * ref.abs().max())
+    query = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(9)).to(dtype)
+    outs = [attend_now(sc, query, 0.2)[0].float() for sc in states]
+    torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
+    records = [sc.pages.view(-1, sc.plan.layout.width) for sc in states]
+    assert torch.equal(records[0][..., sc.plan.layout.flags_offset], records[1][..., sc.plan.layout.flags_offset])

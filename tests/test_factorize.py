@@ -9,7 +9,7 @@ import torch
 import attentionpack_vllm.factorize as fz
 from attentionpack_vllm.config import SVD_METHODS
 from attentionpack_vllm.factorize import (LowRank, SvdSettings, captured_energy, describe, directions_in_use,
-                                          factorize, factorize_batch, fold, fold_batch,
+                                          factorize, factorize_batch, fold, fold_batch, fold_batch_diagonal,
                                           per_head_reconstruction, relative_error, resolve_method,
                                           stored_elements)
 from scenario import low_rank_rows
@@ -497,3 +497,42 @@ def test_five_folds_stay_within_ten_percent_of_a_fresh_svd_on_smollm2_kv(smollm2
     fresh = 1 - captured_energy(x, smollm2_exact)
     ratio = (folded / fresh).sqrt()                # relative Frobenius errors
     assert ratio.max() <= 1.1, ratio.max()
+
+
+@pytest.mark.parametrize("width", [72, 32], ids=["stacked", "width"])
+@pytest.mark.parametrize("energy", [None, 0.9])
+def test_a_fold_of_factorised_rows_needs_only_the_gram_diagonal(width, energy):
+    """Factors that a factorisation or an earlier fold produced have a diagonal Gram matrix, so
+    the fold from its diagonal (`fold_batch_diagonal`: through the stacked rows' Gram matrix when
+    they are fewer than the width, else the width-square covariance) is as good as "exact" on
+    the factors themselves; on factors whose Gram matrix is not diagonal it is not (the
+    diagonal is the caller's promise, not a guess)."""
+    gen = torch.Generator().manual_seed(4)
+    rank = 16
+    first = factorize_batch(torch.stack([low_rank_rows(90, width, 24, gen, noise=0.05) for _ in range(3)]), rank)
+    new = torch.stack([low_rank_rows(20, width, 24, gen, noise=0.05) for _ in range(3)])
+    once = fold_batch_diagonal(first.factors.square().sum(-2), first.basis, new, rank, settings("gram"))
+    again_rows = torch.stack([low_rank_rows(12, width, 24, gen, noise=0.05) for _ in range(3)])
+    old = torch.cat([first.factors @ once.rotation, once.new_factors], dim=1)   # the fold's own output
+    for factors, basis, rows in ((first.factors, first.basis, new), (old, once.basis, again_rows)):
+        gram = factors.double().mT @ factors.double()
+        off = gram - torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1))
+        assert off.abs().max() <= 1e-5 * gram.abs().max()
+        data = torch.cat([factors @ basis, rows], dim=1)
+        diagonal = fold_batch_diagonal(factors.square().sum(-2), basis, rows, rank, settings("gram"), energy)
+        best = fold_batch(factors, basis, rows, rank, settings("exact"), energy)
+        rec = lambda f: torch.cat([factors @ f.rotation, f.new_factors], 1) @ f.basis  # noqa: E731
+        error = lambda f: (rec(f) - data).norm(dim=(-2, -1))  # noqa: E731
+        assert (error(diagonal) <= error(best) * (1 + 1e-4) + 1e-5).all(), (error(diagonal), error(best))
+        valid = directions_in_use(diagonal.basis)
+        for b in range(3):
+            n = int(valid[b])
+            torch.testing.assert_close(diagonal.basis[b, :n] @ diagonal.basis[b, :n].T, torch.eye(n), atol=1e-5, rtol=0)
+    # Mixed factors (a random rotation of the columns) are not diagonal: the promise matters.
+    mixed = first.factors @ torch.linalg.qr(torch.randn(rank, rank, generator=gen))[0]
+    mixed_basis = torch.linalg.qr(torch.randn(rank, rank, generator=gen))[0].T @ first.basis
+    data = torch.cat([mixed @ mixed_basis, new], dim=1)
+    diagonal = fold_batch_diagonal(mixed.square().sum(-2), mixed_basis, new, 8, settings("gram"))
+    best = fold_batch(mixed, mixed_basis, new, 8, settings("exact"))
+    rec = lambda f: torch.cat([mixed @ f.rotation, f.new_factors], 1) @ f.basis  # noqa: E731
+    assert ((rec(diagonal) - data).norm() > (rec(best) - data).norm() * 1.01)
