@@ -82,6 +82,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // shuffles and adds: 15 steps instead of a horizontal sum per vector.
 typedef int32_t vindex __attribute__((vector_size(LANES * sizeof(int32_t))));
 static_assert(TILE == LANES, "a tile's scores are one vector");
+static_assert(LANES == 16, "lane_sums is a four-level tree");
 
 // One level of the tree: a and b hold groups of `size` lanes (each group: partial sums of one
 // vector); the result holds a's groups, then b's, each folded to size / 2 lanes.
