@@ -33,6 +33,7 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp", "-ff
 LINK_FLAGS = ("-shared", "-fopenmp")
 # Storage formats the kernels read and write (`storage` fields of their argument structures).
 STORAGE_CODES = {torch.int8: 0, torch.float32: 1, torch.bfloat16: 2}
+BUILD_TIMEOUT_S = 300  # a compiler that hangs must not hang the engine's startup
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -66,6 +67,13 @@ def _compiler() -> str:
 def build() -> Path:
     """The compiled library's path, building it first if the cache lacks it."""
     compiler = _compiler()
+    try:
+        return _build(compiler)
+    except OSError as err:  # an unwritable cache folder, a compiler that cannot start
+        raise CpuKernelUnavailable(f"building the CPU kernels failed: {err}") from err
+
+
+def _build(compiler: str) -> Path:
     texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*texts, compiler, *COMPILE_FLAGS, *LINK_FLAGS, platform.machine(),
                                     _cpu_model()]).encode()).hexdigest()[:16]
@@ -80,7 +88,11 @@ def build() -> Path:
                     for source, obj in zip(SOURCES, objects)]
         commands.append([compiler, *LINK_FLAGS, *map(str, objects), "-o", str(library)])
         for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True)
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired as err:
+                raise CpuKernelUnavailable(f"building the CPU kernels took over {BUILD_TIMEOUT_S} s: "
+                                           f"{' '.join(command)}") from err
             if done.returncode != 0:
                 raise CpuKernelUnavailable(f"building the CPU kernels failed: {' '.join(command)}\n"
                                            f"{done.stderr[-2000:]}")
@@ -91,8 +103,9 @@ def build() -> Path:
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
     """The loaded library (built first if needed); raises CpuKernelUnavailable."""
+    path = build()
     try:
-        return ctypes.CDLL(str(build()))
+        return ctypes.CDLL(str(path))
     except OSError as err:
         raise CpuKernelUnavailable(f"loading the CPU kernels failed: {err}") from err
 

@@ -157,6 +157,14 @@ def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
         cpu_library.build()
 
 
+def test_an_unusable_cache_folder_is_reported(monkeypatch, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTENTIONPACK_CACHE", str(blocker / "cache"))  # a folder under a file
+    with pytest.raises(cpu_library.CpuKernelUnavailable, match="building the CPU kernels failed"):
+        cpu_library.build()
+
+
 def test_the_backend_picks_the_kernel(monkeypatch):
     pick = lambda kernel, device="cpu": runtime.decode_kernel_name(  # noqa: E731
         AttentionPackConfig.from_dict({"decode_kernel": kernel}), device)
