@@ -217,9 +217,9 @@ class AttentionPackImpl(AttentionImpl):
         self.num_slots = runtime.num_request_slots(vllm_config)
         self.device = vllm_config.device_config.device
         self.pool: SlotPool | None = None
-        self.decode_attention = runtime.decode_attention_for(self.config, self.device)
-        self.prefill_attention = runtime.prefill_attention_for(self.device)
         kernel = runtime.decode_kernel_name(self.config, self.device)
+        self.decode_attention = runtime.decode_attention_for(kernel)
+        self.prefill_attention = runtime.prefill_attention_for(self.device)
         logger.info_once("AttentionPack: decode with the %s", DECODE_KERNEL_NAMES[kernel])
         if kernel == "torch" and self.config.decode_kernel == "auto" and str(self.device).startswith("cpu"):
             logger.warning_once("AttentionPack: the compiled CPU decode kernel is unavailable (%s); "

@@ -343,16 +343,9 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
     O(T R^2) in float64. Stored factors (rounded to 16 bits or int8) are diagonal up to
     that rounding, which the fold then leaves out.
     """
-    if old_factors.dim() != 3 or basis.dim() != 3 or new_rows.dim() != 3:
-        raise ValueError("fold_batch: old_factors [B, T, R], basis [B, R, d] and new_rows [B, m, d] "
-                         f"must be 3-d, got {list(old_factors.shape)}, {list(basis.shape)}, "
-                         f"{list(new_rows.shape)}")
-    if (old_factors.shape[-1] != basis.shape[-2] or basis.shape[-1] != new_rows.shape[-1]
-            or not old_factors.shape[0] == basis.shape[0] == new_rows.shape[0]):
-        raise ValueError(f"fold_batch: shapes do not agree: old_factors {list(old_factors.shape)}, "
-                         f"basis {list(basis.shape)}, new_rows {list(new_rows.shape)}")
+    _check_fold_shapes(old_factors, basis, new_rows)
     method = resolve_method(svd.method, new_rows.device)
-    old, basis, new_rows = old_factors.float(), basis.float(), new_rows.float()
+    old = old_factors.float()
     # F^T F in float64: all the Gram method and the energy share need of the old tokens
     # ([B, R, R], or its diagonal [B, R] with `diagonal_gram`; see `_times_gram`).
     old_gram = None
@@ -362,6 +355,40 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
         else:
             old64 = old.double()
             old_gram = old64.mT @ old64
+    return _fold(old, old_gram, basis.float(), new_rows.float(), rank, method, svd, energy)
+
+
+def fold_batch_diagonal(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
+                        rank: int, svd: SvdSettings = SvdSettings(), energy: float | None = None) -> Fold:
+    """`fold_batch` for old factors whose Gram matrix is diagonal, given by that diagonal:
+    old_energies [B, R], the squared norms of their columns.
+
+    A fold sees the old factors only through F^T F, so F = diag(sqrt(energies)) (R rows)
+    stands for any T of them ("exact" factorises it): the result is the same, with no pass
+    over the T tokens."""
+    energies = old_energies.double().clamp_min(0)
+    stand_in = torch.diag_embed(energies.sqrt()).float()
+    _check_fold_shapes(stand_in, basis, new_rows)
+    return _fold(stand_in, energies, basis.float(), new_rows.float(), rank,
+                 resolve_method(svd.method, new_rows.device), svd, energy)
+
+
+def _check_fold_shapes(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor) -> None:
+    if old_factors.dim() != 3 or basis.dim() != 3 or new_rows.dim() != 3:
+        raise ValueError("fold_batch: old_factors [B, T, R], basis [B, R, d] and new_rows [B, m, d] "
+                         f"must be 3-d, got {list(old_factors.shape)}, {list(basis.shape)}, "
+                         f"{list(new_rows.shape)}")
+    if (old_factors.shape[-1] != basis.shape[-2] or basis.shape[-1] != new_rows.shape[-1]
+            or not old_factors.shape[0] == basis.shape[0] == new_rows.shape[0]):
+        raise ValueError(f"fold_batch: shapes do not agree: old_factors {list(old_factors.shape)}, "
+                         f"basis {list(basis.shape)}, new_rows {list(new_rows.shape)}")
+
+
+def _fold(old: torch.Tensor, old_gram: torch.Tensor | None, basis: torch.Tensor, new_rows: torch.Tensor,
+          rank: int, method: str, svd: SvdSettings, energy: float | None) -> Fold:
+    """`fold_batch` past its F^T F (float32 old factors, basis and new rows; `old_gram` None
+    when neither the method nor the energy share needs it)."""
+    diagonal_gram = old_gram is not None and old_gram.dim() == 2
     frame = basis.shape[1] + min(new_rows.shape[1], rank)    # rows of the frame's spanning set
     stacked = basis.shape[1] + new_rows.shape[1]             # rows of [sqrt(energies) B; N]
     if method == "gram" and diagonal_gram and stacked < basis.shape[-1]:
@@ -393,17 +420,6 @@ def fold_batch(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.T
     return Fold(rotation=result.rotation * keep.unsqueeze(-2),
                 new_factors=result.new_factors * keep.unsqueeze(-2),
                 basis=result.basis * keep.unsqueeze(-1))
-
-
-def fold_batch_diagonal(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor,
-                        rank: int, svd: SvdSettings = SvdSettings(), energy: float | None = None) -> Fold:
-    """`fold_batch` for old factors whose Gram matrix is diagonal, given by that diagonal:
-    old_energies [B, R], the squared norms of their columns.
-
-    A fold sees the old factors only through F^T F, so F = diag(sqrt(energies)) (R rows)
-    stands for any T of them: the result is the same, with no pass over the T tokens."""
-    stand_in = torch.diag_embed(old_energies.double().clamp_min(0).sqrt()).float()
-    return fold_batch(stand_in, basis, new_rows, rank, svd, energy, diagonal_gram=True)
 
 
 def _times_gram(old_gram: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -132,9 +132,8 @@ def decode_kernel_name(config: AttentionPackConfig, device: Any) -> str:
     return "cpu"
 
 
-def decode_attention_for(config: AttentionPackConfig, device: Any) -> Callable:
-    """The latent-space decode function (see `decode_kernel_name`)."""
-    name = decode_kernel_name(config, device)
+def decode_attention_for(name: str) -> Callable:
+    """The latent-space decode function of a `decode_kernel_name` result."""
     if name == "triton":
         from .kernels.latent_decode_triton import latent_decode_attention_triton
         return latent_decode_attention_triton

@@ -15,3 +15,11 @@ def parse_settings(parser: argparse.ArgumentParser, text: str) -> dict:
     if not isinstance(settings, dict):
         parser.error(f"--settings must be a JSON object of AttentionPack settings, got {text!r}")
     return settings
+
+
+def parse_choices(parser: argparse.ArgumentParser, option: str, text: str, choices) -> list[str]:
+    """A comma-separated list of `choices` in `text`, or a parser error naming `option`."""
+    picked = [x.strip() for x in text.split(",") if x.strip()]
+    if not picked or set(picked) - set(choices):
+        parser.error(f"{option}: expected a comma-separated list of {', '.join(choices)}, got {text!r}")
+    return picked

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the cache builder and op counter are test tooling
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _cli import parse_settings  # noqa: E402
+from _cli import parse_choices, parse_settings  # noqa: E402
 from _environment import environment  # noqa: E402
 from attentionpack_vllm.config import AttentionPackConfig, AttentionPackConfigError  # noqa: E402
 from attentionpack_vllm.decode import decode_and_fold, schedule_decode  # noqa: E402
@@ -69,9 +69,10 @@ def run_case(batch: int, context: int, partial: bool, storage: str = "auto", ker
     k = torch.randn(batch, KV_HEADS * HEAD_SIZE, generator=gen)
     v = torch.randn(batch, KV_HEADS * HEAD_SIZE, generator=gen)
     compiled = kernel == "compile"
-    # A fresh compiled function per case: its compilation (first step) is not timed by the median.
-    attention = {"torch": latent_decode_attention, "cpu": latent_decode_attention_cpu,
-                 "compile": torch.compile(latent_decode_attention, dynamic=True) if compiled else None}[kernel]
+    if compiled:  # a fresh compiled function per case: its compilation (first step) is not timed by the median
+        attention = torch.compile(latent_decode_attention, dynamic=True)
+    else:
+        attention = latent_decode_attention_cpu if kernel == "cpu" else latent_decode_attention
     steps, metadata, ops = [], [], None
     for step in range(num_steps):
         sc.seq_lens = [s + 1 for s in sc.seq_lens]
@@ -127,12 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decode_step_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    storages = [x.strip() for x in args.storage.split(",") if x.strip()]
-    if not storages or set(storages) - {"auto", "int8"}:
-        parser.error(f"--storage: expected a comma-separated list of auto and int8, got {args.storage!r}")
-    kernels = [x.strip() for x in args.kernels.split(",") if x.strip()]
-    if not kernels or set(kernels) - set(KERNELS):
-        parser.error(f"--kernels: expected a comma-separated list of {', '.join(KERNELS)}, got {args.kernels!r}")
+    storages = parse_choices(parser, "--storage", args.storage, ("auto", "int8"))
+    kernels = parse_choices(parser, "--kernels", args.kernels, KERNELS)
     settings = SETTINGS if args.settings is None else parse_settings(parser, args.settings)
     try:
         config = AttentionPackConfig.from_dict(settings)

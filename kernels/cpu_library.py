@@ -101,13 +101,24 @@ def _build(compiler: str) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the library, None), or (None, why not): tried once per process, so that every
+    availability check after a failed build does not run the compiler again."""
+    try:
+        path = build()
+        return ctypes.CDLL(str(path)), None
+    except CpuKernelUnavailable as err:
+        return None, str(err)
+    except OSError as err:
+        return None, f"loading the CPU kernels failed: {err}"
+
+
 def library() -> ctypes.CDLL:
     """The loaded library (built first if needed); raises CpuKernelUnavailable."""
-    path = build()
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError as err:
-        raise CpuKernelUnavailable(f"loading the CPU kernels failed: {err}") from err
+    lib, reason = _load()
+    if lib is None:
+        raise CpuKernelUnavailable(reason)
+    return lib
 
 
 def bind(name: str, args_type: type[ctypes.Structure], size_name: str):
@@ -126,11 +137,7 @@ def bind(name: str, args_type: type[ctypes.Structure], size_name: str):
 
 def unavailable_reason() -> str | None:
     """None when the library builds and loads, else why not."""
-    try:
-        library()
-    except CpuKernelUnavailable as err:
-        return str(err)
-    return None
+    return _load()[1]
 
 
 def available() -> bool:

@@ -56,12 +56,12 @@ class LatentSpec:
     def _partial(self, table, rank: int) -> bool:
         return any(c < rank for m in self.modalities for c in table[m])
 
-    @property
+    @functools.cached_property  # read by every layer's call
     def partial_k(self) -> bool:
         """Whether some (modality, group) reads fewer K' columns than the record holds."""
         return self._partial(self.group_cols_k, self.layout.rank_k)
 
-    @property
+    @functools.cached_property
     def partial_v(self) -> bool:
         return self._partial(self.group_cols_v, self.layout.rank_v)
 

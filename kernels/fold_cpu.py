@@ -48,12 +48,13 @@ def _args(pages: torch.Tensor, record_slots: torch.Tensor, compressed_lens: torc
           rank_k: int, rank_v: int, **pointers) -> _FoldArgs:
     if pages.stride(-1) != 1 or not pages.is_contiguous():
         raise ValueError("pages: the CPU fold kernels need contiguous pages")
-    if record_slots.dtype != torch.int64 or compressed_lens.dtype != torch.int64 or record_slots.stride(-1) != 1:
+    if (record_slots.dtype != torch.int64 or compressed_lens.dtype != torch.int64
+            or record_slots.stride(-1) != 1 or not compressed_lens.is_contiguous()):
         raise ValueError("record_slots and compressed_lens must be int64, unit stride last")
     return _FoldArgs(
         folds=record_slots.shape[0], rank_k=rank_k, rank_v=rank_v, storage=STORAGE_CODES[pages.dtype],
         num_threads=torch.get_num_threads(), record_slots=_ptr(record_slots),
-        record_slots_stride=record_slots.stride(0), compressed_lens=_ptr(compressed_lens.contiguous()),
+        record_slots_stride=record_slots.stride(0), compressed_lens=_ptr(compressed_lens),
         pages=_ptr(pages), width=layout.width, k_offset=layout.k_offset, v_offset=layout.v_offset,
         k_scale_offset=layout.k_scale_offset if layout.int8 else 0,
         v_scale_offset=layout.v_scale_offset if layout.int8 else 0, flags_offset=layout.flags_offset,

@@ -111,8 +111,8 @@ def latent_decode_attention_cpu(
         if scale_rows is not None:
             setattr(args, f"{name}_scale", _ptr(scale_rows))
             setattr(args, f"{name}_scale_strides", cpu_library.strides(scale_rows, dims, f"{name} scales", _I64))
-    if pages.stride(-1) != 1:
-        raise ValueError("pages: the CPU decode kernel needs unit stride along the record")
+    if pages.stride(-1) != 1 or batch.block_table.stride(-1) != 1:
+        raise ValueError("pages and the block table: the CPU decode kernel needs unit stride along a row")
     if _kernel()(ctypes.byref(args)) != 0:
         raise ValueError(f"the CPU decode kernel refused storage code {storage}")
     out = out.to(query.dtype)

@@ -170,7 +170,7 @@ def test_the_backend_picks_the_kernel(monkeypatch):
         AttentionPackConfig.from_dict({"decode_kernel": kernel}), device)
     assert pick("auto") == "cpu" and pick("cpu") == "cpu"
     assert pick("torch") == "torch" and pick("auto", "cuda:0") == "triton" and pick("triton") == "triton"
-    assert runtime.decode_attention_for(AttentionPackConfig(), "cpu") is cpu_attention
+    assert runtime.decode_attention_for(pick("auto")) is cpu_attention
     with pytest.raises(ValueError, match="decode_kernel 'cpu' runs on the CPU only"):
         pick("cpu", "cuda:0")
     monkeypatch.setattr(cpu_library, "unavailable_reason", lambda: "no C++ compiler found")
