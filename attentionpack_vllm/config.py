@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 RANK_KEYS = ("rank_vision_key", "rank_vision_value", "rank_text_key", "rank_text_value")
-SVD_METHODS = ("auto", "exact", "gram", "randomized")  # factorize.METHODS
+SVD_METHODS = ("auto", "exact", "gram", "gram32", "randomized")  # factorize.METHODS
 DECODE_KERNELS = ("auto", "torch", "triton", "cpu")
 STORAGE_FORMATS = ("auto", "int8")
 
@@ -65,8 +65,8 @@ class AttentionPackConfig:
     # sinks; 0 turns them off). They are never factorised.
     sink_tokens: int = 4
     # Factorisation method (see factorize.py): "auto" is "randomized" on CUDA (matrix
-    # products and Cholesky only) and "gram" on CPU (float64 Gram eigendecomposition,
-    # as accurate as "exact"); "exact" is torch.linalg.svd.
+    # products and Cholesky only) and "gram32" on CPU (float32 Gram eigendecomposition);
+    # "gram" is the same in float64 (as accurate as "exact"), "exact" torch.linalg.svd.
     svd: str = "auto"
     # Extra sketch columns and power iterations of the randomized range finder.
     svd_oversample: int = 16

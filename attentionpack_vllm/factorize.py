@@ -25,6 +25,11 @@ Methods (`SvdSettings.method`):
 - "exact": `torch.linalg.svd` (LAPACK / cuSOLVER); the oracle.
 - "gram": the eigendecomposition (`torch.linalg.eigh`) of the Gram matrix of the
   smaller side, in float64; as accurate as "exact", and much faster on CPU.
+- "gram32": "gram" with the Gram matrices, eigendecompositions and products in
+  float32 (about half the time on CPU). Its round-off, about 1e-7 of the largest
+  direction's scale, is far below what int8 or 16-bit storage rounds away; directions
+  whose energy round-off cannot tell from zero (below `_negligible_energy`) are dropped,
+  and the basis gets a final float64 CholeskyQR pass, so its rows stay orthonormal.
 - "randomized": only matrix products, Cholesky factorisations, triangular solves
   and elementwise ops, so that a GPU never meets cuSOLVER's slow batched small
   SVD / eigh / QR. Factorisation: a randomized range finder (rank + oversample
@@ -33,11 +38,11 @@ Methods (`SvdSettings.method`):
   solved by simultaneous (orthogonal) iteration with CholeskyQR, started from the
   coordinate axes in order of their energy (for a fold: the old basis directions and
   the new ones, so the start is already close).
-- "auto": "randomized" on CUDA, "gram" elsewhere (`resolve_method`).
+- "auto": "randomized" on CUDA, "gram32" elsewhere (`resolve_method`).
 
 Every CholeskyQR and small eigenproblem runs in float64 (cheap at these sizes). A
 "randomized" factorisation keeps its products with the [num_tokens, kv_width] data in
-float32; "gram" works in float64 throughout; a fold works in float64 on the basis and
+float32; "gram" works in float64 throughout ("gram32" in float32); a fold works in float64 on the basis and
 new rows (rank + window rows) and touches the old factors only in F^T F. Outputs are
 float32.
 
@@ -51,7 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("auto", "exact", "gram", "randomized")
+METHODS = ("auto", "exact", "gram", "gram32", "randomized")
+GRAM_METHODS = ("gram", "gram32")  # the eigendecomposition methods: same routes, two precisions
 # A direction whose singular value is below this fraction of the largest is dropped
 # (zero basis row, zero factor column): what padding and rank deficiency leave behind
 # is round-off, and keeping it would give the basis arbitrary rows.
@@ -105,19 +111,25 @@ class Fold:
 
 
 def resolve_method(method: str, device: torch.device | str) -> str:
-    """The method that runs on `device`: "auto" is "randomized" on CUDA, "gram" elsewhere.
+    """The method that runs on `device`: "auto" is "randomized" on CUDA, "gram32" elsewhere.
 
-    On CUDA "randomized" avoids cuSOLVER's batched small decompositions. On CPU
-    "gram" is as accurate as "exact" and measured fastest of the two at SmolLM2's
-    KV width, for factorising and for folds (benchmarks/results/factorize_bench_cpu.json).
-    Any other method is returned as it is.
+    On CUDA "randomized" avoids cuSOLVER's batched small decompositions. On CPU the
+    eigendecomposition methods were measured fastest at SmolLM2's KV width, for
+    factorising and for folds, "gram32" about twice as fast as "gram"
+    (benchmarks/results/factorize_bench_cpu.json), at the same perplexity through the
+    model (benchmarks/results/quality_svd_gram32.json). Any other method is returned as it is.
     """
     if method not in METHODS:
         raise ValueError(f"attentionpack setting 'svd' = {method!r} is invalid: "
                          f"expected one of {list(METHODS)}")
     if method != "auto":
         return method
-    return "randomized" if torch.device(device).type == "cuda" else "gram"
+    return "randomized" if torch.device(device).type == "cuda" else "gram32"
+
+
+def compute_dtype(method: str) -> torch.dtype:
+    """The precision an eigendecomposition method ("gram", "gram32") works in."""
+    return torch.float32 if method == "gram32" else torch.float64
 
 
 def describe(svd: SvdSettings, device: torch.device | str) -> str:
@@ -126,6 +138,7 @@ def describe(svd: SvdSettings, device: torch.device | str) -> str:
     how = {
         "exact": "torch.linalg.svd",
         "gram": "float64 Gram matrix + torch.linalg.eigh",
+        "gram32": "float32 Gram matrix + torch.linalg.eigh",
         "randomized": (f"randomized range finder (rank + {svd.oversample} columns, {svd.power_iters} power "
                        f"iterations), CholeskyQR, simultaneous iteration ({EIGEN_STEPS_FACTORIZE} steps; "
                        f"{EIGEN_STEPS_FOLD} per fold): matrix products and Cholesky only"),
@@ -205,10 +218,18 @@ def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tu
     return vectors.gather(-1, top.unsqueeze(-2).expand(*vectors.shape[:-1], r)), energies[..., :r]
 
 
+def _negligible_energy(dtype: torch.dtype, size: int) -> float:
+    """Energy, as a share of the largest direction's, below which a direction of a
+    `size`-square eigenproblem solved in `dtype` is dropped: `NEGLIGIBLE` squared, or,
+    where round-off is larger (float32), the eigensolver's error bound, about size x eps
+    (a direction there is round-off, not data)."""
+    return max(NEGLIGIBLE ** 2, size * torch.finfo(dtype).eps)
+
+
 def _drop_negligible(vectors: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-    """Zero the columns of vectors [..., c, r] whose energy is negligible (`NEGLIGIBLE`)."""
+    """Zero the columns of vectors [..., c, r] whose energy is negligible (`_negligible_energy`)."""
     largest = energies.amax(-1, keepdim=True)
-    keep = energies > largest * NEGLIGIBLE ** 2
+    keep = energies > largest * _negligible_energy(energies.dtype, vectors.shape[-2])
     return vectors * keep.unsqueeze(-2)
 
 
@@ -257,7 +278,7 @@ def factorize_batch(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings()
         _, s, vh = torch.linalg.svd(x, full_matrices=False)
         basis = vh[..., :r, :] * (s[..., :r] > s[..., :1] * NEGLIGIBLE).unsqueeze(-1)
     else:
-        basis = _top_row_space(x, r, svd, exact=(method == "gram"))
+        basis = _top_row_space(x, r, svd, method)
     # X B^T = U S for the exact basis; and padding rows get exactly zero factors.
     low = LowRank(_pad(x @ basis.mT, n, rank), _pad(basis, rank, d))
     if energy is None:
@@ -281,7 +302,7 @@ def energy_keep(column_energy: torch.Tensor, total_energy: torch.Tensor, energy:
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
-def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> torch.Tensor:
+def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, method: str) -> torch.Tensor:
     """Orthonormal rows [B, r, d] spanning (approximately) the top-r row space of x [B, n, d].
 
     The eigenproblem is set on the smaller side's Gram matrix, or, for "randomized"
@@ -289,6 +310,9 @@ def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> to
     """
     n, d = x.shape[-2:]
     columns = r + svd.oversample
+    exact = method in GRAM_METHODS
+    if method == "gram32":
+        return _top_row_space32(x, r)
     if d <= n and (exact or d <= columns):
         x = x.double()
         vectors, energies = _top_eigenvectors(x.mT @ x, r, exact, EIGEN_STEPS_FACTORIZE)
@@ -301,6 +325,29 @@ def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, exact: bool) -> to
     # The directions sketch @ coeffs, normalised through their Gram matrix coeffs^T gram coeffs.
     coeffs = coeffs @ _orthonormalizer(coeffs.mT @ gram @ coeffs)
     return (sketch @ coeffs).mT.float()
+
+
+def _top_row_space32(x: torch.Tensor, r: int) -> torch.Tensor:
+    """`_top_row_space` for "gram32": the smaller side's Gram matrix in float32."""
+    n, d = x.shape[-2:]
+    if d <= n:
+        vectors, energies = _top_eigenvectors(x.mT @ x, r, True, 0)      # eigenvectors of X^T X
+        return _orthonormal_columns(_drop_negligible(vectors, energies)).mT
+    return _directions_from_rows(x, x @ x.mT, r)
+
+
+def _directions_from_rows(rows: torch.Tensor, gram: torch.Tensor, r: int) -> torch.Tensor:
+    """[B, r, d]: the top-r right singular directions of rows [B, k, d], from the top
+    eigenpairs (W, s^2) of their Gram matrix `gram` = rows rows^T [B, k, k] as rows^T W / s,
+    made orthonormal by one float64 CholeskyQR pass (dropped directions stay zero)."""
+    vectors, energies = _top_eigenvectors(gram, min(r, gram.shape[-1]), True, 0)
+    coeffs = _drop_negligible(vectors, energies) * energies.clamp_min(1e-30).rsqrt().unsqueeze(-2)
+    return _orthonormal_columns(rows.mT @ coeffs).mT
+
+
+def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
+    """Columns of y [..., d, r] (near-orthonormal or zero) made orthonormal to round-off."""
+    return _cholesky_qr(y) if y.shape[-1] else y
 
 
 def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings(),
@@ -391,10 +438,11 @@ def _fold(old: torch.Tensor, old_gram: torch.Tensor | None, basis: torch.Tensor,
     diagonal_gram = old_gram is not None and old_gram.dim() == 2
     frame = basis.shape[1] + min(new_rows.shape[1], rank)    # rows of the frame's spanning set
     stacked = basis.shape[1] + new_rows.shape[1]             # rows of [sqrt(energies) B; N]
-    if method == "gram" and diagonal_gram and stacked < basis.shape[-1]:
-        result = _fold_stacked(old_gram, basis, new_rows, rank)
-    elif method == "gram" and basis.shape[-1] <= WIDTH_FOLD_MAX_RATIO * frame:
-        result = _fold_width(old_gram, basis, new_rows, rank)   # uses every new row as it is
+    gram_method = method in GRAM_METHODS
+    if gram_method and diagonal_gram and stacked < basis.shape[-1]:
+        result = _fold_stacked(old_gram, basis, new_rows, rank, compute_dtype(method))
+    elif gram_method and basis.shape[-1] <= WIDTH_FOLD_MAX_RATIO * frame:
+        result = _fold_width(old_gram, basis, new_rows, rank, compute_dtype(method))   # every new row as it is
     else:
         directions = new_rows
         if new_rows.shape[1] > rank:
@@ -402,7 +450,7 @@ def _fold(old: torch.Tensor, old_gram: torch.Tensor | None, basis: torch.Tensor,
         if method == "exact":
             result = _fold_exact(old, basis, directions, new_rows, rank)
         else:
-            result = _fold_gram(old_gram, basis, directions, new_rows, rank, exact=(method == "gram"))
+            result = _fold_gram(old_gram, basis, directions, new_rows, rank, exact=gram_method)
     d = basis.shape[-1]
     result = Fold(rotation=_pad(result.rotation, basis.shape[1], rank),
                   new_factors=_pad(result.new_factors, new_rows.shape[1], rank),
@@ -439,23 +487,28 @@ def _fold_exact(old: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor
     return Fold(rotation=basis @ new_basis.mT, new_factors=new_rows @ new_basis.mT, basis=new_basis)
 
 
-def _fold_width(old_gram: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor, rank: int) -> Fold:
+def _fold_width(old_gram: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor, rank: int,
+                dtype: torch.dtype = torch.float64) -> Fold:
     """The fold through the combined data's d-square covariance B^T (F^T F) B + N^T N.
 
     Its top `rank` eigenvectors U are the new basis rows (U^T, orthonormal whatever the
     stored basis B was), the rotation is B U and the new factors N U: the best rank-`rank`
     approximation of [F B; N], as "exact" gives. For narrow KV widths, where the
     d-square eigenproblem is no larger than the frame's (WIDTH_FOLD_MAX_RATIO).
-    `old_gram` is F^T F in float64 (see `_times_gram`).
+    `old_gram` is F^T F in float64 (see `_times_gram`); the rest works in `dtype`
+    (float32: "gram32", with a final CholeskyQR pass on the basis).
     """
-    b64, n64 = basis.double(), new_rows.double()
-    covariance = b64.mT @ _times_gram(old_gram, b64) + n64.mT @ n64                   # [B, d, d]
+    b, n = basis.to(dtype), new_rows.to(dtype)
+    covariance = b.mT @ _times_gram(old_gram.to(dtype), b) + n.mT @ n                # [B, d, d]
     vectors, energies = _top_eigenvectors(covariance, min(rank, covariance.shape[-1]), True, 0)
     top = _drop_negligible(vectors, energies)                                        # [B, d, r]
-    return Fold(rotation=(b64 @ top).float(), new_factors=(n64 @ top).float(), basis=top.mT.float())
+    if dtype != torch.float64:
+        top = _orthonormal_columns(top)
+    return Fold(rotation=(b @ top).float(), new_factors=(n @ top).float(), basis=top.mT.float())
 
 
-def _fold_stacked(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor, rank: int) -> Fold:
+def _fold_stacked(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor, rank: int,
+                  dtype: torch.dtype = torch.float64) -> Fold:
     """The fold through the Gram matrix of the stacked rows A = [sqrt(E) B; N], when the old
     factors' Gram matrix is diagonal (E = `old_energies` [B, R], float64) and A has fewer
     rows (R + m) than the KV width d.
@@ -464,8 +517,14 @@ def _fold_stacked(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: tor
     its top eigenvectors are A^T W / sigma for the top eigenpairs (W, sigma^2) of the
     smaller A A^T: one (R + m)-square eigendecomposition instead of a d-square one (SmolLM2:
     144 against 192). The directions A^T W are orthonormalised through their Gram matrix
-    W^T (A A^T) W, as `_top_row_space` does for a factorisation.
+    W^T (A A^T) W, as `_top_row_space` does for a factorisation; in float32 ("gram32") as
+    A^T W / sigma, then one float64 CholeskyQR pass (`_directions_from_rows`).
     """
+    if dtype != torch.float64:
+        b, n = basis.to(dtype), new_rows.to(dtype)
+        stacked = torch.cat([b * old_energies.to(dtype).sqrt().unsqueeze(-1), n], dim=1)
+        top = _directions_from_rows(stacked, stacked @ stacked.mT, rank).mT             # [B, d, r]
+        return Fold(rotation=b @ top, new_factors=n @ top, basis=top.mT)
     b64, n64 = basis.double(), new_rows.double()
     stacked = torch.cat([b64 * old_energies.sqrt().unsqueeze(-1), n64], dim=1)        # [B, R + m, d]
     gram = stacked @ stacked.mT

@@ -2,8 +2,8 @@
 """Factorisation cost and accuracy: prefill compression and window folds, per method.
 
 Times `factorize_batch` and `fold_batch` (attentionpack_vllm/factorize.py) for each
-method ("exact" = torch.linalg.svd, "gram" = float64 Gram + eigh, "randomized" =
-matrix products and Cholesky only) at LLaVA-1.5-7B's KV width (32 KV heads x 128 =
+method ("exact" = torch.linalg.svd, "gram" = float64 Gram + eigh, "gram32" = the same
+in float32, "randomized" = matrix products and Cholesky only) at LLaVA-1.5-7B's KV width (32 KV heads x 128 =
 4096), rank 64, with the captured energy relative to exact SVD beside every time:
 
 * compress: one modality's keys (or values) of 576 image tokens x 4096, one call
@@ -63,7 +63,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-METHODS = ("exact", "gram", "randomized")
+METHODS = ("exact", "gram", "gram32", "randomized")
 RANK, PREFIX_COLUMNS = 64, 16
 TARGET_PAPER_MS, TARGET_FOLD_MS = 10.0, 2.0
 
@@ -336,7 +336,7 @@ def plot(result: dict, path: Path) -> bool:
               "fold": f"fold (rank {size['rank']} + window {size['window']}): width / batch",
               "paper_sample": f"paper sample ({size['image']} + {size['text']} tokens, K and V, "
                               f"{size['layers']} layers)"}
-    colors = {"exact": "tab:red", "gram": "tab:blue", "randomized": "tab:green"}
+    colors = {"exact": "tab:red", "gram": "tab:blue", "gram32": "tab:cyan", "randomized": "tab:green"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, case in zip(axes, titles):
         sub = [r for r in rows if r["case"] == case]

@@ -54,7 +54,7 @@ def test_ranks_clamp_to_layer_width_and_groups_round_up():
     ({"ema_weight": 1.0}, "ema_weight", "a number in [0, 1)"),
     ({"ema_weight": -0.1}, "ema_weight", "a number in [0, 1)"),
     ({"ema_weight": "high"}, "ema_weight", "a number in [0, 1)"),
-    ({"svd": "qr"}, "svd", "one of ['auto', 'exact', 'gram', 'randomized']"),
+    ({"svd": "qr"}, "svd", "one of ['auto', 'exact', 'gram', 'gram32', 'randomized']"),
     ({"decode_kernel": "cuda"}, "decode_kernel", "one of ['auto', 'torch', 'triton', 'cpu']"),
     ({"partial_rank_keys": "yes"}, "partial_rank_keys", "true or false"),
     ({"rank_vison_key": 64}, "rank_vison_key", "a known setting"),

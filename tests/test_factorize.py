@@ -1,7 +1,8 @@
 """Factorisation and folding: every method against exact SVD, batching, padding, drift.
 
 Methods and their stated tolerances (captured energy at the same rank, relative to
-exact SVD): "gram" as accurate as exact (1e-5), "randomized" within 0.5 %.
+exact SVD): "gram" as accurate as exact (1e-5), "gram32" (float32) within 1e-5 too,
+"randomized" within 0.5 %.
 """
 import pytest
 import torch
@@ -14,10 +15,10 @@ from attentionpack_vllm.factorize import (LowRank, SvdSettings, captured_energy,
                                           stored_elements)
 from scenario import low_rank_rows
 
-METHODS = ("exact", "gram", "randomized")
-FAST = ("gram", "randomized")
+METHODS = ("exact", "gram", "gram32", "randomized")
+FAST = ("gram", "gram32", "randomized")
 # Captured energy at the same rank, as a share of exact SVD's, at least:
-ENERGY_TOLERANCE = {"exact": 1e-6, "gram": 1e-5, "randomized": 5e-3}
+ENERGY_TOLERANCE = {"exact": 1e-6, "gram": 1e-5, "gram32": 1e-5, "randomized": 5e-3}
 
 
 def reconstruct(low):
@@ -33,7 +34,7 @@ def settings(method):
 # ---------------------------------------------------------------------------
 
 def test_auto_resolves_per_device_and_methods_match_the_config():
-    assert resolve_method("auto", "cpu") == "gram"
+    assert resolve_method("auto", "cpu") == "gram32"
     assert resolve_method("auto", torch.device("cuda")) == "randomized"   # no GPU needed
     for method in METHODS:
         assert resolve_method(method, "cuda") == method == resolve_method(method, "cpu")
@@ -51,7 +52,8 @@ def test_bad_method_is_refused_naming_the_setting():
 
 
 def test_describe_names_the_resolved_method():
-    assert describe(SvdSettings(), "cpu") == "svd=auto on cpu: gram (float64 Gram matrix + torch.linalg.eigh)"
+    assert describe(SvdSettings(), "cpu") == "svd=auto on cpu: gram32 (float32 Gram matrix + torch.linalg.eigh)"
+    assert describe(SvdSettings("gram"), "cpu") == "svd=gram on cpu: gram (float64 Gram matrix + torch.linalg.eigh)"
     text = describe(SvdSettings("auto", 16, 2), "cuda")
     assert text.startswith("svd=auto on cuda: randomized (")
     assert "16 columns" in text and "2 power iterations" in text

@@ -14,9 +14,9 @@ def test_smoke_run_writes_results_without_vllm(tmp_path):
     result = json.loads((tmp_path / "factorize_bench_cpu_smoke.json").read_text())
     assert result["vllm_imported"] is False and result["package_imported"] is False
     assert result["command"] and result["date"] and result["device"].startswith("CPU")
-    assert result["auto_method"] == "gram"
+    assert result["auto_method"] == "gram32"
     cases = {(r["case"], r["method"]) for r in result["rows"]}
-    assert cases == {(c, m) for c in ("compress", "paper_sample", "fold") for m in ("exact", "gram", "randomized")}
+    assert cases == {(c, m) for c in ("compress", "paper_sample", "fold") for m in ("exact", "gram", "gram32", "randomized")}
     for row in result["rows"]:
         assert row["ms_median"] > 0
         ratio = row.get("energy_ratio", row.get("energy_ratio_image"))
