@@ -100,6 +100,21 @@ def test_fused_append_writes_what_write_window_writes(storage, dtype):
     assert pools[1].window_k.abs().sum() > 0
 
 
+
+def test_layers_called_in_turn_each_read_their_own_cache():
+    """The wrapper keeps each layer's constant fields between calls (keyed by its tensors):
+    two caches of different shapes and storage, called in turn, each match the PyTorch path."""
+    layers = [build_scenario(AttentionPackConfig.from_dict({"rank": rank, "window_size": 8, "storage": storage}),
+                             num_kv_heads=kv, head_size=32, prompt_lens=[37, 5, 64], has_image=image, seed=seed)
+              for seed, (rank, storage, kv, image) in enumerate([(16, "int8", 2, True), (24, "auto", 1, False)])]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for sc in layers:
+            query = torch.randn(sc.batch, 4, 32, generator=gen)
+            want = attend_now(sc, query, 0.2)[0]
+            torch.testing.assert_close(attend_now(sc, query, 0.2, attention=cpu_attention)[0], want,
+                                       rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("with_images", [False, True])
 @pytest.mark.parametrize("storage", ["auto", "int8"])
 def test_decode_runs_match_the_torch_path_across_folds(with_images, storage):
