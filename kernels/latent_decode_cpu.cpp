@@ -238,34 +238,46 @@ struct Kernel {
             // before, or zeros) and discards those scores; their weights are zero.
             const int64_t n = std::min(TILE, c - t0);
             float k_scales[TILE] = {}, v_scales[TILE] = {};
+            int planes_here = 0;  // bit m: the tile holds tokens of plane m
             for (int64_t i = 0; i < n; ++i) {
                 const T* rec = pages + blocks[page] * a.page_stride_block + in_page * a.page_stride_row;
                 if (++in_page == a.block_size) in_page = 0, ++page;
                 const int64_t flags = static_cast<int64_t>(to_float(rec[a.flags_offset]));
                 s.planes[i] = M > 1 ? (flags & 1) : 0;
+                planes_here |= 1 << s.planes[i];
                 load(rec + a.k_offset, 1.f, &s.k_tile[i * Rk], a.cols_k_by_flag ? a.cols_k_by_flag[flags] : a.rank_k, Rk);
                 load(rec + a.v_offset, 1.f, &s.v_tile[i * Rv], a.cols_v_by_flag ? a.cols_v_by_flag[flags] : a.rank_v, Rv);
                 k_scales[i] = record_scale(rec, a.k_scale_offset);
                 v_scales[i] = record_scale(rec, a.v_scale_offset);
             }
+            // Image spans are long, so most tiles hold one plane: only a mixed tile pays for both.
             for (int64_t j = 0; j < G; ++j) {
-                vfloat dots = tile_dots(&s.q_lat[j * Rk], s.k_tile.data(), Rk);
-                if (M > 1) {  // image tokens score against the image plane's latent query
-                    const vfloat image = tile_dots(&s.q_lat[(G + j) * Rk], s.k_tile.data(), Rk);
-                    for (int64_t i = 0; i < n; ++i)
-                        if (s.planes[i]) dots[i] = image[i];
+                vfloat dots;
+                if (planes_here == 2) {  // image tokens only: the image plane's latent query
+                    dots = tile_dots(&s.q_lat[(G + j) * Rk], s.k_tile.data(), Rk);
+                } else {
+                    dots = tile_dots(&s.q_lat[j * Rk], s.k_tile.data(), Rk);
+                    if (planes_here == 3) {  // image tokens score against the image plane's latent query
+                        const vfloat image = tile_dots(&s.q_lat[(G + j) * Rk], s.k_tile.data(), Rk);
+                        for (int64_t i = 0; i < n; ++i)
+                            if (s.planes[i]) dots[i] = image[i];
+                    }
                 }
                 float* scores = &s.scores[j * L + t0];
                 for (int64_t i = 0; i < n; ++i) scores[i] = dots[i] * k_scales[i];
                 float p[TILE];
                 softmax_step(s, j, scores, p, n);
-                for (int64_t m = 0; m < M; ++m)  // a token's weight goes to its own plane only
+                for (int64_t m = 0; m < M; ++m) {  // a token's weight goes to its own plane only
+                    if (!(planes_here >> m & 1)) continue;
                     for (int64_t i = 0; i < TILE; ++i)
                         s.weights[(m * G + j) * TILE + i] = i < n && s.planes[i] == m ? p[i] * v_scales[i] : 0.f;
+                }
             }
-            for (int64_t m = 0; m < M; ++m)  // acc[m][j] += sum_i weight * V'_i
+            for (int64_t m = 0; m < M; ++m) {  // acc[m][j] += sum_i weight * V'_i
+                if (!(planes_here >> m & 1)) continue;
                 for (int64_t j = 0; j < G; ++j)
                     tile_axpy(&s.weights[(m * G + j) * TILE], s.v_tile.data(), Rv, &s.acc[(m * G + j) * Rv]);
+            }
         }
 
         // Window rows join the same softmax; their values are summed directly.

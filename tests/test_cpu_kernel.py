@@ -103,9 +103,11 @@ def test_fused_append_writes_what_write_window_writes(storage, dtype):
 
 def test_layers_called_in_turn_each_read_their_own_cache():
     """The wrapper keeps each layer's constant fields between calls (keyed by its tensors):
-    two caches of different shapes and storage, called in turn, each match the PyTorch path."""
+    two caches of different shapes and storage, called in turn, each match the PyTorch path.
+    The image spans give tiles of image tokens only, of text only and of both."""
     layers = [build_scenario(AttentionPackConfig.from_dict({"rank": rank, "window_size": 8, "storage": storage}),
-                             num_kv_heads=kv, head_size=32, prompt_lens=[37, 5, 64], has_image=image, seed=seed)
+                             num_kv_heads=kv, head_size=32, prompt_lens=[37, 5, 64], has_image=image, seed=seed,
+                             image_spans=[[(0, 30)], [], [(10, 60)]] if image else None)
               for seed, (rank, storage, kv, image) in enumerate([(16, "int8", 2, True), (24, "auto", 1, False)])]
     gen = torch.Generator().manual_seed(3)
     for _ in range(3):
