@@ -40,11 +40,11 @@ Methods (`SvdSettings.method`):
   the new ones, so the start is already close).
 - "auto": "randomized" on CUDA, "gram32" elsewhere (`resolve_method`).
 
-Every CholeskyQR and small eigenproblem runs in float64 (cheap at these sizes). A
-"randomized" factorisation keeps its products with the [num_tokens, kv_width] data in
-float32; "gram" works in float64 throughout ("gram32" in float32); a fold works in float64 on the basis and
-new rows (rank + window rows) and touches the old factors only in F^T F. Outputs are
-float32.
+Every CholeskyQR runs in float64 (cheap at these sizes), and so does every small
+eigenproblem but "gram32"'s. A "randomized" factorisation keeps its products with the
+[num_tokens, kv_width] data in float32; "gram" works in float64 throughout, "gram32" in
+float32 (but for the frame route of wide folds, `_fold_gram`, in float64). A fold
+touches the old factors only in F^T F (float64). Outputs are float32.
 
 This module imports only torch, so benchmarks/factorize_bench.py can load it on a
 machine without vLLM.
