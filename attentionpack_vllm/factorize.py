@@ -116,8 +116,9 @@ def resolve_method(method: str, device: torch.device | str) -> str:
     On CUDA "randomized" avoids cuSOLVER's batched small decompositions. On CPU the
     eigendecomposition methods were measured fastest at SmolLM2's KV width, for
     factorising and for folds, "gram32" about twice as fast as "gram"
-    (benchmarks/results/factorize_bench_cpu.json), at the same perplexity through the
-    model (benchmarks/results/quality_svd_gram32.json). Any other method is returned as it is.
+    (benchmarks/results/factorize_bench_cpu.json), with perplexity through the model
+    between "exact"'s and "gram"'s (benchmarks/results/quality_defaults_svd_*.json). Any
+    other method is returned as it is.
     """
     if method not in METHODS:
         raise ValueError(f"attentionpack setting 'svd' = {method!r} is invalid: "

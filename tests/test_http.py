@@ -15,7 +15,9 @@ pytestmark = pytest.mark.vllm
 
 SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
               "--kv-cache-memory-bytes", str(64 * 1024 * 1024), "--enforce-eager", "--seed", "0"]
-FULL_RANK = {"attentionpack": {"rank": 100000, "partial_rank_values": False, "window_size": 6, "storage": "auto"}}
+# Float64 factorisations: full rank equals dense token for token (see test_vllm_llm.FULL_RANK).
+FULL_RANK = {"attentionpack": {"rank": 100000, "partial_rank_values": False, "window_size": 6, "storage": "auto",
+                               "svd": "gram"}}
 TEXT = "The quick brown fox jumps over the lazy dog. The capital of France is Paris. "
 
 

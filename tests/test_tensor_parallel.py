@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-FULL_RANK = {"rank": 100_000, "partial_rank_values": False, "window_size": 8, "storage": "auto"}  # clamped per shard
+# Clamped per shard; float64 factorisations, where full rank equals dense token for token.
+FULL_RANK = {"rank": 100_000, "partial_rank_values": False, "window_size": 8, "storage": "auto", "svd": "gram"}
 KV_BYTES = 64 * 1024 * 1024
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4, seed=0,
               kv_cache_memory_bytes=KV_BYTES, max_num_batched_tokens=64, block_size=32)
