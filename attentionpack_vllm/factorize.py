@@ -28,8 +28,9 @@ Methods (`SvdSettings.method`):
 - "gram32": "gram" with the Gram matrices, eigendecompositions and products in
   float32 (about half the time on CPU). Its round-off, about 1e-7 of the largest
   direction's scale, is far below what int8 or 16-bit storage rounds away; directions
-  whose energy round-off cannot tell from zero (below `_negligible_energy`) are dropped,
-  and the basis gets a final float64 CholeskyQR pass, so its rows stay orthonormal.
+  whose energy round-off cannot tell from zero (below `_negligible_energy`) are dropped.
+  A basis made from a Gram matrix's eigenvectors is orthonormal as eigh returns it; one
+  made from the other side's (A^T W / sigma) gets a float64 CholeskyQR pass.
 - "randomized": only matrix products, Cholesky factorisations, triangular solves
   and elementwise ops, so that a GPU never meets cuSOLVER's slow batched small
   SVD / eigh / QR. Factorisation: a randomized range finder (rank + oversample
@@ -331,9 +332,9 @@ def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, method: str) -> to
 def _top_row_space32(x: torch.Tensor, r: int) -> torch.Tensor:
     """`_top_row_space` for "gram32": the smaller side's Gram matrix in float32."""
     n, d = x.shape[-2:]
-    if d <= n:
+    if d <= n:  # eigh's own eigenvectors: orthonormal to float32 round-off as they come
         vectors, energies = _top_eigenvectors(x.mT @ x, r, True, 0)      # eigenvectors of X^T X
-        return _orthonormal_columns(_drop_negligible(vectors, energies)).mT
+        return _drop_negligible(vectors, energies).mT
     return _directions_from_rows(x, x @ x.mT, r)
 
 
