@@ -30,7 +30,8 @@ Methods (`SvdSettings.method`):
   direction's scale, is far below what int8 or 16-bit storage rounds away; directions
   whose energy round-off cannot tell from zero (below `_negligible_energy`) are dropped.
   A basis made from a Gram matrix's eigenvectors is orthonormal as eigh returns it; one
-  made from the other side's (A^T W / sigma) gets a float64 CholeskyQR pass.
+  made from the other side's (A^T W / sigma, `_directions_from_rows`) gets a float64
+  CholeskyQR pass.
 - "randomized": only matrix products, Cholesky factorisations, triangular solves
   and elementwise ops, so that a GPU never meets cuSOLVER's slow batched small
   SVD / eigh / QR. Factorisation: a randomized range finder (rank + oversample
@@ -129,8 +130,8 @@ def resolve_method(method: str, device: torch.device | str) -> str:
     return "randomized" if torch.device(device).type == "cuda" else "gram32"
 
 
-def compute_dtype(method: str) -> torch.dtype:
-    """The precision an eigendecomposition method ("gram", "gram32") works in."""
+def _precision(method: str) -> torch.dtype:
+    """The precision a method's Gram matrices and eigenproblems work in (float32: "gram32")."""
     return torch.float32 if method == "gram32" else torch.float64
 
 
@@ -308,48 +309,39 @@ def _top_row_space(x: torch.Tensor, r: int, svd: SvdSettings, method: str) -> to
     """Orthonormal rows [B, r, d] spanning (approximately) the top-r row space of x [B, n, d].
 
     The eigenproblem is set on the smaller side's Gram matrix, or, for "randomized"
-    when both sides are longer than rank + oversample, on the sketch's.
+    when both sides are longer than rank + oversample, on the sketch's; in the method's
+    precision (`_precision`).
     """
     n, d = x.shape[-2:]
     columns = r + svd.oversample
     exact = method in GRAM_METHODS
-    if method == "gram32":
-        return _top_row_space32(x, r)
+    dtype = _precision(method)
     if d <= n and (exact or d <= columns):
-        x = x.double()
+        x = x.to(dtype)
         vectors, energies = _top_eigenvectors(x.mT @ x, r, exact, EIGEN_STEPS_FACTORIZE)
         return _drop_negligible(vectors, energies).mT.float()            # eigenvectors of X^T X
     sketch = x.mT if (exact or n <= columns) else _range_sketch(x, columns, svd.power_iters)
-    sketch = sketch.double()                                              # [B, d, c]
-    gram = sketch.mT @ sketch
-    vectors, energies = _top_eigenvectors(gram, r, exact, EIGEN_STEPS_FACTORIZE)
-    coeffs = _drop_negligible(vectors, energies)                          # [B, c, r]
-    # The directions sketch @ coeffs, normalised through their Gram matrix coeffs^T gram coeffs.
-    coeffs = coeffs @ _orthonormalizer(coeffs.mT @ gram @ coeffs)
-    return (sketch @ coeffs).mT.float()
+    rows = sketch.mT.to(dtype)                                            # [B, c, d]
+    return _directions_from_rows(rows, rows @ rows.mT, r, exact, EIGEN_STEPS_FACTORIZE).float()
 
 
-def _top_row_space32(x: torch.Tensor, r: int) -> torch.Tensor:
-    """`_top_row_space` for "gram32": the smaller side's Gram matrix in float32."""
-    n, d = x.shape[-2:]
-    if d <= n:  # eigh's own eigenvectors: orthonormal to float32 round-off as they come
-        vectors, energies = _top_eigenvectors(x.mT @ x, r, True, 0)      # eigenvectors of X^T X
-        return _drop_negligible(vectors, energies).mT
-    return _directions_from_rows(x, x @ x.mT, r)
+def _directions_from_rows(rows: torch.Tensor, gram: torch.Tensor, r: int, exact: bool = True,
+                          steps: int = 0) -> torch.Tensor:
+    """[B, r, d]: the top-r right singular directions of rows [B, k, d], as rows^T W for the
+    top eigenvectors W of their Gram matrix `gram` = rows rows^T [B, k, k] (`_top_eigenvectors`
+    with `exact` and `steps`), made orthonormal; dropped directions stay zero.
 
-
-def _directions_from_rows(rows: torch.Tensor, gram: torch.Tensor, r: int) -> torch.Tensor:
-    """[B, r, d]: the top-r right singular directions of rows [B, k, d], from the top
-    eigenpairs (W, s^2) of their Gram matrix `gram` = rows rows^T [B, k, k] as rows^T W / s,
-    made orthonormal by one float64 CholeskyQR pass (dropped directions stay zero)."""
-    vectors, energies = _top_eigenvectors(gram, min(r, gram.shape[-1]), True, 0)
-    coeffs = _drop_negligible(vectors, energies) * energies.clamp_min(1e-30).rsqrt().unsqueeze(-2)
-    return _orthonormal_columns(rows.mT @ coeffs).mT
-
-
-def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
-    """Columns of y [..., d, r] (near-orthonormal or zero) made orthonormal to round-off."""
-    return _cholesky_qr(y) if y.shape[-1] else y
+    In float64 they are normalised through their own Gram matrix W^T gram W; in float32
+    ("gram32"), where that Gram matrix squares too much round-off, each is divided by its
+    singular value and the lot gets one float64 CholeskyQR pass.
+    """
+    vectors, energies = _top_eigenvectors(gram, min(r, gram.shape[-1]), exact, steps)
+    coeffs = _drop_negligible(vectors, energies)                          # [B, k, r]
+    if gram.dtype == torch.float64:
+        coeffs = coeffs @ _orthonormalizer(coeffs.mT @ gram @ coeffs)
+        return (rows.mT @ coeffs).mT
+    directions = rows.mT @ (coeffs * energies.clamp_min(1e-30).rsqrt().unsqueeze(-2))
+    return (_cholesky_qr(directions) if directions.shape[-1] else directions).mT
 
 
 def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings(),
@@ -442,9 +434,9 @@ def _fold(old: torch.Tensor, old_gram: torch.Tensor | None, basis: torch.Tensor,
     stacked = basis.shape[1] + new_rows.shape[1]             # rows of [sqrt(energies) B; N]
     gram_method = method in GRAM_METHODS
     if gram_method and diagonal_gram and stacked < basis.shape[-1]:
-        result = _fold_stacked(old_gram, basis, new_rows, rank, compute_dtype(method))
+        result = _fold_stacked(old_gram, basis, new_rows, rank, _precision(method))
     elif gram_method and basis.shape[-1] <= WIDTH_FOLD_MAX_RATIO * frame:
-        result = _fold_width(old_gram, basis, new_rows, rank, compute_dtype(method))   # every new row as it is
+        result = _fold_width(old_gram, basis, new_rows, rank, _precision(method))   # every new row as it is
     else:
         directions = new_rows
         if new_rows.shape[1] > rank:
@@ -498,14 +490,12 @@ def _fold_width(old_gram: torch.Tensor, basis: torch.Tensor, new_rows: torch.Ten
     approximation of [F B; N], as "exact" gives. For narrow KV widths, where the
     d-square eigenproblem is no larger than the frame's (WIDTH_FOLD_MAX_RATIO).
     `old_gram` is F^T F in float64 (see `_times_gram`); the rest works in `dtype`
-    (float32: "gram32", with a final CholeskyQR pass on the basis).
+    (float32: "gram32"; eigh's eigenvectors are orthonormal as they come).
     """
     b, n = basis.to(dtype), new_rows.to(dtype)
     covariance = b.mT @ _times_gram(old_gram.to(dtype), b) + n.mT @ n                # [B, d, d]
     vectors, energies = _top_eigenvectors(covariance, min(rank, covariance.shape[-1]), True, 0)
     top = _drop_negligible(vectors, energies)                                        # [B, d, r]
-    if dtype != torch.float64:
-        top = _orthonormal_columns(top)
     return Fold(rotation=(b @ top).float(), new_factors=(n @ top).float(), basis=top.mT.float())
 
 
@@ -518,23 +508,12 @@ def _fold_stacked(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: tor
     A^T A = B^T E B + N^T N is the combined data's d-square covariance (`_fold_width`), and
     its top eigenvectors are A^T W / sigma for the top eigenpairs (W, sigma^2) of the
     smaller A A^T: one (R + m)-square eigendecomposition instead of a d-square one (SmolLM2:
-    144 against 192). The directions A^T W are orthonormalised through their Gram matrix
-    W^T (A A^T) W, as `_top_row_space` does for a factorisation; in float32 ("gram32") as
-    A^T W / sigma, then one float64 CholeskyQR pass (`_directions_from_rows`).
+    144 against 192), solved and normalised by `_directions_from_rows` in `dtype`.
     """
-    if dtype != torch.float64:
-        b, n = basis.to(dtype), new_rows.to(dtype)
-        stacked = torch.cat([b * old_energies.to(dtype).sqrt().unsqueeze(-1), n], dim=1)
-        top = _directions_from_rows(stacked, stacked @ stacked.mT, rank).mT             # [B, d, r]
-        return Fold(rotation=b @ top, new_factors=n @ top, basis=top.mT)
-    b64, n64 = basis.double(), new_rows.double()
-    stacked = torch.cat([b64 * old_energies.sqrt().unsqueeze(-1), n64], dim=1)        # [B, R + m, d]
-    gram = stacked @ stacked.mT
-    vectors, energies = _top_eigenvectors(gram, min(rank, gram.shape[-1]), True, 0)
-    coeffs = _drop_negligible(vectors, energies)
-    coeffs = coeffs @ _orthonormalizer(coeffs.mT @ gram @ coeffs)
-    top = stacked.mT @ coeffs                                                          # [B, d, r]
-    return Fold(rotation=(b64 @ top).float(), new_factors=(n64 @ top).float(), basis=top.mT.float())
+    b, n = basis.to(dtype), new_rows.to(dtype)
+    stacked = torch.cat([b * old_energies.to(dtype).sqrt().unsqueeze(-1), n], dim=1)  # [B, R + m, d]
+    top = _directions_from_rows(stacked, stacked @ stacked.mT, rank).mT                # [B, d, r]
+    return Fold(rotation=(b @ top).float(), new_factors=(n @ top).float(), basis=top.mT.float())
 
 
 def _fold_gram(old_gram: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,

@@ -3,8 +3,9 @@
 
 Times `factorize_batch` and `fold_batch` (attentionpack_vllm/factorize.py) for each
 method ("exact" = torch.linalg.svd, "gram" = float64 Gram + eigh, "gram32" = the same
-in float32, "randomized" = matrix products and Cholesky only) at LLaVA-1.5-7B's KV width (32 KV heads x 128 =
-4096), rank 64, with the captured energy relative to exact SVD beside every time:
+in float32, "randomized" = matrix products and Cholesky only) at LLaVA-1.5-7B's KV
+width (32 KV heads x 128 = 4096), rank 64, with the captured energy relative to exact
+SVD beside every time:
 
 * compress: one modality's keys (or values) of 576 image tokens x 4096, one call
   of batch 1 / 16 / 64 (64 = every layer's K and V of one request at once).

@@ -50,17 +50,18 @@ def _kernel():
 
 # The fields of a layer's calls that do not change from step to step (its pages, pools and
 # plan), filled in once per layer and copied per call: building them from the tensors took
-# most of the call's Python time (19 of 71 us for one request, SmolLM2). Keyed by every
-# tensor's address, shape and strides, so a key can only ever name equal fields; bounded
-# because tests make many short-lived pools.
-_LAYER_FIELDS: dict[tuple, tuple[_Args, tuple]] = {}
+# most of the call's Python time (19 of 71 us for one request, SmolLM2). Keyed by the spec
+# and every tensor's address, dtype, shape and strides, so a key can only ever name equal
+# fields (the entry holds the spec and the column tables, so their ids and pointers stay
+# valid); bounded because tests make many short-lived pools.
+_LAYER_FIELDS: dict[tuple, tuple[_Args, LatentSpec, tuple]] = {}
 _LAYER_FIELDS_MAX = 256
 
 
 def _layer_fields(pages: torch.Tensor, rows: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
                   spec: LatentSpec, num_heads: int, head_size: int) -> _Args:
     key = (id(spec), num_heads, head_size,
-           *((t.data_ptr(), t.shape, t.stride()) for t in (pages, *rows.values(), *scales.values())))
+           *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in (pages, *rows.values(), *scales.values())))
     cached = _LAYER_FIELDS.get(key)
     if cached is not None:
         return cached[0]
@@ -91,7 +92,7 @@ def _layer_fields(pages: torch.Tensor, rows: dict[str, torch.Tensor], scales: di
             setattr(args, f"{name}_scale_strides", cpu_library.strides(scale_rows, dims, f"{name} scales", _I64))
     if len(_LAYER_FIELDS) >= _LAYER_FIELDS_MAX:
         _LAYER_FIELDS.clear()
-    _LAYER_FIELDS[key] = (args, tuple(cols.values()))  # the column tables stay alive with their pointers
+    _LAYER_FIELDS[key] = (args, spec, tuple(cols.values()))
     return args
 
 

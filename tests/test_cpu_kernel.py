@@ -100,7 +100,6 @@ def test_fused_append_writes_what_write_window_writes(storage, dtype):
     assert pools[1].window_k.abs().sum() > 0
 
 
-
 def test_layers_called_in_turn_each_read_their_own_cache():
     """The wrapper keeps each layer's constant fields between calls (keyed by its tensors):
     two caches of different shapes and storage, called in turn, each match the PyTorch path.
@@ -116,6 +115,7 @@ def test_layers_called_in_turn_each_read_their_own_cache():
             want = attend_now(sc, query, 0.2)[0]
             torch.testing.assert_close(attend_now(sc, query, 0.2, attention=cpu_attention)[0], want,
                                        rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("with_images", [False, True])
 @pytest.mark.parametrize("storage", ["auto", "int8"])
