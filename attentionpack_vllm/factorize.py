@@ -30,8 +30,8 @@ Methods (`SvdSettings.method`):
   direction's scale, is far below what int8 or 16-bit storage rounds away; directions
   whose energy round-off cannot tell from zero (below `_negligible_energy`) are dropped.
   A basis made from a Gram matrix's eigenvectors is orthonormal as eigh returns it; one
-  made from the other side's (A^T W / sigma, `_directions_from_rows`) gets a float64
-  CholeskyQR pass.
+  made from the other side's (A^T W / sigma, `_directions_from_rows`), orthonormal to
+  round-off already, gets one CholeskyQR pass in float32 (`_reorthonormalize_rows`).
 - "randomized": only matrix products, Cholesky factorisations, triangular solves
   and elementwise ops, so that a GPU never meets cuSOLVER's slow batched small
   SVD / eigh / QR. Factorisation: a randomized range finder (rank + oversample
@@ -42,8 +42,9 @@ Methods (`SvdSettings.method`):
   the new ones, so the start is already close).
 - "auto": "randomized" on CUDA, "gram32" elsewhere (`resolve_method`).
 
-Every CholeskyQR runs in float64 (cheap at these sizes), and so does every small
-eigenproblem but "gram32"'s. A "randomized" factorisation keeps its products with the
+Every CholeskyQR runs in float64 (cheap at these sizes) but the last pass over
+"gram32"'s nearly orthonormal directions, and so does every small eigenproblem but
+"gram32"'s. A "randomized" factorisation keeps its products with the
 [num_tokens, kv_width] data in float32; "gram" works in float64 throughout, "gram32" in
 float32 (but for the frame route of wide folds, `_fold_gram`, in float64). A fold
 touches the old factors only in F^T F (float64). Outputs are float32.
@@ -194,6 +195,23 @@ def _cholesky_qr(y: torch.Tensor, passes: int = 1) -> torch.Tensor:
     return (y64 @ _orthonormalizer(y64.mT @ y64, passes)).to(y.dtype)
 
 
+def _reorthonormalize_rows(y: torch.Tensor) -> torch.Tensor:
+    """[..., c, n]: the columns of y [..., n, c] made orthonormal in order by one CholeskyQR
+    pass in y's own precision, returned as rows (L^-1 y^T, contiguous); zero columns stay zero.
+
+    Only for columns orthonormal up to round-off already (or zero), as the directions of
+    `_directions_from_rows` are: their Gram matrix is then within round-off of the
+    identity, so its Cholesky factor is well defined and accurate in float32, and one
+    triangular solve restores orthonormality to the working precision.
+    """
+    gram = y.mT @ y                                                                    # [..., c, c]
+    present = gram.diagonal(dim1=-2, dim2=-1) > 0.25
+    both = present.unsqueeze(-1) & present.unsqueeze(-2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    lower, _ = torch.linalg.cholesky_ex(torch.where(both, gram, eye))                # a zero column: a unit pivot
+    return torch.linalg.solve_triangular(lower, y.mT, upper=False) * present.unsqueeze(-1)
+
+
 def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-r eigenvectors of symmetric PSD gram [..., c, c] (float64), largest first.
 
@@ -333,7 +351,8 @@ def _directions_from_rows(rows: torch.Tensor, gram: torch.Tensor, r: int, exact:
 
     In float64 they are normalised through their own Gram matrix W^T gram W; in float32
     ("gram32"), where that Gram matrix squares too much round-off, each is divided by its
-    singular value and the lot gets one float64 CholeskyQR pass.
+    singular value, which leaves them orthonormal to round-off, and the lot gets one
+    float32 CholeskyQR pass (`_reorthonormalize_rows`; the rows come out contiguous).
     """
     vectors, energies = _top_eigenvectors(gram, min(r, gram.shape[-1]), exact, steps)
     coeffs = _drop_negligible(vectors, energies)                          # [B, k, r]
@@ -341,7 +360,7 @@ def _directions_from_rows(rows: torch.Tensor, gram: torch.Tensor, r: int, exact:
         coeffs = coeffs @ _orthonormalizer(coeffs.mT @ gram @ coeffs)
         return (rows.mT @ coeffs).mT
     directions = rows.mT @ (coeffs * energies.clamp_min(1e-30).rsqrt().unsqueeze(-2))
-    return (_cholesky_qr(directions) if directions.shape[-1] else directions).mT
+    return _reorthonormalize_rows(directions) if directions.shape[-1] else directions.mT
 
 
 def factorize(x: torch.Tensor, rank: int, svd: SvdSettings = SvdSettings(),
@@ -512,8 +531,9 @@ def _fold_stacked(old_energies: torch.Tensor, basis: torch.Tensor, new_rows: tor
     """
     b, n = basis.to(dtype), new_rows.to(dtype)
     stacked = torch.cat([b * old_energies.to(dtype).sqrt().unsqueeze(-1), n], dim=1)  # [B, R + m, d]
-    top = _directions_from_rows(stacked, stacked @ stacked.mT, rank).mT                # [B, d, r]
-    return Fold(rotation=(b @ top).float(), new_factors=(n @ top).float(), basis=top.mT.float())
+    rows = _directions_from_rows(stacked, stacked @ stacked.mT, rank)                  # [B, r, d]
+    top = rows.mT
+    return Fold(rotation=(b @ top).float(), new_factors=(n @ top).float(), basis=rows.float())
 
 
 def _fold_gram(old_gram: torch.Tensor, basis: torch.Tensor, directions: torch.Tensor,
