@@ -1,13 +1,16 @@
 // Latent-space decode attention on CPU: one call per layer for the whole batch.
 //
 // Same math and contract as kernels/latent_decode_torch.py (the reference it is tested
-// against); see there for the formulas. One work item is a (request, KV head) pair, and
-// the items run in parallel (OpenMP). An item:
+// against); see there for the formulas. One work item is a request (all its heads), or,
+// when there are too few requests for the threads, a (request, KV head) pair; the items
+// run in parallel (OpenMP). An item:
 //   1. optionally appends the request's new token to its window (int8: quantised exactly
 //      as storage.quantize does);
-//   2. projects the G query heads of the KV head into every modality's key basis;
+//   2. projects its query heads into every modality's key basis (each head through its KV
+//      head's columns);
 //   3. walks the compressed records in tiles of TILE tokens, read in place through the
-//      block table: each record's K' and V' are converted to float32 once for all G heads,
+//      block table: each record's K' and V' are converted to float32 once for all its heads
+//      (the records are shared by the KV heads: their basis concatenates the heads),
 //      scores and an online softmax (running maximum and sum per head) give each token's
 //      weight, and V' is summed in rank space per modality;
 //   4. adds the window rows to the same softmax, applies the value basis once per head
@@ -171,9 +174,10 @@ struct Kernel {
         std::vector<int64_t> planes;
     };
 
-    // Online softmax of head j: `n` new scores join the running maximum and sum; the
-    // accumulators scaled by the old maximum are rescaled. Leaves exp(score - max) in `p`.
-    void softmax_step(Scratch& s, int64_t j, const float* scores, float* p, int64_t n) const {
+    // Online softmax of head j of the item's `heads`: `n` new scores join the running maximum
+    // and sum; the accumulators scaled by the old maximum are rescaled. Leaves
+    // exp(score - max) in `p`.
+    void softmax_step(Scratch& s, int64_t heads, int64_t j, const float* scores, float* p, int64_t n) const {
         float tile_top = -FLT_MAX;
         for (int64_t i = 0; i < n; ++i) tile_top = std::max(tile_top, scores[i]);
         float& top = s.top[j];
@@ -181,7 +185,7 @@ struct Kernel {
             const float shrink = top == -FLT_MAX ? 0.f : std::exp(top - tile_top);  // 0: nothing yet
             s.total[j] *= shrink;
             for (int64_t m = 0; m < M; ++m)
-                for (int64_t r = 0; r < Rv; ++r) s.acc[(m * G + j) * Rv + r] *= shrink;
+                for (int64_t r = 0; r < Rv; ++r) s.acc[(m * heads + j) * Rv + r] *= shrink;
             top = tile_top;
         }
         float sum = 0.f;
@@ -193,41 +197,48 @@ struct Kernel {
         s.total[j] += sum;
     }
 
-    void run(int64_t b, int64_t g, Scratch& s) const {
+    // One work item: request b, KV heads [g0, g1), that is query heads [g0 * G, g1 * G).
+    // Every record is read and converted once for all of the item's heads.
+    void run(int64_t b, int64_t g0, int64_t g1, Scratch& s) const {
         const int64_t slot = a.slot_ids[b];
         const int64_t c = a.compressed_lens[b], wl = a.window_lens[b], L = c + wl;
-        const int64_t H = a.num_heads, KV = a.kv_heads;
-        s.q.assign(G * Dp, 0.f);
-        s.q_lat.assign(M * G * Rk, 0.f);
-        s.acc.assign(M * G * Rv, 0.f);
-        s.scores.resize(G * L);
+        const int64_t H = a.num_heads, KV = a.kv_heads, N = (g1 - g0) * G, h0 = g0 * G;
+        s.q.assign(N * Dp, 0.f);
+        s.q_lat.assign(M * N * Rk, 0.f);
+        s.acc.assign(M * N * Rv, 0.f);
+        s.scores.resize(N * L);
         s.k_tile.resize(TILE * Rk);
         s.v_tile.resize(TILE * Rv);
-        s.weights.resize(M * G * TILE);
+        s.weights.resize(M * N * TILE);
         s.row.resize(std::max(Dp, std::max(Rk, Rv)));
-        s.out.assign(G * Dp, 0.f);
-        s.top.assign(G, -FLT_MAX);
-        s.total.assign(G, 0.f);
+        s.out.assign(N * Dp, 0.f);
+        s.top.assign(N, -FLT_MAX);
+        s.total.assign(N, 0.f);
         s.planes.resize(TILE);
         float* row = s.row.data();
 
         if (a.new_keys) {
             const int64_t w = a.new_window_rows[b];
-            append(a.new_keys + (b * KV + g) * D, a.window_k, a.window_k_strides, a.window_k_scale,
-                   a.window_k_scale_strides, slot, w, g);
-            append(a.new_values + (b * KV + g) * D, a.window_v, a.window_v_strides, a.window_v_scale,
-                   a.window_v_scale_strides, slot, w, g);
+            for (int64_t g = g0; g < g1; ++g) {
+                append(a.new_keys + (b * KV + g) * D, a.window_k, a.window_k_strides, a.window_k_scale,
+                       a.window_k_scale_strides, slot, w, g);
+                append(a.new_values + (b * KV + g) * D, a.window_v, a.window_v_strides, a.window_v_scale,
+                       a.window_v_scale_strides, slot, w, g);
+            }
         }
-        // Scaled queries, and each modality's latent queries q_lat[m][j] = D_k[m][:, g] q_j.
-        for (int64_t j = 0; j < G; ++j) {
-            const float* q = a.query + (b * H + g * G + j) * D;
+        // Scaled queries, and each modality's latent queries q_lat[m][j] = D_k[m][:, g] q_j
+        // (g: head j's KV head).
+        for (int64_t j = 0; j < N; ++j) {
+            const float* q = a.query + (b * H + h0 + j) * D;
             for (int64_t d = 0; d < D; ++d) s.q[j * Dp + d] = q[d] * static_cast<float>(a.scale);
         }
         for (int64_t m = 0; m < M; ++m)
-            for (int64_t r = 0; r < a.rank_k; ++r) {
-                basis_row(a.basis_k, a.basis_k_strides, a.basis_k_scale, a.basis_k_scale_strides, slot, m, r, g, row);
-                for (int64_t j = 0; j < G; ++j) s.q_lat[(m * G + j) * Rk + r] = dot(row, &s.q[j * Dp], Dp);
-            }
+            for (int64_t r = 0; r < a.rank_k; ++r)
+                for (int64_t g = g0; g < g1; ++g) {
+                    basis_row(a.basis_k, a.basis_k_strides, a.basis_k_scale, a.basis_k_scale_strides, slot, m, r, g, row);
+                    for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
+                        s.q_lat[(m * N + j) * Rk + r] = dot(row, &s.q[j * Dp], Dp);
+                }
 
         // Compressed records, TILE at a time: walk the block table without dividing per token.
         const T* pages = static_cast<const T*>(a.pages);
@@ -251,14 +262,14 @@ struct Kernel {
                 v_scales[i] = record_scale(rec, a.v_scale_offset);
             }
             // Image spans are long, so most tiles hold one plane: only a mixed tile pays for both.
-            for (int64_t j = 0; j < G; ++j) {
+            for (int64_t j = 0; j < N; ++j) {
                 vfloat dots;
                 if (planes_here == 2) {  // image tokens only: the image plane's latent query
-                    dots = tile_dots(&s.q_lat[(G + j) * Rk], s.k_tile.data(), Rk);
+                    dots = tile_dots(&s.q_lat[(N + j) * Rk], s.k_tile.data(), Rk);
                 } else {
                     dots = tile_dots(&s.q_lat[j * Rk], s.k_tile.data(), Rk);
                     if (planes_here == 3) {  // image tokens score against the image plane's latent query
-                        const vfloat image = tile_dots(&s.q_lat[(G + j) * Rk], s.k_tile.data(), Rk);
+                        const vfloat image = tile_dots(&s.q_lat[(N + j) * Rk], s.k_tile.data(), Rk);
                         for (int64_t i = 0; i < n; ++i)
                             if (s.planes[i]) dots[i] = image[i];
                     }
@@ -266,48 +277,54 @@ struct Kernel {
                 float* scores = &s.scores[j * L + t0];
                 for (int64_t i = 0; i < n; ++i) scores[i] = dots[i] * k_scales[i];
                 float p[TILE];
-                softmax_step(s, j, scores, p, n);
+                softmax_step(s, N, j, scores, p, n);
                 for (int64_t m = 0; m < M; ++m) {  // a token's weight goes to its own plane only
                     if (!(planes_here >> m & 1)) continue;
                     for (int64_t i = 0; i < TILE; ++i)
-                        s.weights[(m * G + j) * TILE + i] = i < n && s.planes[i] == m ? p[i] * v_scales[i] : 0.f;
+                        s.weights[(m * N + j) * TILE + i] = i < n && s.planes[i] == m ? p[i] * v_scales[i] : 0.f;
                 }
             }
             for (int64_t m = 0; m < M; ++m) {  // acc[m][j] += sum_i weight * V'_i
                 if (!(planes_here >> m & 1)) continue;
-                for (int64_t j = 0; j < G; ++j)
-                    tile_axpy(&s.weights[(m * G + j) * TILE], s.v_tile.data(), Rv, &s.acc[(m * G + j) * Rv]);
+                for (int64_t j = 0; j < N; ++j)
+                    tile_axpy(&s.weights[(m * N + j) * TILE], s.v_tile.data(), Rv, &s.acc[(m * N + j) * Rv]);
             }
         }
 
         // Window rows join the same softmax; their values are summed directly.
-        for (int64_t w = 0; w < wl; ++w) {
-            window_row(a.window_k, a.window_k_strides, a.window_k_scale, a.window_k_scale_strides, slot, w, g, row);
-            for (int64_t j = 0; j < G; ++j) s.scores[j * L + c + w] = dot(&s.q[j * Dp], row, Dp);
-        }
-        for (int64_t j = 0; j < G; ++j) {
+        for (int64_t w = 0; w < wl; ++w)
+            for (int64_t g = g0; g < g1; ++g) {
+                window_row(a.window_k, a.window_k_strides, a.window_k_scale, a.window_k_scale_strides, slot, w, g, row);
+                for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
+                    s.scores[j * L + c + w] = dot(&s.q[j * Dp], row, Dp);
+            }
+        for (int64_t j = 0; j < N; ++j) {
             float* scores = &s.scores[j * L + c];
-            softmax_step(s, j, scores, scores, wl);  // window scores become exp(score - max) in place
+            softmax_step(s, N, j, scores, scores, wl);  // window scores become exp(score - max) in place
         }
         for (int64_t m = 0; m < M; ++m)
-            for (int64_t r = 0; r < a.rank_v; ++r) {
-                basis_row(a.basis_v, a.basis_v_strides, a.basis_v_scale, a.basis_v_scale_strides, slot, m, r, g, row);
-                for (int64_t j = 0; j < G; ++j) axpy(s.acc[(m * G + j) * Rv + r], row, &s.out[j * Dp], Dp);
+            for (int64_t r = 0; r < a.rank_v; ++r)
+                for (int64_t g = g0; g < g1; ++g) {
+                    basis_row(a.basis_v, a.basis_v_strides, a.basis_v_scale, a.basis_v_scale_strides, slot, m, r, g, row);
+                    for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
+                        axpy(s.acc[(m * N + j) * Rv + r], row, &s.out[j * Dp], Dp);
+                }
+        for (int64_t w = 0; w < wl; ++w)
+            for (int64_t g = g0; g < g1; ++g) {
+                window_row(a.window_v, a.window_v_strides, a.window_v_scale, a.window_v_scale_strides, slot, w, g, row);
+                for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
+                    axpy(s.scores[j * L + c + w], row, &s.out[j * Dp], Dp);
             }
-        for (int64_t w = 0; w < wl; ++w) {
-            window_row(a.window_v, a.window_v_strides, a.window_v_scale, a.window_v_scale_strides, slot, w, g, row);
-            for (int64_t j = 0; j < G; ++j) axpy(s.scores[j * L + c + w], row, &s.out[j * Dp], Dp);
-        }
-        for (int64_t j = 0; j < G; ++j) {
+        for (int64_t j = 0; j < N; ++j) {
             const float inv = 1.f / s.total[j];
-            float* out = a.out + (b * H + g * G + j) * D;
+            float* out = a.out + (b * H + h0 + j) * D;
             for (int64_t d = 0; d < D; ++d) out[d] = s.out[j * Dp + d] * inv;
         }
 
-        if (a.probs_compressed) {  // summed over the G heads; the caller averages over all heads
-            float* pc = a.probs_compressed + (b * KV + g) * a.probs_len;
-            float* pw = a.probs_window + (b * KV + g) * a.window_size;
-            for (int64_t j = 0; j < G; ++j) {
+        if (a.probs_compressed) {  // summed over each KV head's G heads; the caller averages over all heads
+            for (int64_t j = 0; j < N; ++j) {
+                float* pc = a.probs_compressed + (b * KV + g0 + j / G) * a.probs_len;
+                float* pw = a.probs_window + (b * KV + g0 + j / G) * a.window_size;
                 const float inv = 1.f / s.total[j], top = s.top[j];
                 const float* scores = &s.scores[j * L];
                 for (int64_t t = 0; t < c; ++t) pc[t] += std::exp(scores[t] - top) * inv;
@@ -316,13 +333,20 @@ struct Kernel {
         }
     }
 
+    // Work items: a request each (its records converted once for all heads), or, when
+    // there are too few requests to keep the threads busy, a (request, KV head) pair each.
     void run_all() const {
-        const int64_t items = a.batch * a.kv_heads;
+        const int64_t per_head = a.num_threads > 1 && a.batch < 4 * a.num_threads;
+        const int64_t groups = per_head ? a.kv_heads : 1, span = a.kv_heads / groups;
+        const int64_t items = a.batch * groups;
 #pragma omp parallel num_threads(a.num_threads)
         {
             Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < items; ++i) run(i / a.kv_heads, i % a.kv_heads, scratch);
+            for (int64_t i = 0; i < items; ++i) {
+                const int64_t g0 = i % groups * span;
+                run(i / groups, g0, g0 + span, scratch);
+            }
         }
     }
 };

@@ -47,8 +47,18 @@ def run_both(case, need_probs):
     return ref, got
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """The kernel's work items: one per request on one thread; one per (request, KV head)
+    on two threads at these batches of 4 (too few requests to share out whole)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", list(CASES) + list(INT8_CASES))
-def test_matches_torch_path(name):
+def test_matches_torch_path(name, threads):
     case, need_probs = case_for(name)
     ref, got = run_both(case, need_probs)
     assert got[0].dtype == ref[0].dtype and got[0].shape == ref[0].shape
