@@ -209,7 +209,8 @@ def _reorthonormalize_rows(y: torch.Tensor) -> torch.Tensor:
     both = present.unsqueeze(-1) & present.unsqueeze(-2)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     lower, _ = torch.linalg.cholesky_ex(torch.where(both, gram, eye))                # a zero column: a unit pivot
-    return torch.linalg.solve_triangular(lower, y.mT, upper=False) * present.unsqueeze(-1)
+    rows = torch.linalg.solve_triangular(lower, y.mT, upper=False) * present.unsqueeze(-1)
+    return rows.contiguous()  # the solve writes column-major; the stores quantize along rows
 
 
 def _top_eigenvectors(gram: torch.Tensor, r: int, exact: bool, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

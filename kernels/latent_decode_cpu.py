@@ -3,8 +3,9 @@
 `latent_decode_attention_cpu` has the contract of `latent_decode_torch.latent_decode_attention`
 (the reference the tests hold it to) and can also append the step's new token to the
 window in the same call (`new_keys`, `new_values`; the function's `fuses_window_append`).
-The work is in `latent_decode_cpu.cpp` (built by `cpu_library`): each (request, KV head)
-pair reads its records through the block table and its bases and window rows by slot,
+The work is in `latent_decode_cpu.cpp` (built by `cpu_library`): each request (or, when
+there are too few for the threads, each (request, KV head) pair) reads its records once
+through the block table and its bases and window rows by slot,
 where they are stored, and runs the whole attention in float32 without a gathered copy
 or a chain of PyTorch ops. The PyTorch path takes about 50 ops per layer and call; this
 takes one, plus the output's dtype conversion.

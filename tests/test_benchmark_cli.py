@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
     ("decode_step_cpu.py", ["--kernels", "torch,cuda"], "--kernels: expected a comma-separated list of torch, cpu"),
     ("decode_step_cpu.py", ["--settings", "[1]"], "--settings must be a JSON object"),
     ("decode_step_cpu.py", ["--settings", '{"rank": 0}'], "--settings: attentionpack setting 'rank"),
+    ("engine_profile.py", ["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+    ("engine_profile.py", ["--settings", "[1]"], "--settings must be a JSON object"),
+    ("engine_profile.py", ["--settings", '{"rank": 0}'], "--settings: attentionpack setting 'rank"),
 ])
 def test_bad_arguments_exit_with_a_named_error(script, args, message):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],

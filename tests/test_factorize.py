@@ -158,6 +158,25 @@ def test_energy_matches_exact_on_low_rank_plus_noise(method, rank):
     assert (fast <= exact + 1e-6).all()
 
 
+def test_reorthonormalising_nearly_orthonormal_columns_in_float32():
+    """gram32's last pass: columns off orthonormal by round-off (and a zero column, a dropped
+    direction) come back as orthonormal rows spanning the same columns, the zero one zero."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.linalg.qr(torch.randn(2, 192, 8, generator=gen, dtype=torch.float64))[0]
+    noisy = (q + 1e-4 * torch.randn(q.shape, generator=gen, dtype=torch.float64)).float()
+    noisy[1, :, 5] = 0
+    rows = fz._reorthonormalize_rows(noisy)                                        # [2, 8, 192]
+    assert rows.shape == (2, 8, 192) and rows.is_contiguous()
+    assert (noisy.mT @ noisy - torch.eye(8)).abs().amax() > 1e-4                   # it had work to do
+    kept = torch.ones(2, 8)
+    kept[1, 5] = 0
+    torch.testing.assert_close(rows @ rows.mT, torch.diag_embed(kept), atol=2e-6, rtol=0)
+    assert rows[1, 5].abs().amax() == 0
+    # In order (CholeskyQR): column j lies in the span of input columns 0..j.
+    coords = rows.double() @ q                                                     # [2, 8, 8]
+    assert coords.tril(-1).abs().amax() < 1e-3 and coords.triu(1).abs().amax() < 1e-3
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_basis_rows_are_orthonormal_and_factors_carry_singular_values(method):
     gen = torch.Generator().manual_seed(1)
