@@ -53,10 +53,11 @@ MIXES = {
 }
 DEFAULT_IMAGE_SIZE = models.LLAVA_IMAGE_SIZE  # the tiny LLaVA's input size
 # Per mix, a regime where the dense cache is the limit: a few dense requests' worth of
-# KV bytes, more requests than fit. The tiny LLaVA's KV width is 64, so it is
-# compressed at rank 16 (the default 64 would store it at full width).
+# KV bytes, more requests than fit, and max_num_seqs at the number of requests, so that
+# only the KV cache limits either backend. The tiny LLaVA's KV width is 64, so it is
+# compressed at rank 16 (the default would store it at full width).
 MIX_DEFAULTS = {
-    "text": dict(num_prompts=24, input_len=768, output_len=128, max_num_seqs=8,
+    "text": dict(num_prompts=24, input_len=768, output_len=128, max_num_seqs=24,
                  kv_bytes=192 * 2**20, settings="{}"),
     "image": dict(num_prompts=48, input_len=256, output_len=128, max_num_seqs=48,
                   kv_bytes=8 * 2**20, settings='{"rank": 16}'),
@@ -155,8 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--output-len", type=int, default=None, help=mix_help("output_len"))
     p.add_argument("--kv-bytes", type=int, default=None,
                    help="KV cache bytes for both backends; " + mix_help("kv_bytes"))
-    # AttentionPack preallocates one slot (bases + window) per sequence, so this must
-    # leave room in the KV bytes for the records; the same value is used for both.
+    # The same value for both backends. AttentionPack preallocates one slot (bases +
+    # window) per sequence from the KV bytes; past `max_pool_fraction` of them it runs
+    # fewer sequences than asked, and its server log says so.
     p.add_argument("--max-num-seqs", type=int, default=None, help=mix_help("max_num_seqs"))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--settings", default=None,
