@@ -6,6 +6,9 @@ is made here:
 * `build_tiny_llama`: a random-weight Llama (2 layers, 4 query / 2 KV heads of 32).
 * `build_tiny_llava`: a random-weight LLaVA-1.5 (CLIP tower, 16 image tokens per
   image) around the same tiny Llama.
+* `build_llava_135m`: the same LLaVA-1.5 around a random Llama of SmolLM2-135M's shape
+  (30 layers, 9 query / 3 KV heads of 64), so that an image request costs what a
+  135M-parameter model's does (for serving benchmarks; its vocabulary stays small).
 * `build_attention_geometry_model`: a random-weight Llama with a chosen attention
   geometry (LLaVA-1.5-7B's 32 x 128 by default) and a tiny vocabulary and MLP, for
   measuring KV-cache capacity without a 7B model.
@@ -18,7 +21,7 @@ Every builder writes a marker file last and returns at once when it finds it, so
 interrupted build is redone and a finished one is reused.
 
 Command line:
-`python -m attentionpack_vllm.models {tiny-llama,tiny-llava,geometry,smollm2} --out DIR`.
+`python -m attentionpack_vllm.models {tiny-llama,tiny-llava,llava-135m,geometry,smollm2} --out DIR`.
 """
 from __future__ import annotations
 
@@ -315,14 +318,21 @@ _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _tiny_llava_config(tokenizer):
+def _smollm2_shaped_llama_config(tokenizer):
+    """SmolLM2-135M's shape (hidden 576, 30 layers, 9 query / 3 KV heads of 64, MLP 1536),
+    on the shared small vocabulary, at the usual initialisation scale."""
+    return _llama_config(tokenizer, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                         head_dim=64, intermediate_size=1536)
+
+
+def _llava_config(tokenizer, text_config):
     from transformers import CLIPVisionConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH_SIZE, projection_dim=64)
     return LlavaConfig(
-        vision_config=vision, text_config=_tiny_llama_config(tokenizer),
+        vision_config=vision, text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
         image_seq_length=LLAVA_IMAGE_TOKENS, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu",
@@ -366,23 +376,33 @@ def _rename_safetensors(path: Path, rename: Callable[[str], str]) -> None:
     save_file(tensors, path, metadata=metadata)
 
 
-def build_tiny_llava(out: str | Path, seed: int = 0) -> Path:
-    """Random-weight LLaVA-1.5: CLIP tower 56 px / patch 14 (16 image tokens), tiny Llama."""
-    out = Path(out)
+def _build_llava(out: Path, text_config: Callable, builder: str, seed: int) -> Path:
+    """A random-weight LLaVA-1.5 (the tiny CLIP tower) around `text_config(tokenizer)`'s Llama."""
     if _is_built(out):
         return out
     from transformers import LlavaForConditionalGeneration
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(with_images=True)
-    config = _tiny_llava_config(tokenizer)
-    # One shard (the model is a few MiB), so the key rename touches a single file.
+    config = _llava_config(tokenizer, text_config(tokenizer))
+    # One shard (under 1 GB), so the key rename touches a single file.
     _random_model(LlavaForConditionalGeneration, config, seed).save_pretrained(
         out, max_shard_size="1GB")
     _rename_safetensors(out / "model.safetensors", _vllm_llava_key)
     _save_companions(out, _llava_processor(tokenizer), config.text_config)
-    _mark_built(out, "tiny-llava", seed=seed)
+    _mark_built(out, builder, seed=seed)
     return out
+
+
+def build_tiny_llava(out: str | Path, seed: int = 0) -> Path:
+    """Random-weight LLaVA-1.5: CLIP tower 56 px / patch 14 (16 image tokens), tiny Llama."""
+    return _build_llava(Path(out), _tiny_llama_config, "tiny-llava", seed)
+
+
+def build_llava_135m(out: str | Path, seed: int = 0) -> Path:
+    """Random-weight LLaVA-1.5: the tiny LLaVA's CLIP tower (16 image tokens) around a Llama
+    of SmolLM2-135M's shape (about 430 MB in float32)."""
+    return _build_llava(Path(out), _smollm2_shaped_llama_config, "llava-135m", seed)
 
 
 # ---------------------------------------------------------------------------
@@ -486,6 +506,7 @@ def describe_model(path: str | Path) -> str:
 _BUILDERS = {
     "tiny-llama": build_tiny_llama,
     "tiny-llava": build_tiny_llava,
+    "llava-135m": build_llava_135m,
     "geometry": build_attention_geometry_model,
     "smollm2": lambda out: convert_smollm2(out, progress=lambda line: print(line, flush=True)),
 }

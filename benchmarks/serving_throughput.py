@@ -10,6 +10,7 @@ the AttentionPack/dense ratios of the medians.
 
     python benchmarks/serving_throughput.py --mix text    # SmolLM2-135M-Instruct, text
     python benchmarks/serving_throughput.py --mix image   # tiny LLaVA, image + text
+    python benchmarks/serving_throughput.py --mix image-135m  # the same, a 135M-shaped Llama inside
 
 Each mix takes about 10-20 minutes here (two server starts, three repetitions each).
 Results: benchmarks/results/serving_<mix>.{json,png} (`--tag` adds a suffix).
@@ -41,15 +42,18 @@ from attentionpack_vllm import models
 from attentionpack_vllm.local_server import vllm_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
+IMAGE_BENCH_ARGS = ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+                    "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
+                    "--random-mm-num-mm-items-range-ratio", "1.0",
+                    "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}']
 MIXES = {
     # mix: (model builder, folder, bench dataset arguments)
     "text": (models.convert_smollm2, "smollm2-135m-instruct",
              ["--backend", "openai", "--endpoint", "/v1/completions", "--dataset-name", "random"]),
-    "image": (models.build_tiny_llava, "tiny-llava",
-              ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
-               "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
-               "--random-mm-num-mm-items-range-ratio", "1.0",
-               "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}']),
+    "image": (models.build_tiny_llava, "tiny-llava", IMAGE_BENCH_ARGS),
+    # The same images around a language model of SmolLM2-135M's shape (random weights),
+    # where the model's compute, not vLLM's per-token work, sets a step's cost.
+    "image-135m": (models.build_llava_135m, "llava-135m", IMAGE_BENCH_ARGS),
 }
 DEFAULT_IMAGE_SIZE = models.LLAVA_IMAGE_SIZE  # the tiny LLaVA's input size
 # Per mix, a regime where the dense cache is the limit: a few dense requests' worth of
@@ -61,6 +65,8 @@ MIX_DEFAULTS = {
                  kv_bytes=192 * 2**20, settings="{}"),
     "image": dict(num_prompts=48, input_len=256, output_len=128, max_num_seqs=48,
                   kv_bytes=8 * 2**20, settings='{"rank": 16}'),
+    "image-135m": dict(num_prompts=48, input_len=256, output_len=128, max_num_seqs=48,
+                       kv_bytes=96 * 2**20, settings="{}"),
 }
 METRICS = ("request_throughput", "output_throughput", "mean_tpot_ms", "mean_ttft_ms")
 
@@ -185,7 +191,7 @@ def main(argv=None) -> int:
         p.error(f"--image-size must be a positive number of pixels, got {args.image_size}")
     args.settings = parse_settings(p, args.settings)
     builder, folder, mix_args = MIXES[args.mix]
-    if args.mix == "image":
+    if args.mix.startswith("image"):
         mix_args = [*mix_args, "--random-mm-bucket-config",
                     f"{{({args.image_size}, {args.image_size}, 1): 1.0}}"]
     if args.model:

@@ -126,6 +126,22 @@ def test_tiny_llava(tmp_path):
     assert_rebuild_is_noop(models.build_tiny_llava, folder)
 
 
+def test_llava_135m_wraps_a_llama_of_smollm2s_shape(smollm2):
+    """The image serving model's language model has SmolLM2-135M's shape (its compute per
+    token) around the tiny LLaVA's vision tower; the builder is the tiny LLaVA's."""
+    tokenizer = models.build_tokenizer(with_images=True)
+    config = models._llava_config(tokenizer, models._smollm2_shaped_llama_config(tokenizer))
+    text, reference = config.text_config, read_json(smollm2, "config.json")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size"):
+        assert getattr(text, key) == reference[key], key
+    assert text.head_dim == reference["hidden_size"] // reference["num_attention_heads"]
+    assert text.vocab_size == len(tokenizer)
+    tiny = models._llava_config(tokenizer, models._tiny_llama_config(tokenizer))
+    assert config.vision_config.to_dict() == tiny.vision_config.to_dict()
+    assert config.image_token_index == tiny.image_token_index
+
+
 def test_attention_geometry_model(tmp_path):
     geometry = dict(num_heads=4, num_kv_heads=2, head_size=64, num_layers=3)
     folder = models.build_attention_geometry_model(tmp_path / "geometry", **geometry)
