@@ -428,10 +428,12 @@ def fold_batch_diagonal(old_energies: torch.Tensor, basis: torch.Tensor, new_row
     stands for any T of them ("exact" factorises it): the result is the same, with no pass
     over the T tokens."""
     energies = old_energies.double().clamp_min(0)
-    stand_in = torch.diag_embed(energies.sqrt()).float()
+    method = resolve_method(svd.method, new_rows.device)
+    # Only "exact" factorises the old tokens themselves; the others need the energies alone.
+    stand_in = (torch.diag_embed(energies.sqrt()).float() if method == "exact"
+                else energies.new_zeros(energies.shape[0], 0, energies.shape[1], dtype=torch.float32))
     _check_fold_shapes(stand_in, basis, new_rows)
-    return _fold(stand_in, energies, basis.float(), new_rows.float(), rank,
-                 resolve_method(svd.method, new_rows.device), svd, energy)
+    return _fold(stand_in, energies, basis.float(), new_rows.float(), rank, method, svd, energy)
 
 
 def _check_fold_shapes(old_factors: torch.Tensor, basis: torch.Tensor, new_rows: torch.Tensor) -> None:

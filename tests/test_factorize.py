@@ -520,9 +520,10 @@ def test_five_folds_stay_within_ten_percent_of_a_fresh_svd_on_smollm2_kv(smollm2
     assert ratio.max() <= 1.1, ratio.max()
 
 
+@pytest.mark.parametrize("method", ["exact", "gram", "gram32"])
 @pytest.mark.parametrize("width", [72, 32], ids=["stacked", "width"])
 @pytest.mark.parametrize("energy", [None, 0.9])
-def test_a_fold_of_factorised_rows_needs_only_the_gram_diagonal(width, energy):
+def test_a_fold_of_factorised_rows_needs_only_the_gram_diagonal(width, energy, method):
     """Factors that a factorisation or an earlier fold produced have a diagonal Gram matrix, so
     the fold from its diagonal (`fold_batch_diagonal`: through the stacked rows' Gram matrix when
     they are fewer than the width, else the width-square covariance) is as good as "exact" on
@@ -540,7 +541,7 @@ def test_a_fold_of_factorised_rows_needs_only_the_gram_diagonal(width, energy):
         off = gram - torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1))
         assert off.abs().max() <= 1e-5 * gram.abs().max()
         data = torch.cat([factors @ basis, rows], dim=1)
-        diagonal = fold_batch_diagonal(factors.square().sum(-2), basis, rows, rank, settings("gram"), energy)
+        diagonal = fold_batch_diagonal(factors.square().sum(-2), basis, rows, rank, settings(method), energy)
         best = fold_batch(factors, basis, rows, rank, settings("exact"), energy)
         rec = lambda f: torch.cat([factors @ f.rotation, f.new_factors], 1) @ f.basis  # noqa: E731
         error = lambda f: (rec(f) - data).norm(dim=(-2, -1))  # noqa: E731
