@@ -55,6 +55,15 @@ inline float hsum(vfloat v) {
     for (int64_t k = 0; k < LANES; ++k) s += v[k];
     return s;
 }
+inline float hmax(vfloat v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps((__m512)v);
+#else
+    float m = v[0];
+    for (int64_t k = 1; k < LANES; ++k) m = std::max(m, v[k]);
+    return m;
+#endif
+}
 
 // LANES stored values as one float32 vector. The widening conversions are spelled out with
 // intrinsics where the CPU has them: GCC vectorises them into narrow steps or scalars.

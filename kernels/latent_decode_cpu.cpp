@@ -179,7 +179,8 @@ struct Kernel {
     // exp(score - max) in `p`.
     void softmax_step(Scratch& s, int64_t heads, int64_t j, const float* scores, float* p, int64_t n) const {
         float tile_top = -FLT_MAX;
-        for (int64_t i = 0; i < n; ++i) tile_top = std::max(tile_top, scores[i]);
+        if (n == TILE) tile_top = hmax(vload(scores));
+        else for (int64_t i = 0; i < n; ++i) tile_top = std::max(tile_top, scores[i]);
         float& top = s.top[j];
         if (tile_top > top) {
             const float shrink = top == -FLT_MAX ? 0.f : std::exp(top - tile_top);  // 0: nothing yet
@@ -262,6 +263,9 @@ struct Kernel {
                 v_scales[i] = record_scale(rec, a.v_scale_offset);
             }
             // Image spans are long, so most tiles hold one plane: only a mixed tile pays for both.
+            // A full tile of one plane (most tiles) scales and weighs its scores as whole vectors.
+            const bool whole = n == TILE && planes_here != 3;
+            const vfloat k_scale = vload(k_scales), v_scale = vload(v_scales);
             for (int64_t j = 0; j < N; ++j) {
                 vfloat dots;
                 if (planes_here == 2) {  // image tokens only: the image plane's latent query
@@ -275,9 +279,14 @@ struct Kernel {
                     }
                 }
                 float* scores = &s.scores[j * L + t0];
-                for (int64_t i = 0; i < n; ++i) scores[i] = dots[i] * k_scales[i];
+                if (whole) vstore(scores, dots * k_scale);
+                else for (int64_t i = 0; i < n; ++i) scores[i] = dots[i] * k_scales[i];
                 float p[TILE];
                 softmax_step(s, N, j, scores, p, n);
+                if (whole) {  // the tile's one plane: bit 1 is plane 0, bit 2 plane 1
+                    vstore(&s.weights[((planes_here >> 1) * N + j) * TILE], vload(p) * v_scale);
+                    continue;
+                }
                 for (int64_t m = 0; m < M; ++m) {  // a token's weight goes to its own plane only
                     if (!(planes_here >> m & 1)) continue;
                     for (int64_t i = 0; i < TILE; ++i)
