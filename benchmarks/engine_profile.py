@@ -37,6 +37,9 @@ from pathlib import Path
 
 from _cli import parse_settings
 from _environment import environment
+from serving_throughput import MIX_DEFAULTS, MIXES
+
+TEXT_MIX = MIX_DEFAULTS["text"]  # the serving benchmark's text mix: the same requests and budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("dense", "attentionpack")
@@ -102,12 +105,12 @@ def run_worker(backend: str, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-prompts", type=int, default=24)
-    p.add_argument("--input-len", type=int, default=768)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--kv-bytes", type=int, default=192 * 2**20, help="KV cache bytes for both backends")
-    p.add_argument("--max-num-seqs", type=int, default=24)
-    p.add_argument("--settings", default="{}", help="AttentionPack settings (JSON; default: the defaults)")
+    p.add_argument("--num-prompts", type=int, default=TEXT_MIX["num_prompts"])
+    p.add_argument("--input-len", type=int, default=TEXT_MIX["input_len"])
+    p.add_argument("--output-len", type=int, default=TEXT_MIX["output_len"])
+    p.add_argument("--kv-bytes", type=int, default=TEXT_MIX["kv_bytes"], help="KV cache bytes for both backends")
+    p.add_argument("--max-num-seqs", type=int, default=TEXT_MIX["max_num_seqs"])
+    p.add_argument("--settings", default=TEXT_MIX["settings"], help="AttentionPack settings (JSON; default: the defaults)")
     p.add_argument("--tag", default="", help="suffix of the results file (engine_profile[_<tag>])")
     p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -124,14 +127,15 @@ def main(argv=None) -> int:
     except AttentionPackConfigError as exc:
         p.error(f"--settings: {exc}")
 
-    args.model_dir = models.convert_smollm2(models.default_models_dir() / "smollm2-135m-instruct")
+    builder, folder, _ = MIXES["text"]
+    args.model_dir = builder(models.default_models_dir() / folder)
     if args.worker:  # a child: one backend, its figures to --worker-out
         Path(args.worker_out).write_text(json.dumps(run_worker(args.worker, args)))
         return 0
 
     result = {"command": shlex.join(["python", "benchmarks/engine_profile.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
-              "model": "smollm2-135m-instruct", "num_prompts": args.num_prompts, "input_len": args.input_len,
+              "model": folder, "num_prompts": args.num_prompts, "input_len": args.input_len,
               "output_len": args.output_len, "kv_cache_memory_bytes": args.kv_bytes,
               "max_num_seqs": args.max_num_seqs, "attentionpack_settings": args.settings, "backends": {}}
     passthrough = list(argv if argv is not None else sys.argv[1:])

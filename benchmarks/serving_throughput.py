@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         p.error(f"--image-size must be a positive number of pixels, got {args.image_size}")
     args.settings = parse_settings(p, args.settings)
     builder, folder, mix_args = MIXES[args.mix]
-    if args.mix.startswith("image"):
+    if "random-mm" in mix_args:  # the image dataset draws its image sizes from a bucket table
         mix_args = [*mix_args, "--random-mm-bucket-config",
                     f"{{({args.image_size}, {args.image_size}, 1): 1.0}}"]
     if args.model:

@@ -345,7 +345,7 @@ struct Kernel {
     // Work items: a request each (its records converted once for all heads), or, when
     // there are too few requests to keep the threads busy, a (request, KV head) pair each.
     void run_all() const {
-        const int64_t per_head = a.num_threads > 1 && a.batch < 4 * a.num_threads;
+        const bool per_head = a.num_threads > 1 && a.batch < 4 * a.num_threads;
         const int64_t groups = per_head ? a.kv_heads : 1, span = a.kv_heads / groups;
         const int64_t items = a.batch * groups;
 #pragma omp parallel num_threads(a.num_threads)
