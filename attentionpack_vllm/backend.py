@@ -27,7 +27,6 @@ from .kernels import cpu_library
 from .kernels.decode_inputs import DecodeBatch
 from .memory import MemoryReport
 from .paged_store import FoldBatch
-from .plan import CompressionPlan
 from .plugin import install_worker_hooks
 from .prefill import prefill_request
 from .slot_pool import SlotPool
@@ -84,8 +83,7 @@ class AttentionPackBackend(AttentionBackend):
         if spec.state_content_bytes is not None:
             return spec
         vllm_config = get_current_vllm_config_or_none()
-        plan = CompressionPlan.build(runtime.active_config(vllm_config), spec.num_kv_heads, spec.head_size,
-                                     has_image=runtime.model_has_images(vllm_config))
+        plan = runtime.plan_for(vllm_config, spec.num_kv_heads, spec.head_size)
         record_bytes = MemoryReport.of(plan, spec.dtype).record_bytes
         return dataclasses.replace(spec, num_head_slots=1, state_content_bytes=record_bytes)
 
@@ -123,8 +121,7 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         self.device = device
         self.runner = runtime.current_runner()  # names the batch rows (legacy model runner)
         config = runtime.active_config(vllm_config)
-        self.plan = CompressionPlan.build(config, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
-                                          has_image=runtime.model_has_images(vllm_config))
+        self.plan = runtime.plan_for(vllm_config, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size)
         self.block_size = kv_cache_spec.block_size
         self.windows = WindowTracker.for_plan(runtime.num_request_slots(vllm_config), self.plan)
         # Only the PyTorch path reads the padded gather index (the kernels read in place).
@@ -212,8 +209,7 @@ class AttentionPackImpl(AttentionImpl):
         install_worker_hooks()
         vllm_config = get_current_vllm_config()
         self.config = runtime.active_config(vllm_config)
-        self.plan = CompressionPlan.build(self.config, num_kv_heads, head_size,
-                                          has_image=runtime.model_has_images(vllm_config))
+        self.plan = runtime.plan_for(vllm_config, num_kv_heads, head_size)
         self.num_slots = runtime.num_request_slots(vllm_config)
         self.device = vllm_config.device_config.device
         self.pool: SlotPool | None = None

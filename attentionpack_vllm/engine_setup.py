@@ -11,7 +11,9 @@ from . import runtime
 from .engine_checks import EngineFeatures, raise_on_conflicts
 from .memory import MemoryReport, size_request_slots
 from .parallel import WorkerShape
-from .plan import CompressionPlan
+from .kernels.layout import IMAGE
+from .plan import CompressionPlan, RequestTokens
+from .token_bounds import request_tokens
 
 logger = init_logger("vllm.attentionpack")  # under vllm's logger: same format and level
 
@@ -44,7 +46,8 @@ def prepare_engine(args, model_config) -> None:
         model_config.model_arch_config = dataclasses.replace(
             model_config.model_arch_config, is_mm_prefix_lm=True)
         model_config.__dict__.pop("is_mm_prefix_lm", None)
-    report, plan, layers = memory_report(config, model_config, args)
+    runtime.ship_request_tokens(args, request_tokens(model_config))
+    report, plan, layers = memory_report(config, model_config, args, runtime.shipped_request_tokens(args))
     logger.info("Using AttentionPack attention backend (%s)", "attentionpack_vllm")
     logger.info("AttentionPack settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     logger.info("AttentionPack bytes per token per layer: %d (dense %d: %s); "
@@ -61,6 +64,11 @@ def prepare_engine(args, model_config) -> None:
                 "a %d-token window); compression pays from %s tokens per request",
                 report.slot_bytes * layers, layers, plan.sink_tokens, plan.window_size,
                 report.crossover_tokens() or "no number of")
+    image_tokens = runtime.shipped_request_tokens(args).image
+    if plan.has_image and image_tokens is not None and image_tokens < max(plan.layout.rank_k, plan.layout.rank_v):
+        logger.info("AttentionPack: image bases take %d key and %d value rows per layer: a request "
+                    "holds at most %d image tokens (--limit-mm-per-prompt times the model's tokens "
+                    "per item)", plan.ranks_k[IMAGE], plan.ranks_v[IMAGE], image_tokens)
     shape = WorkerShape.of(model_config, args)
     if shape.workers > 1:
         for line in shape.describe(report, plan):
@@ -96,7 +104,7 @@ def size_slot_pools(args, model_config) -> None:
     built from it) so that one worker's slot pools take at most `max_pool_fraction` of its
     KV cache budget. The engine core and the workers get the lowered value with the config."""
     config = runtime.config_from_vllm(args)
-    report, _, layers = memory_report(config, model_config, args)
+    report, _, layers = memory_report(config, model_config, args, runtime.shipped_request_tokens(args))
     slot_bytes = report.slot_bytes * layers
     budget = kv_budget(args)
     if budget is None:
@@ -135,12 +143,14 @@ def size_change(ratio: float) -> str:
     return f"{1 / ratio:.2f}x larger"
 
 
-def memory_report(config, model_config, parallel=None) -> tuple[MemoryReport, CompressionPlan, int]:
+def memory_report(config, model_config, parallel=None,
+                  bounds: RequestTokens = RequestTokens()) -> tuple[MemoryReport, CompressionPlan, int]:
     """Figures of one worker: its shard of the KV heads and the layers of its stage
-    (`parallel`: ParallelConfig or EngineArgs; None: a single worker)."""
+    (`parallel`: ParallelConfig or EngineArgs; None: a single worker), with the slot planes
+    sized to `bounds`."""
     shape = WorkerShape.of(model_config, parallel)
     plan = CompressionPlan.build(config, shape.kv_heads, model_config.get_head_size(),
-                                 has_image=bool(model_config.is_multimodal_model))
+                                 has_image=bool(model_config.is_multimodal_model), request_tokens=bounds)
     return MemoryReport.of(plan, model_config.dtype), plan, shape.worker_layers
 
 
@@ -151,7 +161,7 @@ def log_capacity(vllm_config) -> None:
     if tokens is None:
         return
     report, _, layers = memory_report(runtime.active_config(vllm_config), vllm_config.model_config,
-                                      vllm_config.parallel_config)
+                                      vllm_config.parallel_config, runtime.shipped_request_tokens(vllm_config))
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     pool_bytes = report.slot_bytes * layers * max_num_seqs
     budget = tokens * report.record_bytes * layers + pool_bytes

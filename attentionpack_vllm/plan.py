@@ -17,11 +17,29 @@ from .kernels.layout import IMAGE, TEXT, RecordLayout
 
 
 @dataclass(frozen=True)
+class RequestTokens:
+    """The most tokens of each modality one request can hold (None: no bound known).
+
+    A basis never has more directions than its modality has tokens, so a plane's rank
+    past that bound would be rows that stay zero in every slot (`CompressionPlan.build`
+    clamps to it). vLLM bounds both: text by `max_model_len`, images by the model's
+    tokens per item times the items allowed per prompt (`token_bounds.request_tokens`).
+    """
+
+    text: int | None = None
+    image: int | None = None
+
+    def clamp(self, rank: int, modality: int) -> int:
+        bound = self.text if modality == TEXT else self.image
+        return rank if bound is None else min(rank, bound)
+
+
+@dataclass(frozen=True)
 class CompressionPlan:
     num_kv_heads: int
     head_size: int
-    ranks_k: tuple[int, int]   # (text, image) key ranks, clamped to kv_width
-    ranks_v: tuple[int, int]   # (text, image) value ranks, clamped to kv_width
+    ranks_k: tuple[int, int]   # (text, image) key ranks, clamped to kv_width and a request's tokens
+    ranks_v: tuple[int, int]   # (text, image) value ranks, likewise
     group_cols_k: tuple[tuple[int, ...], tuple[int, ...]]  # per modality, per group
     group_cols_v: tuple[tuple[int, ...], tuple[int, ...]]
     group_fractions: tuple[float, ...]
@@ -32,28 +50,38 @@ class CompressionPlan:
     has_image: bool = True     # slots hold image bases (a multimodal model)
     int8: bool = False         # records, bases and exact rows stored as int8 with scales
     text_energy: float | None = None  # text segments keep the directions capturing this share
+    record_ranks: tuple[int, int] = (0, 0)  # (K', V') columns of a record: the largest configured ranks
 
     @classmethod
     def build(cls, config: AttentionPackConfig, num_kv_heads: int, head_size: int,
-              has_image: bool = True) -> "CompressionPlan":
+              has_image: bool = True, request_tokens: RequestTokens = RequestTokens()) -> "CompressionPlan":
+        """The plan of a layer with this KV geometry. Each modality's ranks are clamped to
+        the most tokens of it a request can hold (`request_tokens`); the partial-rank
+        groups read the columns they would at the configured rank, up to the clamped one,
+        so clamping changes no result, only the rows a slot allocates."""
         ranks = config.effective_ranks(num_kv_heads * head_size)
-        ranks_k = _by_modality(text=ranks["rank_text_key"], image=ranks["rank_vision_key"])
-        ranks_v = _by_modality(text=ranks["rank_text_value"], image=ranks["rank_vision_value"])
+        configured_k = _by_modality(text=ranks["rank_text_key"], image=ranks["rank_vision_key"])
+        configured_v = _by_modality(text=ranks["rank_text_value"], image=ranks["rank_vision_value"])
+        ranks_k, ranks_v = (tuple(request_tokens.clamp(r, m) for m, r in enumerate(configured))
+                            for configured in (configured_k, configured_v))
+        groups = lambda configured, ranks, partial: tuple(  # noqa: E731
+            tuple(min(c, rank) for c in config.group_ranks(r, partial)) for r, rank in zip(configured, ranks))
         return cls(
             num_kv_heads=num_kv_heads,
             head_size=head_size,
             ranks_k=ranks_k,
             ranks_v=ranks_v,
-            group_cols_k=tuple(config.group_ranks(r, config.partial_rank_keys) for r in ranks_k),
-            group_cols_v=tuple(config.group_ranks(r, config.partial_rank_values) for r in ranks_v),
+            group_cols_k=groups(configured_k, ranks_k, config.partial_rank_keys),
+            group_cols_v=groups(configured_v, ranks_v, config.partial_rank_values),
             group_fractions=config.group_fractions,
             ema_weight=config.ema_weight,
             window_size=config.window_size,
             svd=SvdSettings(config.svd, config.svd_oversample, config.svd_power_iters),
-            has_image=has_image,
+            has_image=has_image and request_tokens.image != 0,
             sink_tokens=config.sink_tokens,
             int8=config.storage == "int8",
             text_energy=None if config.rank_text_energy >= 1.0 else float(config.rank_text_energy),
+            record_ranks=(max(configured_k), max(configured_v)),
         )
 
     @property
@@ -62,7 +90,9 @@ class CompressionPlan:
 
     @property
     def layout(self) -> RecordLayout:
-        return RecordLayout(rank_k=max(self.ranks_k), rank_v=max(self.ranks_v), int8=self.int8)
+        """Records as wide as the largest configured rank: a layer's page width depends on the
+        settings and KV geometry only (vLLM sizes pages where no model bounds are known)."""
+        return RecordLayout(rank_k=self.record_ranks[0], rank_v=self.record_ranks[1], int8=self.int8)
 
     def page_dtype(self, cache_dtype: torch.dtype) -> torch.dtype:
         """The dtype pages are read and written in: bytes with int8 storage, else the cache's."""

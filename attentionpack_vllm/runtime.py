@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .config import AttentionPackConfig
+from .plan import CompressionPlan, RequestTokens
 from .request_slots import RequestSlots
 
 SETTINGS_KEY = "attentionpack"
+REQUEST_TOKENS_KEY = "attentionpack_request_tokens"  # set at start-up, not a user setting
 
 _config: AttentionPackConfig | None = None
 _building_runner: Any = None
@@ -40,12 +42,33 @@ def active_config(vllm_config: Any | None) -> AttentionPackConfig:
     return _config
 
 
-def model_has_images(vllm_config: Any | None) -> bool:
-    """Whether the served model takes images (its slots then hold image bases too).
+def plan_for(vllm_config: Any | None, num_kv_heads: int, head_size: int) -> CompressionPlan:
+    """The compression plan of a layer of the served model: image bases only for a multimodal
+    model, and each modality's planes no larger than its tokens in one request (measured at
+    start-up and shipped with the config: `shipped_request_tokens`).
 
-    Unknown (no model config in sight) counts as yes: the larger slot is never wrong."""
+    With no model config in sight the slots hold image bases: the larger slot is never
+    wrong, and a record's width does not depend on it."""
     model_config = getattr(vllm_config, "model_config", None)
-    return True if model_config is None else bool(model_config.is_multimodal_model)
+    return CompressionPlan.build(active_config(vllm_config), num_kv_heads, head_size,
+                                 has_image=model_config is None or bool(model_config.is_multimodal_model),
+                                 request_tokens=shipped_request_tokens(vllm_config))
+
+
+def ship_request_tokens(args: Any, bounds: RequestTokens) -> None:
+    """Put the start-up's `token_bounds.request_tokens` into the engine arguments'
+    `additional_config`, which vLLM hands to the engine core and every worker. (A worker
+    cannot measure them itself: while its layers are built, its model config names the
+    language model, which has no multimodal processor.)"""
+    args.additional_config = {**(args.additional_config or {}),
+                              REQUEST_TOKENS_KEY: {"text": bounds.text, "image": bounds.image}}
+
+
+def shipped_request_tokens(holder: Any | None) -> RequestTokens:
+    """The bounds `ship_request_tokens` stored (EngineArgs or VllmConfig); none if absent."""
+    additional = getattr(holder, "additional_config", None) or {}
+    shipped = additional.get(REQUEST_TOKENS_KEY) if isinstance(additional, dict) else None
+    return RequestTokens(**shipped) if shipped else RequestTokens()
 
 
 def num_request_slots(vllm_config: Any) -> int:

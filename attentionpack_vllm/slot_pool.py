@@ -28,7 +28,7 @@ ROW_TENSORS = ("basis_k", "basis_v", "window_k", "window_v")
 @dataclass
 class SlotPool:
     # Bases: [num_slots, M, rank, kv_width] views (M = plan.num_modalities, rank = the
-    # largest of the modalities'), each plane holding its own rank's rows (`_planes`).
+    # record's, plan.layout), each plane holding its own rank's rows (`_planes`).
     basis_k: torch.Tensor
     basis_v: torch.Tensor
     window_k: torch.Tensor            # [num_slots, exact_rows, kv_width]: sinks, then window
@@ -43,19 +43,21 @@ class SlotPool:
         width, window = plan.kv_width, plan.exact_rows
         row_dtype = torch.int8 if plan.int8 else dtype
         zeros = lambda *shape, dt=row_dtype: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
-        planes = lambda ranks, columns, dt=row_dtype: _planes(num_slots, ranks, columns, dt, device)  # noqa: E731
+        planes = lambda ranks, rows, columns, dt=row_dtype: _planes(  # noqa: E731
+            num_slots, ranks, rows, columns, dt, device)
         ranks_k, ranks_v = plan.ranks_k[:plan.num_modalities], plan.ranks_v[:plan.num_modalities]
+        layout = plan.layout
         pool = cls(
-            basis_k=planes(ranks_k, width),
-            basis_v=planes(ranks_v, width),
+            basis_k=planes(ranks_k, layout.rank_k, width),
+            basis_v=planes(ranks_v, layout.rank_v, width),
             window_k=zeros(num_slots, window, width),
             window_v=zeros(num_slots, window, width),
             window_importance=zeros(num_slots, window, dt=torch.float32),
         )
         if plan.int8:
             heads = plan.num_kv_heads
-            pool.scales = {"basis_k": planes(ranks_k, heads, torch.float32),
-                           "basis_v": planes(ranks_v, heads, torch.float32),
+            pool.scales = {"basis_k": planes(ranks_k, layout.rank_k, heads, torch.float32),
+                           "basis_v": planes(ranks_v, layout.rank_v, heads, torch.float32),
                            "window_k": zeros(num_slots, window, heads, dt=torch.float32),
                            "window_v": zeros(num_slots, window, heads, dt=torch.float32)}
         return pool
@@ -113,9 +115,9 @@ class SlotPool:
     @staticmethod
     def spare_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
         """Bytes a pool holds beyond its slots: the spare rows at the end of the basis
-        buffers when the image planes are narrower than the text planes (see `_planes`)."""
-        planes = plan.num_modalities
-        rows = sum(max(ranks[:planes]) - ranks[planes - 1] for ranks in (plan.ranks_k, plan.ranks_v))
+        buffers when the last plane is narrower than a record's rank (see `_planes`)."""
+        last = plan.num_modalities - 1
+        rows = (plan.layout.rank_k - plan.ranks_k[last]) + (plan.layout.rank_v - plan.ranks_v[last])
         return rows * _row_bytes(plan, dtype)
 
     def reset(self, slot: int) -> None:
@@ -134,18 +136,19 @@ def _row_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
     return plan.kv_width * torch.empty((), dtype=dtype).element_size()
 
 
-def _planes(num_slots: int, ranks: tuple[int, ...], columns: int, dtype: torch.dtype,
+def _planes(num_slots: int, ranks: tuple[int, ...], widest: int, columns: int, dtype: torch.dtype,
             device) -> torch.Tensor:
-    """A [num_slots, len(ranks), max(ranks), columns] view of per-modality basis planes over
-    one zeroed buffer, in which each plane takes only its own rank's rows.
+    """A [num_slots, len(ranks), widest, columns] view of per-modality basis planes over
+    one zeroed buffer, in which each plane takes only its own rank's rows (`widest`: the
+    record's rank, at least every plane's; the rows the decode reads).
 
     Plane m of a slot starts right after plane m - 1's own rows, so the view's rows past a
     plane's rank are the next plane's (or the next slot's) first rows, not zeros. Nothing
     takes them for that plane's data: every record's factor columns past its modality's
     rank are zero, and stores and folds touch a plane's own rows only. The buffer ends
-    with max(ranks) - ranks[-1] spare rows, so the last slot's view stays inside it.
+    with widest - ranks[-1] spare rows, so the last slot's view stays inside it.
     """
-    rows, widest = sum(ranks), max(ranks)
+    rows = sum(ranks)
     buffer = torch.zeros(num_slots * rows + widest - ranks[-1], columns, dtype=dtype, device=device)
     return buffer.as_strided((num_slots, len(ranks), widest, columns), (rows * columns, ranks[0] * columns, columns, 1))
 

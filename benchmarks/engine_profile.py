@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     except AttentionPackConfigError as exc:
         p.error(f"--settings: {exc}")
 
-    builder, folder, _ = MIXES["text"]
+    builder, folder, _, _ = MIXES["text"]
     args.model_dir = builder(models.default_models_dir() / folder)
     if args.worker:  # a child: one backend, its figures to --worker-out
         Path(args.worker_out).write_text(json.dumps(run_worker(args.worker, args)))

@@ -42,18 +42,22 @@ from attentionpack_vllm import models
 from attentionpack_vllm.local_server import vllm_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ONE_IMAGE = '{"image": 1, "video": 0}'
 IMAGE_BENCH_ARGS = ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
                     "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
                     "--random-mm-num-mm-items-range-ratio", "1.0",
-                    "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}']
+                    "--random-mm-limit-mm-per-prompt", ONE_IMAGE]
+# Both servers accept what the image requests send, one image each; AttentionPack then
+# sizes its image bases to one image's tokens (16) instead of the rank (80).
+IMAGE_SERVE_ARGS = ["--limit-mm-per-prompt", ONE_IMAGE]
 MIXES = {
-    # mix: (model builder, folder, bench dataset arguments)
+    # mix: (model builder, folder, bench dataset arguments, serve arguments of both backends)
     "text": (models.convert_smollm2, "smollm2-135m-instruct",
-             ["--backend", "openai", "--endpoint", "/v1/completions", "--dataset-name", "random"]),
-    "image": (models.build_tiny_llava, "tiny-llava", IMAGE_BENCH_ARGS),
+             ["--backend", "openai", "--endpoint", "/v1/completions", "--dataset-name", "random"], []),
+    "image": (models.build_tiny_llava, "tiny-llava", IMAGE_BENCH_ARGS, IMAGE_SERVE_ARGS),
     # The same images around a language model of SmolLM2-135M's shape (random weights),
     # where the model's compute, not vLLM's per-token work, sets a step's cost.
-    "image-135m": (models.build_llava_135m, "llava-135m", IMAGE_BENCH_ARGS),
+    "image-135m": (models.build_llava_135m, "llava-135m", IMAGE_BENCH_ARGS, IMAGE_SERVE_ARGS),
 }
 DEFAULT_IMAGE_SIZE = models.LLAVA_IMAGE_SIZE  # the tiny LLaVA's input size
 # Per mix, a regime where the dense cache is the limit: a few dense requests' worth of
@@ -107,10 +111,10 @@ def bench_once(url: str, args, mix_args: list[str], out: Path) -> dict:
     return row
 
 
-def run_backend(name: str, args, mix_args: list[str]) -> dict:
+def run_backend(name: str, args, mix_args: list[str], mix_serve_args: list[str]) -> dict:
     serve_args = ["--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
                   "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory-bytes", str(args.kv_bytes),
-                  "--enforce-eager", "--seed", "0", "--block-size", "32"]
+                  "--enforce-eager", "--seed", "0", "--block-size", "32", *mix_serve_args]
     if name == "attentionpack":
         serve_args += ["--attention-backend", "attentionpack", "--additional-config",
                        json.dumps({"attentionpack": args.settings})]
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
     if args.image_size < 1:
         p.error(f"--image-size must be a positive number of pixels, got {args.image_size}")
     args.settings = parse_settings(p, args.settings)
-    builder, folder, mix_args = MIXES[args.mix]
+    builder, folder, mix_args, mix_serve_args = MIXES[args.mix]
     if "random-mm" in mix_args:  # the image dataset draws its image sizes from a bucket table
         mix_args = [*mix_args, "--random-mm-bucket-config",
                     f"{{({args.image_size}, {args.image_size}, 1): 1.0}}"]
@@ -204,9 +208,9 @@ def main(argv=None) -> int:
               "environment": environment(), "dtype": args.dtype, "reps": args.reps,
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
               "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
-              "attentionpack_settings": args.settings, "backends": {}}
+              "serve_args": mix_serve_args, "attentionpack_settings": args.settings, "backends": {}}
     for name in ("dense", "attentionpack"):
-        result["backends"][name] = run_backend(name, args, mix_args)
+        result["backends"][name] = run_backend(name, args, mix_args, mix_serve_args)
     d, a = result["backends"]["dense"], result["backends"]["attentionpack"]
     result["ratios_attentionpack_over_dense"] = {
         k: a["median"][k] / d["median"][k] if d["median"][k] else None for k in d["median"]}

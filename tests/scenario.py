@@ -10,7 +10,7 @@ from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.decode import decode_and_fold, schedule_decode
 from attentionpack_vllm.kernels.decode_inputs import make_decode_batch
 from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention
-from attentionpack_vllm.plan import CompressionPlan
+from attentionpack_vllm.plan import CompressionPlan, RequestTokens
 from attentionpack_vllm.prefill import store_tokens
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.windows import WindowTracker
@@ -60,10 +60,12 @@ def build_scenario(config: AttentionPackConfig, *, num_kv_heads: int, head_size:
                    prompt_lens: list[int], image_spans: list[list[tuple[int, int]]] | None = None,
                    block_size: int = 16, max_new_tokens: int = 32, dtype=torch.float32,
                    num_slots: int | None = None, seed: int = 0, data_rank: int | None = None,
-                   pages_fill: float = 0.0, has_image: bool = True) -> Scenario:
+                   pages_fill: float = 0.0, has_image: bool = True,
+                   request_tokens: RequestTokens = RequestTokens()) -> Scenario:
     """Prefill-compress `prompt_lens` requests into fresh pages (blocks shuffled)."""
     gen = torch.Generator().manual_seed(seed)
-    plan = CompressionPlan.build(config, num_kv_heads, head_size, has_image=has_image)
+    plan = CompressionPlan.build(config, num_kv_heads, head_size, has_image=has_image,
+                                 request_tokens=request_tokens)
     width = plan.kv_width
     batch = len(prompt_lens)
     max_blocks = -(-(max(prompt_lens) + max_new_tokens) // block_size)

@@ -11,7 +11,9 @@ from attentionpack_vllm.kernels.decode_inputs import make_decode_batch
 from attentionpack_vllm.kernels.layout import IMAGE, TEXT, decode_flags
 from attentionpack_vllm.memory import MemoryReport
 from attentionpack_vllm.paged_store import page_slots, read_records
-from attentionpack_vllm.plan import CompressionPlan
+from attentionpack_vllm.kernels.latent_decode_cpu import latent_decode_attention_cpu
+from attentionpack_vllm.kernels.cpu_library import unavailable_reason
+from attentionpack_vllm.plan import CompressionPlan, RequestTokens
 from attentionpack_vllm.prefill import store_tokens
 from attentionpack_vllm.slot_pool import SlotPool
 from attentionpack_vllm.windows import WindowTracker
@@ -157,6 +159,50 @@ def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
     n = report.crossover_tokens()
     assert report.request_bytes(n)[1] < report.request_bytes(n)[0]
     assert report.request_bytes(n - 1)[1] >= report.request_bytes(n - 1)[0]
+
+
+def test_request_token_bounds_shrink_the_planes_not_the_records():
+    """Rank 80 with at most 16 image tokens per request: image planes take 16 rows, the records
+    keep 80 columns (a page's width never depends on the bounds), the slot shrinks by exactly
+    the 2 x 64 rows saved, and no image tokens at all means no image planes."""
+    config = AttentionPackConfig.from_dict({"partial_rank_keys": True})
+    full = CompressionPlan.build(config, num_kv_heads=3, head_size=64)
+    bounded = CompressionPlan.build(config, num_kv_heads=3, head_size=64,
+                                    request_tokens=RequestTokens(text=2048, image=16))
+    assert full.ranks_k == full.ranks_v == (80, 80)
+    assert bounded.ranks_k == bounded.ranks_v == (80, 16) and bounded.has_image
+    assert bounded.layout == full.layout
+    # Groups read what they would at rank 80, up to the image plane's 16 rows.
+    assert full.group_cols_k == ((80, 20), (80, 20)) and bounded.group_cols_k == ((80, 20), (16, 16))
+    saved = MemoryReport.of(full, torch.float32).slot_bytes - MemoryReport.of(bounded, torch.float32).slot_bytes
+    assert saved == 2 * 64 * (192 + 3 * 4)  # int8 rows with one float32 scale per KV head
+    pool = SlotPool.allocate(bounded, num_slots=3, dtype=torch.float32)
+    report = MemoryReport.of(bounded, torch.float32)
+    assert pool.nbytes() == 3 * report.slot_bytes + report.pool_spare_bytes
+    assert pool.basis_k.shape == (3, 2, 80, 192)
+    short_text = CompressionPlan.build(config, 3, 64, request_tokens=RequestTokens(text=48, image=0))
+    assert short_text.ranks_k[TEXT] == 48 and not short_text.has_image and short_text.layout == full.layout
+
+
+@pytest.mark.parametrize("storage", ["auto", "int8"])
+@pytest.mark.parametrize("decode", ["torch", "cpu"])
+def test_planes_clamped_to_the_request_tokens_change_no_output(storage, decode):
+    """The same requests (at most 12 image tokens each) through a plan whose image planes have
+    rank 16 and one whose planes are clamped to 12 rows: prefill, decode steps and folds
+    give the same outputs (partial rank on, so the groups' columns are covered too)."""
+    if decode == "cpu" and unavailable_reason():
+        pytest.skip(f"the compiled CPU kernel is unavailable: {unavailable_reason()}")
+    config = AttentionPackConfig.from_dict({"storage": storage, "rank": 16, "window_size": 3, "sink_tokens": 1,
+                                            "partial_rank_keys": True, "partial_rank_values": True})
+    attention = latent_decode_attention_cpu if decode == "cpu" else None
+    outputs = []
+    for bound in (RequestTokens(), RequestTokens(text=1000, image=12)):
+        sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[40, 30, 25],
+                            image_spans=[[(4, 15)], [(0, 9)], [(10, 20)]], request_tokens=bound)
+        outputs.append(torch.stack([out for out, _ in run_decode(sc, 4, steps=7, attention=attention,
+                                                                 oracle=False)]))
+    assert sc.plan.ranks_k == (16, 12)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 
 def test_cache_tokens_match_what_vllm_reported():

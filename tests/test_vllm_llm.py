@@ -71,10 +71,21 @@ def llava_requests(max_tokens: int = 32):
 
 
 def test_llava_with_images_full_rank_matches_dense(tiny_llava):
+    """Also with at most 2 images per prompt (16 tokens each): the image planes then take 32
+    of the 64 rows full rank has, and the outputs stay dense's token for token."""
     dense = run_llm(tiny_llava, dense_engine(), llava_requests())
     packed = run_llm(tiny_llava, attentionpack_engine({**FULL_RANK, "window_size": 6}), llava_requests())
     assert "image tokens found in a prompt" in packed.log
+    assert "image bases take" not in packed.log  # 999 images allowed: no bound below the rank
     assert packed.token_ids == dense.token_ids
+    limited = run_llm(tiny_llava, attentionpack_engine({**FULL_RANK, "window_size": 6},
+                                                       limit_mm_per_prompt={"image": 2}), llava_requests())
+    assert "image bases take 32 key and 32 value rows per layer: a request holds at most 32 image tokens" \
+        in limited.log
+    assert limited.token_ids == dense.token_ids
+    # The workers' smaller slot pools leave the records more of the same budget.
+    capacity = r"KV cache size: ([\d,]+) tokens"
+    assert limited.log_int(capacity) > packed.log_int(capacity)
 
 
 def test_llava_image_tokens_use_the_vision_ranks(tiny_llava):
