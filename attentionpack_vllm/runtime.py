@@ -2,11 +2,13 @@
 
 vLLM builds the backend's pieces in several places (spec customisation, the layer
 impls, the metadata builder) without a common object to hang state on. What they
-share lives here: the validated settings, the model runner whose requests name the
-batch rows, each runner's request-to-slot map, and the bytes the slot pools took.
+share is one `ProcessState` per process (`STATE`): the validated settings, the model
+runner whose requests name the batch rows, and the bytes the slot pools took. Each
+runner's request-to-slot map hangs on the runner itself.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import AttentionPackConfig
@@ -16,9 +18,18 @@ from .request_slots import RequestSlots
 SETTINGS_KEY = "attentionpack"
 REQUEST_TOKENS_KEY = "attentionpack_request_tokens"  # set at start-up, not a user setting
 
-_config: AttentionPackConfig | None = None
-_building_runner: Any = None
-_pool_bytes = 0
+
+
+@dataclass
+class ProcessState:
+    """What the glue of one process shares (vLLM's engine core, each worker, the front end)."""
+
+    config: AttentionPackConfig | None = None  # the settings in force, as last seen
+    building_runner: Any = None                # the model runner creating its metadata builders
+    pool_bytes: int = 0                        # bytes this process's slot pools took
+
+
+STATE = ProcessState()
 
 
 def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
@@ -28,18 +39,17 @@ def config_from_vllm(vllm_config: Any) -> AttentionPackConfig:
 
 
 def set_active_config(config: AttentionPackConfig) -> None:
-    global _config
-    _config = config
+    STATE.config = config
 
 
 def active_config(vllm_config: Any | None) -> AttentionPackConfig:
     """The settings in force: from the current vLLM config, else the ones seen last."""
     if vllm_config is not None and getattr(vllm_config, "model_config", None) is not None:
         set_active_config(config_from_vllm(vllm_config))
-    if _config is None:
+    if STATE.config is None:
         raise RuntimeError("AttentionPack settings are not known in this process yet: "
                            "no vLLM config has been seen")
-    return _config
+    return STATE.config
 
 
 def plan_for(vllm_config: Any | None, num_kv_heads: int, head_size: int) -> CompressionPlan:
@@ -80,12 +90,11 @@ def num_request_slots(vllm_config: Any) -> int:
 
 def set_building_runner(runner: Any) -> None:
     """Called by the glue while a model runner creates its metadata builders."""
-    global _building_runner
-    _building_runner = runner
+    STATE.building_runner = runner
 
 
 def current_runner() -> Any:
-    return _building_runner
+    return STATE.building_runner
 
 
 def runner_slots(runner: Any, num_slots: int) -> RequestSlots:
@@ -123,12 +132,11 @@ def slots_for_rows(runner: Any, req_idx: Any, num_reqs: int) -> list[int] | None
 # --- memory -------------------------------------------------------------------
 
 def register_pool_bytes(nbytes: int) -> None:
-    global _pool_bytes
-    _pool_bytes += nbytes
+    STATE.pool_bytes += nbytes
 
 
 def pool_bytes() -> int:
-    return _pool_bytes
+    return STATE.pool_bytes
 
 
 # --- decode implementation ----------------------------------------------------

@@ -6,7 +6,8 @@ is the limit. For each backend a `vllm serve` is started on 127.0.0.1 and vLLM's
 engine's running-request count is read from /metrics while it runs. Reported per
 backend: requests/s, output tokens/s, mean time per output token and to first token,
 the most requests the engine ran at once, and the KV cache tokens it reported; then
-the AttentionPack/dense ratios of the medians.
+the AttentionPack/dense ratios of the medians. The image mixes start both servers
+with `--limit-mm-per-prompt` one image, what their requests send.
 
     python benchmarks/serving_throughput.py --mix text    # SmolLM2-135M-Instruct, text
     python benchmarks/serving_throughput.py --mix image   # tiny LLaVA, image + text

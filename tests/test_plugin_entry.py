@@ -24,7 +24,7 @@ def test_slot_pools_come_out_of_a_set_kv_budget(monkeypatch):
 
     from attentionpack_vllm import plugin, runtime
 
-    monkeypatch.setattr(runtime, "_pool_bytes", 300)
+    monkeypatch.setattr(runtime.STATE, "pool_bytes", 300)
     assert plugin.take_pools_out(1000) == 700
     with pytest.raises(ValueError, match="slot pools .300 bytes.*do not fit the KV cache budget "
                                          ".300 bytes.*--kv-cache-memory-bytes"):
@@ -33,7 +33,7 @@ def test_slot_pools_come_out_of_a_set_kv_budget(monkeypatch):
     # already counted them (allocated with the weights, before profiling).
     assert plugin.gpu_budget(types.SimpleNamespace(kv_cache_memory_bytes=1000), 1000) == 700
     assert plugin.gpu_budget(types.SimpleNamespace(kv_cache_memory_bytes=None), 1000) == 1000
-    monkeypatch.setattr(runtime, "_pool_bytes", 0)
+    monkeypatch.setattr(runtime.STATE, "pool_bytes", 0)
     assert plugin.take_pools_out(1000) == 1000
 
 
