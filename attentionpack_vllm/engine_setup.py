@@ -46,8 +46,9 @@ def prepare_engine(args, model_config) -> None:
         model_config.model_arch_config = dataclasses.replace(
             model_config.model_arch_config, is_mm_prefix_lm=True)
         model_config.__dict__.pop("is_mm_prefix_lm", None)
-    runtime.ship_request_tokens(args, request_tokens(model_config))
-    report, plan, layers = memory_report(config, model_config, args, runtime.shipped_request_tokens(args))
+    bounds = request_tokens(model_config)
+    runtime.ship_request_tokens(args, bounds)  # for the engine core and the workers
+    report, plan, layers = memory_report(config, model_config, args, bounds)
     logger.info("Using AttentionPack attention backend (%s)", "attentionpack_vllm")
     logger.info("AttentionPack settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     logger.info("AttentionPack bytes per token per layer: %d (dense %d: %s); "
@@ -64,11 +65,10 @@ def prepare_engine(args, model_config) -> None:
                 "a %d-token window); compression pays from %s tokens per request",
                 report.slot_bytes * layers, layers, plan.sink_tokens, plan.window_size,
                 report.crossover_tokens() or "no number of")
-    image_tokens = runtime.shipped_request_tokens(args).image
-    if plan.has_image and image_tokens is not None and image_tokens < max(plan.layout.rank_k, plan.layout.rank_v):
+    if plan.has_image and bounds.image is not None and bounds.image < max(plan.layout.rank_k, plan.layout.rank_v):
         logger.info("AttentionPack: image bases take %d key and %d value rows per layer: a request "
                     "holds at most %d image tokens (--limit-mm-per-prompt times the model's tokens "
-                    "per item)", plan.ranks_k[IMAGE], plan.ranks_v[IMAGE], image_tokens)
+                    "per item)", plan.ranks_k[IMAGE], plan.ranks_v[IMAGE], bounds.image)
     shape = WorkerShape.of(model_config, args)
     if shape.workers > 1:
         for line in shape.describe(report, plan):

@@ -40,6 +40,7 @@ class CompressionPlan:
     head_size: int
     ranks_k: tuple[int, int]   # (text, image) key ranks, clamped to kv_width and a request's tokens
     ranks_v: tuple[int, int]   # (text, image) value ranks, likewise
+    record_ranks: tuple[int, int]  # (K', V') columns of a record: the largest configured ranks
     group_cols_k: tuple[tuple[int, ...], tuple[int, ...]]  # per modality, per group
     group_cols_v: tuple[tuple[int, ...], tuple[int, ...]]
     group_fractions: tuple[float, ...]
@@ -50,7 +51,6 @@ class CompressionPlan:
     has_image: bool = True     # slots hold image bases (a multimodal model)
     int8: bool = False         # records, bases and exact rows stored as int8 with scales
     text_energy: float | None = None  # text segments keep the directions capturing this share
-    record_ranks: tuple[int, int] = (0, 0)  # (K', V') columns of a record: the largest configured ranks
 
     @classmethod
     def build(cls, config: AttentionPackConfig, num_kv_heads: int, head_size: int,
@@ -71,6 +71,7 @@ class CompressionPlan:
             head_size=head_size,
             ranks_k=ranks_k,
             ranks_v=ranks_v,
+            record_ranks=(max(configured_k), max(configured_v)),
             group_cols_k=groups(configured_k, ranks_k, config.partial_rank_keys),
             group_cols_v=groups(configured_v, ranks_v, config.partial_rank_values),
             group_fractions=config.group_fractions,
@@ -81,7 +82,6 @@ class CompressionPlan:
             sink_tokens=config.sink_tokens,
             int8=config.storage == "int8",
             text_energy=None if config.rank_text_energy >= 1.0 else float(config.rank_text_energy),
-            record_ranks=(max(configured_k), max(configured_v)),
         )
 
     @property

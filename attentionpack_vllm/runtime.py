@@ -19,7 +19,6 @@ SETTINGS_KEY = "attentionpack"
 REQUEST_TOKENS_KEY = "attentionpack_request_tokens"  # set at start-up, not a user setting
 
 
-
 @dataclass
 class ProcessState:
     """What the glue of one process shares (vLLM's engine core, each worker, the front end)."""
