@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .kernels.decode_inputs import DecodeBatch
+from .kernels.layout import encode_flags
 from .kernels.storage import read_importance, take_rows, write_record_fields
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
@@ -51,6 +52,22 @@ def groups_by_importance(importance: torch.Tensor, lengths: torch.Tensor,
     order_index = torch.empty_like(order)
     order_index.scatter_(1, order, torch.arange(t, device=importance.device).expand_as(order))
     return group_of_rank(order_index, lengths.long(), fractions)
+
+
+def regroup_records(pages: torch.Tensor, plan: CompressionPlan, record_slots: torch.Tensor,
+                    lengths: torch.Tensor, valid_index: torch.Tensor, valid_slots: torch.Tensor) -> None:
+    """Reassign the groups of F requests' factor tokens from the importance their records hold.
+
+    record_slots: [F, L] flat page slots of positions [0, L) of each request (positions
+    past its length are ignored); lengths: [F]; valid_index, valid_slots: the valid
+    positions in the flattened [F, L] and their flat page slots. Only the flags change.
+    """
+    layout = plan.layout
+    flat = pages.view(-1, layout.width)
+    importance = read_importance(flat, record_slots.reshape(-1), layout).view(record_slots.shape)
+    groups = groups_by_importance(importance, lengths, plan.group_fractions).reshape(-1)[valid_index]
+    modality = flat[valid_slots, layout.flags_offset].long() % 2
+    write_record_fields(flat, valid_slots, layout, flags=encode_flags(modality, groups))
 
 
 def update_importance(

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from . import factorize
-from .importance import groups_by_importance
+from .importance import groups_by_importance, regroup_records
 from .kernels import fold_cpu
 from .kernels.decode_inputs import page_slots_of, ragged_positions
 from .kernels.layout import IMAGE, TEXT, decode_flags, encode_flags
@@ -154,13 +154,14 @@ def fold_windows(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, fol
     flags), and, with partial rank, every factor token of the request is regrouped.
     Image tokens keep their factors. The caller clears the windows' host-side lengths.
 
-    On CPU (with the compiled kernels, and without partial rank's regrouping) the old
-    records are read and rotated in place (`_fold_windows_in_place`); otherwise, and as
-    the reference the tests hold that to, every record is rebuilt in PyTorch.
+    On CPU (with the compiled kernels) the old records are read and rotated in place
+    (`_fold_windows_in_place`), and with partial rank only their flags are rewritten;
+    otherwise, and as the reference the tests hold that to, every record is rebuilt in
+    PyTorch.
     """
     if folds.size == 0:
         return
-    if not plan.tracks_importance and fold_cpu.supports(pages):
+    if fold_cpu.supports(pages):
         _fold_windows_in_place(pages, pool, plan, folds)
     else:
         _fold_windows_rebuilt(pages, pool, plan, folds)
@@ -178,7 +179,8 @@ def _fold_windows_in_place(pages: torch.Tensor, pool: SlotPool, plan: Compressio
     basis are two compiled passes over the records where they are stored (kernels/fold_cpu.py);
     the fold itself needs only those energies (`factorize.fold_batch_diagonal`: factors that
     factorisations and folds made have a diagonal Gram matrix). The window tokens' records
-    are then written whole."""
+    are then written whole; with partial rank every factor token's group is then reassigned
+    from the importance the records hold (`importance.regroup_records`)."""
     layout, slots = plan.layout, folds.slot_ids
     ranks = (plan.ranks_k[TEXT], plan.ranks_v[TEXT])
     energies = fold_cpu.text_energies(pages, folds.record_slots, folds.compressed_lens, layout, *ranks)
@@ -199,6 +201,9 @@ def _fold_windows_in_place(pages: torch.Tensor, pool: SlotPool, plan: Compressio
     records = pack_records(layout, pages.dtype, *new_factors, importance,
                            torch.full_like(folds.window_slots, encode_flags(TEXT, 0)))
     pages.view(-1, layout.width)[folds.window_slots] = records
+    if plan.tracks_importance and plan.num_groups > 1:
+        regroup_records(pages, plan, folds.record_slots, folds.compressed_lens + folds.counts,
+                        folds.valid_index, folds.valid_slots)
 
 
 def _fold_windows_rebuilt(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, folds: FoldBatch) -> None:

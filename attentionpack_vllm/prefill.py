@@ -12,11 +12,10 @@ from typing import Callable
 
 import torch
 
-from .importance import groups_by_importance
-from .kernels.layout import IMAGE, TEXT, encode_flags
-from .kernels.storage import record_factors, record_flags, record_importance
-from .paged_store import (compress_tokens, fold_windows, make_fold_batch, page_slots, read_records,
-                          write_records)
+from .importance import regroup_records
+from .kernels.layout import IMAGE, TEXT
+from .kernels.storage import record_factors, record_flags
+from .paged_store import compress_tokens, fold_windows, make_fold_batch, page_slots, read_records
 from .plan import CompressionPlan
 from .slot_pool import SlotPool
 
@@ -140,8 +139,5 @@ def store_tokens(pages: torch.Tensor, pool: SlotPool, plan: CompressionPlan, slo
 def regroup(pages: torch.Tensor, plan: CompressionPlan, block_table_row: torch.Tensor, length: int) -> None:
     """Reassign the partial-rank groups of a request's `length` factor tokens from their importance."""
     slots = page_slots(block_table_row, 0, length, pages.shape[1])
-    raw = read_records(pages, slots)
-    groups = groups_by_importance(record_importance(raw, plan.layout)[None],
-                                  torch.tensor([length], device=pages.device), plan.group_fractions)[0]
-    modality = record_flags(raw, plan.layout) % 2
-    write_records(pages, slots, plan, flags=encode_flags(modality, groups))
+    regroup_records(pages, plan, slots[None], torch.tensor([length], device=pages.device),
+                    torch.arange(length, device=pages.device), slots)
