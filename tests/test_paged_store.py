@@ -205,6 +205,23 @@ def test_planes_clamped_to_the_request_tokens_change_no_output(storage, decode):
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 
+def test_text_only_plan_with_larger_image_ranks_reads_planes_at_the_record_rank():
+    """A text-only model configured with image ranks above its text ranks: records are as wide
+    as the largest configured rank (16), so the single text plane (8 own rows) must be viewed
+    at 16 rows, with spare rows behind the last slot; the PyTorch path (which failed on the
+    narrower view) and the CPU kernel agree."""
+    if unavailable_reason():
+        pytest.skip(f"the compiled CPU kernel is unavailable: {unavailable_reason()}")
+    config = AttentionPackConfig.from_dict({"rank_text_key": 8, "rank_text_value": 8, "rank_vision_key": 16,
+                                            "rank_vision_value": 16, "window_size": 3})
+    outputs = []
+    for attention in (None, latent_decode_attention_cpu):
+        sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[40, 21], has_image=False)
+        outputs.append(torch.stack([out for out, _ in run_decode(sc, 4, steps=4, attention=attention, oracle=False)]))
+    assert sc.plan.layout.rank_k == 16 and sc.pool.basis_k.shape == (3, 1, 16, 32)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+
 def test_cache_tokens_match_what_vllm_reported():
     """512 MiB, fp16, 2 layers of LLaVA-1.5-7B's geometry (a text-only stand-in, so text
     bases only), blocks of 32, 4 slots, rank 64 in 16 bits: vLLM reported 16,384 tokens
