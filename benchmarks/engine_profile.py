@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Where the engine's time goes on this CPU: vLLM's own backend and AttentionPack, in-process.
 
-Runs the text mix's request shape (`--num-prompts` prompts of `--input-len` random token
-ids, `--output-len` generated tokens each, all submitted at once) through `vllm.LLM` in
-one fresh process per backend, with the serving benchmark's engine settings (SmolLM2,
-float32, eager, blocks of 32, the same KV cache bytes and `--max-num-seqs`), under
-cProfile. No HTTP server and no benchmark client share the cores, so the totals show the
+Runs a serving mix's request shape (`--mix text`, the default, or `image-135m`:
+`--num-prompts` prompts of `--input-len` random token ids, for the image mix after one
+random 56x56 image, `--output-len` generated tokens each, all submitted at once) through
+`vllm.LLM` in one fresh process per backend, with the serving benchmark's engine
+settings for that mix (its model, float32, eager, blocks of 32, the same KV cache bytes
+and `--max-num-seqs`, one image per prompt), under cProfile. No HTTP server and no benchmark client share the cores, so the totals show the
 engine alone. Reported per backend: the wall time of the whole run, the engine steps,
 and the time of the calls that make the difference:
 
@@ -16,6 +17,7 @@ and the time of the calls that make the difference:
   (`compress_tokens`), the window folds, and all `torch.linalg.eigh` calls.
 
     .venv/bin/python benchmarks/engine_profile.py --max-num-seqs 24
+    .venv/bin/python benchmarks/engine_profile.py --mix image-135m --tag image-135m
 
 Writes results/engine_profile[_<tag>].json. About 2 minutes here. The cProfile overhead
 falls on Python calls, which both backends make per layer; the compiled calls are
@@ -37,9 +39,9 @@ from pathlib import Path
 
 from _cli import parse_settings
 from _environment import environment
-from serving_throughput import MIX_DEFAULTS, MIXES
+from serving_throughput import MIX_DEFAULTS, MIXES, ONE_IMAGE
 
-TEXT_MIX = MIX_DEFAULTS["text"]  # the serving benchmark's text mix: the same requests and budget
+PROFILED_MIXES = ("text", "image-135m")  # the serving benchmark's mixes, the same requests and budgets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("dense", "attentionpack")
@@ -68,23 +70,44 @@ def _sum(stats: dict, file_end: str, function: str, column: str) -> tuple[float,
     return seconds, calls
 
 
+def make_prompts(args) -> list[dict]:
+    """`--num-prompts` prompts of `--input-len` random token ids; for an image mix each starts
+    with the model's image token and carries one random image of the serving mix's size."""
+    import random
+
+    rng = random.Random(0)
+    if not args.images:
+        return [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(args.input_len)]}
+                for _ in range(args.num_prompts)]
+    import numpy as np
+    from PIL import Image
+
+    from attentionpack_vllm.models import LLAVA_IMAGE_SIZE
+
+    config = json.loads((Path(args.model_dir) / "config.json").read_text())
+    image_token, vocab = config["image_token_index"], config["text_config"]["vocab_size"]
+    text_ids = [i for i in range(100, vocab) if i != image_token]
+    pixels = np.random.default_rng(0).integers(0, 256, (args.num_prompts, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE, 3))
+    return [{"prompt_token_ids": [image_token] + [rng.choice(text_ids) for _ in range(args.input_len)],
+             "multi_modal_data": {"image": Image.fromarray(pixels[i].astype(np.uint8))}}
+            for i in range(args.num_prompts)]
+
+
 def run_worker(backend: str, args) -> dict:
     """One backend in this process: build the engine, warm it up, profile the run."""
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    import random
-
     from vllm import LLM, SamplingParams
 
     engine = dict(dtype="float32", enforce_eager=True, max_model_len=args.input_len + args.output_len + 64,
                   max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=args.kv_bytes, seed=0, block_size=32)
+    if args.images:
+        engine.update(limit_mm_per_prompt=json.loads(ONE_IMAGE))  # as the serving mix's servers
     if backend == "attentionpack":
         engine.update(attention_backend="attentionpack", additional_config={"attentionpack": args.settings})
     else:
         engine.update(enable_prefix_caching=False)  # as AttentionPack, which turns it off
     llm = LLM(model=str(args.model_dir), **engine)
-    rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(args.input_len)]}
-               for _ in range(args.num_prompts)]
+    prompts = make_prompts(args)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
     profile = cProfile.Profile()
@@ -105,16 +128,19 @@ def run_worker(backend: str, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-prompts", type=int, default=TEXT_MIX["num_prompts"])
-    p.add_argument("--input-len", type=int, default=TEXT_MIX["input_len"])
-    p.add_argument("--output-len", type=int, default=TEXT_MIX["output_len"])
-    p.add_argument("--kv-bytes", type=int, default=TEXT_MIX["kv_bytes"], help="KV cache bytes for both backends")
-    p.add_argument("--max-num-seqs", type=int, default=TEXT_MIX["max_num_seqs"])
-    p.add_argument("--settings", default=TEXT_MIX["settings"], help="AttentionPack settings (JSON; default: the defaults)")
+    p.add_argument("--mix", choices=PROFILED_MIXES, default="text",
+                   help="the serving benchmark's mix whose requests, model and budget to run (default text)")
+    for name, kind in (("num_prompts", int), ("input_len", int), ("output_len", int), ("kv_bytes", int),
+                       ("max_num_seqs", int), ("settings", str)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help="default: the mix's, " + ", ".join(f"{m} {MIX_DEFAULTS[m][name]}" for m in PROFILED_MIXES))
     p.add_argument("--tag", default="", help="suffix of the results file (engine_profile[_<tag>])")
     p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name, value in MIX_DEFAULTS[args.mix].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("num_prompts", "input_len", "output_len", "kv_bytes", "max_num_seqs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -127,7 +153,8 @@ def main(argv=None) -> int:
     except AttentionPackConfigError as exc:
         p.error(f"--settings: {exc}")
 
-    builder, folder, _, _ = MIXES["text"]
+    builder, folder, mix_args, _ = MIXES[args.mix]
+    args.images = "random-mm" in mix_args  # the image dataset: one image per prompt
     args.model_dir = builder(models.default_models_dir() / folder)
     if args.worker:  # a child: one backend, its figures to --worker-out
         Path(args.worker_out).write_text(json.dumps(run_worker(args.worker, args)))
@@ -135,7 +162,7 @@ def main(argv=None) -> int:
 
     result = {"command": shlex.join(["python", "benchmarks/engine_profile.py", *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
-              "model": folder, "num_prompts": args.num_prompts, "input_len": args.input_len,
+              "mix": args.mix, "model": folder, "num_prompts": args.num_prompts, "input_len": args.input_len,
               "output_len": args.output_len, "kv_cache_memory_bytes": args.kv_bytes,
               "max_num_seqs": args.max_num_seqs, "attentionpack_settings": args.settings, "backends": {}}
     passthrough = list(argv if argv is not None else sys.argv[1:])

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("decode_step_cpu.py", ["--settings", "[1]"], "--settings must be a JSON object"),
     ("decode_step_cpu.py", ["--settings", '{"rank": 0}'], "--settings: attentionpack setting 'rank"),
     ("engine_profile.py", ["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+    ("engine_profile.py", ["--mix", "image"], "argument --mix: invalid choice: 'image'"),
     ("engine_profile.py", ["--settings", "[1]"], "--settings must be a JSON object"),
     ("engine_profile.py", ["--settings", '{"rank": 0}'], "--settings: attentionpack setting 'rank"),
 ])
