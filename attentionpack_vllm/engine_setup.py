@@ -143,14 +143,13 @@ def size_change(ratio: float) -> str:
     return f"{1 / ratio:.2f}x larger"
 
 
-def memory_report(config, model_config, parallel=None,
-                  bounds: RequestTokens = RequestTokens()) -> tuple[MemoryReport, CompressionPlan, int]:
+def memory_report(config, model_config, parallel,
+                  bounds: RequestTokens) -> tuple[MemoryReport, CompressionPlan, int]:
     """Figures of one worker: its shard of the KV heads and the layers of its stage
     (`parallel`: ParallelConfig or EngineArgs; None: a single worker), with the slot planes
     sized to `bounds`."""
     shape = WorkerShape.of(model_config, parallel)
-    plan = CompressionPlan.build(config, shape.kv_heads, model_config.get_head_size(),
-                                 has_image=bool(model_config.is_multimodal_model), request_tokens=bounds)
+    plan = runtime.model_plan(config, model_config, shape.kv_heads, model_config.get_head_size(), bounds)
     return MemoryReport.of(plan, model_config.dtype), plan, shape.worker_layers
 
 

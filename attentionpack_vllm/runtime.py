@@ -58,10 +58,17 @@ def plan_for(vllm_config: Any | None, num_kv_heads: int, head_size: int) -> Comp
 
     With no model config in sight the slots hold image bases: the larger slot is never
     wrong, and a record's width does not depend on it."""
-    model_config = getattr(vllm_config, "model_config", None)
-    return CompressionPlan.build(active_config(vllm_config), num_kv_heads, head_size,
-                                 has_image=model_config is None or bool(model_config.is_multimodal_model),
-                                 request_tokens=shipped_request_tokens(vllm_config))
+    return model_plan(active_config(vllm_config), getattr(vllm_config, "model_config", None),
+                      num_kv_heads, head_size, shipped_request_tokens(vllm_config))
+
+
+def model_plan(config: AttentionPackConfig, model_config: Any | None, num_kv_heads: int, head_size: int,
+               bounds: RequestTokens) -> CompressionPlan:
+    """The plan of a layer of `model_config`'s model (None: unknown, image bases kept) with
+    these settings, KV geometry and request-token bounds; the start-up's byte accounting
+    (`engine_setup.memory_report`) and the layers (`plan_for`) both build it here."""
+    has_image = model_config is None or bool(model_config.is_multimodal_model)
+    return CompressionPlan.build(config, num_kv_heads, head_size, has_image=has_image, request_tokens=bounds)
 
 
 def ship_request_tokens(args: Any, bounds: RequestTokens) -> None:
