@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config, get_current_vllm_config_or_none
 from vllm.logger import init_logger
@@ -23,7 +24,6 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from . import runtime
 from .decode import decode_and_fold, schedule_decode
 from .factorize import describe as describe_factorisation
-from .kernels import cpu_library
 from .kernels.decode_inputs import DecodeBatch
 from .memory import MemoryReport
 from .paged_store import FoldBatch
@@ -102,6 +102,7 @@ class AttentionPackMetadata:
     prefill_exact_lens: dict[int, int]  # prefill row -> exact rows (sinks + window) it held
     image_masks: dict[int, torch.Tensor]  # prefill row -> [query_len] bool
     is_profiling: bool                  # rows that belong to no request (dummy runs)
+    fresh_rows: torch.Tensor | None = None  # arena rows handed out this step, zeroed by every layer first
 
 
 class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadata]):
@@ -123,9 +124,12 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         config = runtime.active_config(vllm_config)
         self.plan = runtime.plan_for(vllm_config, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size)
         self.block_size = kv_cache_spec.block_size
-        self.windows = WindowTracker.for_plan(runtime.num_request_slots(vllm_config), self.plan)
+        num_slots = runtime.num_request_slots(vllm_config)
+        self.windows = WindowTracker.for_plan(num_slots, self.plan)
+        self.rows = runtime.row_allocator(self.plan, num_slots, device, vllm_config)
+        self.tokens = np.zeros((num_slots, 2), dtype=np.int64)  # each slot's (text, image) tokens so far
         # Only the PyTorch path reads the padded gather index (the kernels read in place).
-        self.with_index = runtime.decode_kernel_name(config, device) == "torch"
+        self.with_index = runtime.decode_kernel_name(config, device, vllm_config.model_config.dtype) == "torch"
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> AttentionPackMetadata:
@@ -148,6 +152,9 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         decode_rows = [i for i in range(num_reqs) if query_lens[i] == 1 and context_lens[i] > 0]
         decode_set = set(decode_rows)
         md.prefill_rows = [i for i in range(num_reqs) if query_lens[i] > 0 and i not in decode_set]
+        ranges = cm.mm_req_doc_ranges or {}
+        md.fresh_rows = self._hand_out_rows(slots, decode_rows, md.prefill_rows, ranges, context_lens,
+                                            seq_lens_host)
         # Prefill chunks fold what is left in their window first; then only sinks remain.
         md.prefill_exact_lens = {row: self.windows.length(slots[row]) if context_lens[row] else 0
                                  for row in md.prefill_rows}
@@ -159,9 +166,34 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                 md.decode_tokens = slice(0, len(decode_rows))
             else:
                 md.decode_tokens = torch.tensor([qsl[i] for i in decode_rows], device=self.device)
-        md.image_masks = self._image_masks(cm.mm_req_doc_ranges or {}, md.prefill_rows,
-                                           context_lens, seq_lens_host)
+        md.image_masks = self._image_masks(ranges, md.prefill_rows, context_lens, seq_lens_host)
         return md
+
+    def _hand_out_rows(self, slots: list[int], decode_rows: list[int], prefill_rows: list[int], ranges: dict,
+                       context_lens: list[int], seq_lens: list[int]) -> torch.Tensor | None:
+        """Fit every scheduled request's arena rows to what this step uses (`row_pool`): first
+        the windows that folded give rows back, then the step's rows are taken. Returns the
+        rows handed out fresh (device), or None."""
+        sinks, decoding = self.plan.sink_tokens, set(decode_rows)
+        held = {row: self.windows.length(slots[row]) if context_lens[row] else 0 for row in decode_rows + prefill_rows}
+        for row in prefill_rows:
+            slot = slots[row]
+            if not context_lens[row]:
+                self.tokens[slot] = 0
+            image = _count_in_spans(ranges.get(row), context_lens[row], seq_lens[row])
+            self.tokens[slot] += (seq_lens[row] - context_lens[row] - image, image)
+        for row in decode_rows:
+            self.tokens[slots[row], 0] += 1
+        for row, exact in held.items():
+            text, image = self.tokens[slots[row]]
+            self.rows.fit(slots[row], int(text), int(image), exact, grow=False)
+        for row, exact in held.items():
+            during = exact + 1 if row in decoding else max(exact, min(sinks, seq_lens[row]))
+            text, image = self.tokens[slots[row]]
+            self.rows.fit(slots[row], int(text), int(image), during, grow=True)
+        self.rows.sync()
+        fresh = self.rows.take_fresh()
+        return torch.tensor(fresh, dtype=torch.int64, device=self.device) if fresh else None
 
     def _decode_inputs(self, rows: list[int], block_table: torch.Tensor, slots: list[int],
                        seq_lens: list[int]) -> tuple[DecodeBatch, FoldBatch | None]:
@@ -185,6 +217,11 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
                     mask |= (pos >= start) & (pos <= end)
                 masks[row] = mask.to(self.device)
         return masks
+
+
+def _count_in_spans(spans, start: int, end: int) -> int:
+    """Positions of [start, end) inside the inclusive spans (vLLM's image ranges)."""
+    return sum(max(0, min(hi + 1, end) - max(lo, start)) for lo, hi in spans or ())
 
 
 class AttentionPackImpl(AttentionImpl):
@@ -212,14 +249,16 @@ class AttentionPackImpl(AttentionImpl):
         self.plan = runtime.plan_for(vllm_config, num_kv_heads, head_size)
         self.num_slots = runtime.num_request_slots(vllm_config)
         self.device = vllm_config.device_config.device
+        self.rows = runtime.row_allocator(self.plan, self.num_slots, self.device, vllm_config)
         self.pool: SlotPool | None = None
-        kernel = runtime.decode_kernel_name(self.config, self.device)
+        kernel = runtime.decode_kernel_name(self.config, self.device, vllm_config.model_config.dtype)
         self.decode_attention = runtime.decode_attention_for(kernel)
         self.prefill_attention = runtime.prefill_attention_for(self.device)
         logger.info_once("AttentionPack: decode with the %s", DECODE_KERNEL_NAMES[kernel])
         if kernel == "torch" and self.config.decode_kernel == "auto" and str(self.device).startswith("cpu"):
             logger.warning_once("AttentionPack: the compiled CPU decode kernel is unavailable (%s); "
-                                "decoding with the slower PyTorch path", cpu_library.unavailable_reason())
+                                "decoding with the slower PyTorch path",
+                                runtime.cpu_kernel_unavailable(self.config, vllm_config.model_config.dtype))
         logger.info_once("AttentionPack: prefill attention with %s",
                          "vLLM's CPU attention kernel" if "cpu_attention" in self.prefill_attention.__module__
                          else "PyTorch SDPA")
@@ -228,7 +267,8 @@ class AttentionPackImpl(AttentionImpl):
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
         # Allocated here, before vLLM sizes the KV cache, so the pools are counted.
         if self.pool is None:
-            self.pool = SlotPool.allocate(self.plan, self.num_slots, act_dtype, self.device)
+            maps = (self.rows.num_rows, self.rows.device_maps)
+            self.pool = SlotPool.allocate(self.plan, self.num_slots, act_dtype, self.device, maps)
             runtime.register_pool_bytes(self.pool.nbytes())
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
@@ -255,6 +295,8 @@ class AttentionPackImpl(AttentionImpl):
                 tokens = slice(qsl[row], qsl[row + 1])
                 output[tokens] = self.prefill_attention(query[tokens], keys[tokens], values[tokens], self.scale)
             return output
+        if md.fresh_rows is not None:
+            self.pool.clear_rows(md.fresh_rows)
         if md.decode is not None:
             idx = md.decode_tokens
             output[idx] = decode_and_fold(

@@ -83,12 +83,9 @@ def decode_step(
     # The compiled CPU kernel writes the new token's rows itself, in the same pass.
     fused = getattr(attention, "fuses_window_append", False)
     append_to_window(pool, batch, key, value, plan.tracks_importance, write_rows=not fused)
-    extra = {"scales": pool.scales} if plan.int8 else {}
-    if fused:
-        extra.update(new_keys=key, new_values=value)
-    out, p_c, p_w = attention(
-        query, pages, pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, batch,
-        plan.spec, scale, need_probs=plan.tracks_importance, **extra)
+    extra = dict(new_keys=key, new_values=value) if fused else {}
+    out, p_c, p_w = attention(query, pages, pool.rows, batch, plan.spec, scale,
+                              need_probs=plan.tracks_importance, **extra)
     if plan.tracks_importance:
         update_importance(pages, pool, batch, p_c, p_w, plan)
     return out

@@ -9,10 +9,11 @@ from vllm.logger import init_logger
 
 from . import runtime
 from .engine_checks import EngineFeatures, raise_on_conflicts
-from .memory import MemoryReport, size_request_slots
+from .memory import MemoryReport, size_row_pool
 from .parallel import WorkerShape
 from .kernels.layout import IMAGE
 from .plan import CompressionPlan, RequestTokens
+from .row_pool import full_request_rows
 from .token_bounds import request_tokens
 
 logger = init_logger("vllm.attentionpack")  # under vllm's logger: same format and level
@@ -61,8 +62,9 @@ def prepare_engine(args, model_config) -> None:
                        "not more. Set `rank` (or rank_text_key, rank_text_value, "
                        "rank_vision_key, rank_vision_value) well below the KV width, %d, to "
                        "save memory.", plan.kv_width)
-    logger.info("AttentionPack fixed bytes per request: %d over %d layers (bases, %d sink tokens, "
-                "a %d-token window); compression pays from %s tokens per request",
+    logger.info("AttentionPack bytes per request beside its records: at most %d over %d layers (bases at "
+                "full rank, %d sink tokens, a full %d-token window; a request holds only the rows it "
+                "uses); even at that most, compression pays from %s tokens per request",
                 report.slot_bytes * layers, layers, plan.sink_tokens, plan.window_size,
                 report.crossover_tokens() or "no number of")
     if plan.has_image and bounds.image is not None and bounds.image < max(plan.layout.rank_k, plan.layout.rank_v):
@@ -100,40 +102,38 @@ def kv_budget(args) -> tuple[int, str] | None:
 
 
 def size_slot_pools(args, model_config) -> None:
-    """Lower `args.max_num_seqs` (already resolved by vLLM, before the scheduler config is
-    built from it) so that one worker's slot pools take at most `max_pool_fraction` of its
-    KV cache budget. The engine core and the workers get the lowered value with the config."""
+    """Size each layer's row arena (the requests' bases and exact rows, `row_pool`) against
+    the worker's KV cache budget, before the scheduler config is built: rows for every one
+    of `max_num_seqs` requests at full rank, capped at `max_pool_fraction` of the budget.
+    The size goes to the engine core (which admits a request's step only while its rows
+    fit) and the workers (which allocate it) with the config (`runtime.ship_row_pool`)."""
     config = runtime.config_from_vllm(args)
-    report, _, layers = memory_report(config, model_config, args, runtime.shipped_request_tokens(args))
-    slot_bytes = report.slot_bytes * layers
+    report, plan, layers = memory_report(config, model_config, args, runtime.shipped_request_tokens(args))
+    slots, full_rows = int(args.max_num_seqs), full_request_rows(plan)
     budget = kv_budget(args)
     if budget is None:
-        logger.info("AttentionPack runs at most %d requests at once (max_num_seqs, one slot each): "
-                    "%d bytes per slot over %d layers; the KV cache budget is not known before "
-                    "start-up, so the slots are not sized against it", args.max_num_seqs,
-                    slot_bytes, layers)
+        logger.info("AttentionPack keeps rows for %d requests at full rank (max_num_seqs): %d bytes per "
+                    "request over %d layers; the KV cache budget is not known before start-up, so the "
+                    "rows are not sized against it", slots, report.slot_bytes * layers, layers)
         return
     budget_bytes, source = budget
-    sizing = size_request_slots(int(args.max_num_seqs), slot_bytes, budget_bytes,
-                                config.max_pool_fraction)
-    if sizing.lowered:
+    sizing = size_row_pool(slots, full_rows, report.row_bytes * layers, report.slot_fixed_bytes * layers,
+                           budget_bytes, config.max_pool_fraction)
+    runtime.ship_row_pool(args, sizing.rows + 1)
+    if sizing.capped:
         logger.warning(
-            "AttentionPack: max_num_seqs lowered from %d to %d: %d request slots of %d bytes each "
-            "(all %d layers of a worker) would take %d bytes, more than max_pool_fraction %g of "
-            "the %d-byte KV cache budget (%s); %d slots take %d bytes. Raise the budget or "
-            "max_pool_fraction, or lower the ranks, window_size or sink_tokens, to run more "
-            "requests at once",
-            sizing.requested, sizing.kept, sizing.requested, slot_bytes, layers,
-            sizing.requested_pool_bytes, sizing.max_fraction, budget_bytes, source,
-            sizing.kept, sizing.pool_bytes)
-        args.max_num_seqs = sizing.kept
-        if args.max_num_active_seqs is not None:
-            args.max_num_active_seqs = min(args.max_num_active_seqs, sizing.kept)
-    logger.info("AttentionPack runs at most %d requests at once (max_num_seqs, one slot each): "
-                "%d bytes per slot over %d layers, %d bytes of slot pools per worker, %.1f%% of "
-                "the %d-byte KV cache budget (%s; max_pool_fraction %g)", sizing.kept, slot_bytes,
-                layers, sizing.pool_bytes, 100 * sizing.pool_bytes / budget_bytes, budget_bytes,
-                source, sizing.max_fraction)
+            "AttentionPack: rows for all %d requests (max_num_seqs) at full rank would take %d bytes, more "
+            "than max_pool_fraction %g of the %d-byte KV cache budget (%s); the row pool keeps %d rows "
+            "(%d bytes), enough for %d requests at full rank with a full window. A request holds only the "
+            "rows it uses and is scheduled while they fit; raise the budget or max_pool_fraction, or lower "
+            "the ranks, window_size or sink_tokens, to run more large requests at once",
+            slots, sizing.uncapped_pool_bytes, sizing.max_fraction, budget_bytes, source, sizing.rows,
+            sizing.pool_bytes, sizing.full_requests)
+    logger.info("AttentionPack row pool: %d rows of %d bytes (all %d layers of a worker) for up to %d requests "
+                "(max_num_seqs), %d of them at full rank at once; %d bytes with the window scores, %.1f%% of "
+                "the %d-byte KV cache budget (%s; max_pool_fraction %g)", sizing.rows, sizing.row_bytes, layers,
+                slots, min(slots, sizing.full_requests), sizing.pool_bytes, 100 * sizing.pool_bytes / budget_bytes,
+                budget_bytes, source, sizing.max_fraction)
 
 
 def size_change(ratio: float) -> str:
@@ -159,10 +159,12 @@ def log_capacity(vllm_config) -> None:
     tokens = cache.kv_cache_size_tokens
     if tokens is None:
         return
-    report, _, layers = memory_report(runtime.active_config(vllm_config), vllm_config.model_config,
-                                      vllm_config.parallel_config, runtime.shipped_request_tokens(vllm_config))
+    report, plan, layers = memory_report(runtime.active_config(vllm_config), vllm_config.model_config,
+                                         vllm_config.parallel_config, runtime.shipped_request_tokens(vllm_config))
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
-    pool_bytes = report.slot_bytes * layers * max_num_seqs
+    arena_rows = runtime.shipped_row_pool(vllm_config) or 1 + max_num_seqs * full_request_rows(plan)
+    pool_layer_bytes = arena_rows * report.row_bytes + max_num_seqs * report.slot_fixed_bytes
+    pool_bytes = pool_layer_bytes * layers
     budget = tokens * report.record_bytes * layers + pool_bytes
     dense_tokens = budget // (report.dense_token_bytes * layers)
     max_len = vllm_config.model_config.max_model_len
@@ -174,4 +176,4 @@ def log_capacity(vllm_config) -> None:
                 min(tokens / max_len, max_num_seqs), max_num_seqs)
     shape = WorkerShape.of(vllm_config.model_config, vllm_config.parallel_config)
     if shape.workers > 1:
-        logger.info(shape.describe_capacity(report, tokens, max_num_seqs))
+        logger.info(shape.describe_capacity(report, tokens, pool_layer_bytes))

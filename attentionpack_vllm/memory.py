@@ -26,8 +26,10 @@ class MemoryReport:
 
     dense_token_bytes: int    # K and V of one token, one layer
     record_bytes: int         # one AttentionPack record, one layer
-    slot_bytes: int           # one request's slot (bases + window + window scores), one layer
-    pool_spare_bytes: int = 0  # one layer's pool beyond its slots (`SlotPool.spare_bytes`)
+    slot_bytes: int           # one request's slot at full rank (bases + window + window scores), one layer
+    pool_spare_bytes: int = 0  # one layer's pool beyond its slots (`SlotPool.spare_bytes`: the zero row)
+    row_bytes: int = 0        # one arena row (a basis or exact row), one layer
+    slot_fixed_bytes: int = 0  # what a slot holds beside the arena (window scores), one layer
 
     @classmethod
     def of(cls, plan: CompressionPlan, dtype: torch.dtype) -> "MemoryReport":
@@ -35,7 +37,13 @@ class MemoryReport:
         return cls(dense_token_bytes=2 * plan.kv_width * item,
                    record_bytes=plan.layout.width * dtype_bytes(plan.page_dtype(dtype)),
                    slot_bytes=SlotPool.slot_bytes(plan, dtype),
-                   pool_spare_bytes=SlotPool.spare_bytes(plan, dtype))
+                   pool_spare_bytes=SlotPool.spare_bytes(plan, dtype),
+                   row_bytes=SlotPool.row_bytes(plan, dtype),
+                   slot_fixed_bytes=SlotPool.slot_fixed_bytes(plan))
+
+    def request_rows_bytes(self, rows: int, num_layers: int = 1) -> int:
+        """Bytes of `rows` arena rows plus a slot's window scores over `num_layers`."""
+        return (rows * self.row_bytes + self.slot_fixed_bytes) * num_layers
 
     @property
     def token_ratio(self) -> float:
@@ -67,48 +75,58 @@ class MemoryReport:
 
 
 @dataclass(frozen=True)
-class SlotSizing:
-    """How many request slots a worker's KV cache budget lets the engine keep.
+class RowPoolSizing:
+    """How many arena rows a worker's KV cache budget lets the requests' bases and exact
+    rows take (`row_pool`): rows for every slot at full rank, or fewer where those would
+    take more than `max_fraction` of the budget. A request holds only the rows it uses,
+    and the scheduler admits it only while they fit, so a capped pool lowers how many
+    large requests run at once, not `max_num_seqs`."""
 
-    Every layer preallocates one slot per request the scheduler may run at once
-    (`max_num_seqs`); those pools must leave most of the budget to the pages."""
-
-    requested: int        # max_num_seqs asked for
-    kept: int             # max_num_seqs to run with
-    slot_bytes: int       # one request's slots over all layers of one worker
+    slots: int            # max_num_seqs
+    full_rows: int        # one request's rows at full rank with a full window
+    row_bytes: int        # one arena row, all layers of one worker
+    slot_bytes: int       # what every slot holds beside the arena (window scores), all layers
     budget_bytes: int     # the worker's KV cache budget
     max_fraction: float   # most of the budget the pools may take
+    rows: int             # arena rows requests may hold (the zero row not counted)
 
     @property
-    def lowered(self) -> bool:
-        return self.kept < self.requested
+    def capped(self) -> bool:
+        return self.rows < self.slots * self.full_rows
+
+    @property
+    def full_requests(self) -> int:
+        """Requests at full rank with a full window the rows hold at once."""
+        return self.rows // self.full_rows
 
     @property
     def pool_bytes(self) -> int:
-        """Bytes of the slot pools kept (all layers of one worker)."""
-        return self.kept * self.slot_bytes
+        """Bytes of the pools (arena with its zero row, every slot's window scores), all layers."""
+        return (self.rows + 1) * self.row_bytes + self.slots * self.slot_bytes
 
     @property
-    def requested_pool_bytes(self) -> int:
-        return self.requested * self.slot_bytes
+    def uncapped_pool_bytes(self) -> int:
+        return (self.slots * self.full_rows + 1) * self.row_bytes + self.slots * self.slot_bytes
 
 
-def size_request_slots(requested: int, slot_bytes: int, budget_bytes: int,
-                       max_fraction: float) -> SlotSizing:
-    """Keep as many of the `requested` slots as fit in `max_fraction` of the budget
-    (never fewer than one). Raises ValueError when one slot alone does not fit the
-    whole budget: no number of requests can run."""
-    if requested < 1 or slot_bytes < 1 or budget_bytes < 1:
-        raise ValueError(f"requested slots ({requested}), bytes per slot ({slot_bytes}) and "
+def size_row_pool(slots: int, full_rows: int, row_bytes: int, slot_bytes: int, budget_bytes: int,
+                  max_fraction: float) -> RowPoolSizing:
+    """Rows for every slot at full rank, capped at `max_fraction` of the budget (never fewer
+    than one request's full rows). Raises ValueError when one request's full rows do not
+    fit the whole budget: no request could run."""
+    if min(slots, full_rows, row_bytes, budget_bytes) < 1 or slot_bytes < 0:
+        raise ValueError(f"slots ({slots}), rows per request ({full_rows}), bytes per row ({row_bytes}) and "
                          f"the budget ({budget_bytes}) must all be positive")
     if not 0.0 < max_fraction <= 1.0:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
-    if slot_bytes >= budget_bytes:
+    one = (full_rows + 1) * row_bytes + slots * slot_bytes
+    if one >= budget_bytes:
         raise ValueError(
-            f"one AttentionPack request slot ({slot_bytes} bytes over all layers) does not fit "
-            f"the KV cache budget ({budget_bytes} bytes): raise the budget or lower the ranks, "
-            "window_size or sink_tokens")
-    allowed = math.floor(budget_bytes * max_fraction) // slot_bytes
-    kept = max(1, min(requested, allowed))
-    return SlotSizing(requested=requested, kept=kept, slot_bytes=slot_bytes,
-                      budget_bytes=budget_bytes, max_fraction=max_fraction)
+            f"one AttentionPack request's bases and window at full rank ({full_rows} rows of {row_bytes} "
+            f"bytes over all layers, {one} bytes with the arena's zero row and {slots} slots' window "
+            f"scores) do not fit the KV cache budget ({budget_bytes} bytes): raise the budget or lower "
+            "the ranks, window_size, sink_tokens or max_num_seqs")
+    allowed = (math.floor(budget_bytes * max_fraction) - slots * slot_bytes) // row_bytes - 1
+    rows = max(full_rows, min(slots * full_rows, allowed))
+    return RowPoolSizing(slots=slots, full_rows=full_rows, row_bytes=row_bytes, slot_bytes=slot_bytes,
+                         budget_bytes=budget_bytes, max_fraction=max_fraction, rows=rows)

@@ -98,14 +98,14 @@ class WorkerShape:
             f"worker ({self.worker_layers} layers; dense "
             f"{report.dense_token_bytes * self.worker_layers}), "
             f"{self.total(report.record_bytes)} on all {self.workers} workers (dense "
-            f"{self.total(report.dense_token_bytes)}); fixed bytes per request: "
-            f"{report.slot_bytes * self.worker_layers} per worker, "
+            f"{self.total(report.dense_token_bytes)}); bytes per request beside its records, at "
+            f"most: {report.slot_bytes * self.worker_layers} per worker, "
             f"{self.total(report.slot_bytes)} on all workers",
         ]
 
-    def describe_capacity(self, report: Any, tokens: int, max_num_seqs: int) -> str:
+    def describe_capacity(self, report: Any, tokens: int, pool_bytes_per_layer: int) -> str:
         records = tokens * self.total(report.record_bytes)
-        pools = max_num_seqs * self.total(report.slot_bytes)
+        pools = self.total(pool_bytes_per_layer)
         return (f"AttentionPack KV cache on all {self.workers} workers: {tokens} tokens in "
                 f"{records} bytes of records plus {pools} bytes of slot pools "
                 f"({records + pools} bytes; the lines above are per worker)")

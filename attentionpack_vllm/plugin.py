@@ -3,19 +3,20 @@
 vLLM calls `register()` in every process (API server, engine core, workers), so it
 is idempotent, cheap, and imports vLLM only inside the call. Each hook is installed
 at most once per process, and only where its module is already loaded: a worker
-patches the model runner, the engine core patches capacity reporting, and every
-process patches the engine-args check.
+patches the model runner, the engine core patches capacity reporting and the
+scheduler's row reservations, and every process patches the engine-args check.
 
 Hooks:
 - `--attention-backend attentionpack` (any case) or `CUSTOM` selects the backend;
   on CPU the platform otherwise swaps any choice for CPU_ATTN.
 - Engine args: the settings are validated and conflicting features refused before
   anything starts; prefix caching is switched off; multimodal models get their
-  image ranges into the attention metadata; max_num_seqs is lowered where its slot
-  pools would take more than `max_pool_fraction` of the KV cache budget.
+  image ranges into the attention metadata; the row pool is sized against the KV cache
+  budget (at most `max_pool_fraction` of it).
 - Model runner (installed in workers): the runner's request ids name the batch rows, and finished or
   preempted requests give their slots back.
 - Capacity: the log states AttentionPack's bytes and capacity next to vLLM's own line.
+- Scheduler: each request's rows are reserved with its pages (admission.py).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def register() -> None:
     _patch_cpu_platform()
     _patch_engine_args()
     _patch_capacity_report()
+    _patch_scheduler()
     if "vllm.v1.worker.gpu_model_runner" in sys.modules:
         install_worker_hooks()
 
@@ -107,8 +109,8 @@ def _patch_engine_args() -> None:
     _patch_once(EngineArgs, "create_model_config", make)
 
     def make_max_num_seqs(original):
-        # vLLM resolves max_num_seqs here and builds the scheduler config from it next:
-        # the one place to lower it for the engine core and the workers alike.
+        # vLLM resolves max_num_seqs here and builds the scheduler config next: the one place
+        # to size the row pool for the engine core and the workers alike.
         @functools.wraps(original)
         def set_default_max_num_seqs(self, usage_context, model_config, *args, **kwargs):
             result = original(self, usage_context, model_config, *args, **kwargs)
@@ -215,3 +217,51 @@ def _patch_capacity_report() -> None:
         return update_kv_cache_capacity
 
     _patch_once(module, "update_kv_cache_capacity", make)
+
+
+def _patch_scheduler() -> None:
+    """The scheduler reserves each request's arena rows with its pages (admission.py):
+    `Scheduler.__init__` attaches the reservations to its KV cache manager when
+    AttentionPack serves, and the manager's `allocate_slots` / `free` reserve and give
+    back rows around the pages. (vLLM has no hook for a second per-request resource.)"""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def make_init(original):
+        @functools.wraps(original)
+        def __init__(self, vllm_config, *args, **kwargs):
+            original(self, vllm_config, *args, **kwargs)
+            if is_selected(vllm_config.attention_config.backend):
+                from .admission import attach
+                attach(self)
+        return __init__
+
+    def make_allocate(original):
+        @functools.wraps(original)
+        def allocate_slots(self, request, num_new_tokens, num_new_computed_tokens=0, *args, **kwargs):
+            from .admission import admission_of
+            admission = admission_of(self)
+            if admission is None:
+                return original(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
+            extra = num_new_computed_tokens + kwargs.get("num_external_computed_tokens", 0)
+            if not admission.reserve(request, num_new_tokens, extra):
+                return None  # as when pages run out: the request waits, or vLLM preempts
+            blocks = original(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
+            if blocks is None:
+                admission.rows.undo_last()
+            return blocks
+        return allocate_slots
+
+    def make_free(original):
+        @functools.wraps(original)
+        def free(self, request):
+            from .admission import admission_of
+            admission = admission_of(self)
+            if admission is not None:
+                admission.rows.release(request.request_id)
+            return original(self, request)
+        return free
+
+    _patch_once(Scheduler, "__init__", make_init)
+    _patch_once(KVCacheManager, "allocate_slots", make_allocate)
+    _patch_once(KVCacheManager, "free", make_free)

@@ -30,12 +30,15 @@ class RequestSlots:
             self._slot_of[request_id] = slot
         return slot
 
-    def release(self, request_ids) -> None:
-        """Return the slots of finished or preempted requests."""
+    def release(self, request_ids) -> list[int]:
+        """Return the slots of finished or preempted requests; the slots returned."""
+        freed = []
         for request_id in request_ids:
             slot = self._slot_of.pop(request_id, None)
             if slot is not None:
                 self._free.append(slot)
+                freed.append(slot)
+        return freed
 
     def __len__(self) -> int:
         return len(self._slot_of)

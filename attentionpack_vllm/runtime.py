@@ -8,7 +8,7 @@ runner's request-to-slot map hangs on the runner itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import AttentionPackConfig
@@ -17,6 +17,7 @@ from .request_slots import RequestSlots
 
 SETTINGS_KEY = "attentionpack"
 REQUEST_TOKENS_KEY = "attentionpack_request_tokens"  # set at start-up, not a user setting
+ROW_POOL_KEY = "attentionpack_row_pool"              # set at start-up, not a user setting
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ProcessState:
     config: AttentionPackConfig | None = None  # the settings in force, as last seen
     building_runner: Any = None                # the model runner creating its metadata builders
     pool_bytes: int = 0                        # bytes this process's slot pools took
+    row_allocators: dict = field(default_factory=dict)  # (plan, slots) -> the layers' RowAllocator
 
 
 STATE = ProcessState()
@@ -87,6 +89,19 @@ def shipped_request_tokens(holder: Any | None) -> RequestTokens:
     return RequestTokens(**shipped) if shipped else RequestTokens()
 
 
+def ship_row_pool(args: Any, arena_rows: int) -> None:
+    """Put the start-up's arena size (rows per layer, the zero row included) where the engine
+    core and every worker find it, as `ship_request_tokens` does."""
+    args.additional_config = {**(args.additional_config or {}), ROW_POOL_KEY: int(arena_rows)}
+
+
+def shipped_row_pool(holder: Any | None) -> int | None:
+    """The arena rows `ship_row_pool` stored; None when the start-up did not bound them."""
+    additional = getattr(holder, "additional_config", None) or {}
+    rows = additional.get(ROW_POOL_KEY) if isinstance(additional, dict) else None
+    return int(rows) if rows is not None else None
+
+
 def num_request_slots(vllm_config: Any) -> int:
     """One slot per request the scheduler may run at once."""
     return int(vllm_config.scheduler_config.max_num_seqs)
@@ -112,9 +127,12 @@ def runner_slots(runner: Any, num_slots: int) -> RequestSlots:
 
 
 def release_requests(runner: Any, request_ids) -> None:
+    """Finished or preempted requests give back their slots and those slots' arena rows."""
     slots = getattr(runner, "_attentionpack_slots", None)
     if slots is not None and request_ids:
-        slots.release(request_ids)
+        for slot in slots.release(request_ids):
+            for allocator in STATE.row_allocators.values():
+                allocator.release(slot)
 
 
 def slots_for_rows(runner: Any, req_idx: Any, num_reqs: int) -> list[int] | None:
@@ -145,20 +163,35 @@ def pool_bytes() -> int:
     return STATE.pool_bytes
 
 
+def row_allocator(plan: CompressionPlan, num_slots: int, device: Any, vllm_config: Any | None):
+    """The `row_pool.RowAllocator` of `plan`'s layers in this process (made once, shared by
+    the layers and the metadata builder): the arena rows the start-up shipped, else every
+    slot's full rows."""
+    from .row_pool import RowAllocator, full_request_rows
+    key = (plan, num_slots)   # one device per process
+    if key not in STATE.row_allocators:
+        rows = shipped_row_pool(vllm_config)
+        if rows is None:
+            rows = 1 + num_slots * full_request_rows(plan)
+        STATE.row_allocators[key] = RowAllocator.empty(plan, num_slots, rows, device)
+    return STATE.row_allocators[key]
+
+
 # --- decode implementation ----------------------------------------------------
 
-def decode_kernel_name(config: AttentionPackConfig, device: Any) -> str:
+def decode_kernel_name(config: AttentionPackConfig, device: Any, dtype: Any = None) -> str:
     """The decode implementation in force: "triton" on CUDA; on CPU "cpu" (the compiled
-    kernel) where it builds, else "torch"; or what `decode_kernel` forces.
+    kernel) where it builds and stores the cache's format, else "torch"; or what
+    `decode_kernel` forces. `dtype`: the model's (None: not known).
 
-    Raises ValueError for a forced "cpu" on a GPU, or where the kernel cannot be built."""
+    Raises ValueError for a forced "cpu" on a GPU, where the kernel cannot be built, or
+    for a float16 cache in 16-bit storage (the kernel stores int8, float32 or bfloat16)."""
     choice, on_cuda = config.decode_kernel, str(device).startswith("cuda")
     if choice == "triton" or (choice == "auto" and on_cuda):
         return "triton"
     if choice == "torch":
         return "torch"
-    from .kernels import cpu_library
-    reason = cpu_library.unavailable_reason()
+    reason = cpu_kernel_unavailable(config, dtype)
     if choice == "auto":
         return "torch" if reason else "cpu"
     if on_cuda:
@@ -167,6 +200,16 @@ def decode_kernel_name(config: AttentionPackConfig, device: Any) -> str:
     if reason:
         raise ValueError(f"decode_kernel 'cpu' is unavailable here: {reason}")
     return "cpu"
+
+
+def cpu_kernel_unavailable(config: AttentionPackConfig, dtype: Any = None) -> str | None:
+    """Why the compiled CPU decode kernel cannot decode this cache, or None."""
+    from .kernels import cpu_library
+    reason = cpu_library.unavailable_reason()
+    if reason is None and config.storage != "int8" and dtype is not None and dtype not in cpu_library.STORAGE_CODES:
+        reason = (f"it stores int8, float32 or bfloat16 rows, not {dtype} (storage 'auto' keeps the "
+                  "model's dtype; storage 'int8' or --dtype bfloat16 run it)")
+    return reason
 
 
 def decode_attention_for(name: str) -> Callable:

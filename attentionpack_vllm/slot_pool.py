@@ -2,108 +2,110 @@
 
 One pool per layer, allocated once. A slot holds, for its request, the key and value
 bases of each modality the plan has (text only, or text and image, each plane only as
-many rows as its own rank: see `_planes`; zero rows past a segment's rank up to it) and
-its exact rows at full precision: the sink tokens (the request's
-first `sink_tokens`), then the window of newest decode tokens, with those tokens'
-importance scores. How many exact rows are valid is host-side state
+many rows as its own rank) and its exact rows at full precision: the sink tokens (the
+request's first `sink_tokens`), then the window of newest decode tokens, with those
+tokens' importance scores. How many exact rows are valid is host-side state
 (`windows.WindowTracker`), the same for every layer. `reset` clears everything a
 previous request left.
 
-With int8 storage (`plan.int8`) the bases and exact rows are int8 with one float32
-scale per row and KV head (`scales`); `read` and `write` convert, so callers never
-see the format.
+The rows live in one arena per layer (`kernels/slot_rows.py`): maps, shared by the
+layers, name the arena row of each (slot, plane, row) and (slot, exact row). `read` and
+`write` take those logical indices, so callers never see where a row is stored.
+
+With int8 storage (`plan.int8`) the rows are int8 with one float32 scale per row and KV
+head; `read` and `write` convert, so callers never see the format either.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .kernels.slot_rows import MAP_NAMES, ZERO_ROW, SlotRows, slot_major_maps
 from .kernels.storage import dequantize, quantize, take_rows
 from .plan import CompressionPlan
 
-ROW_TENSORS = ("basis_k", "basis_v", "window_k", "window_v")
+ROW_TENSORS = MAP_NAMES
 
 
 @dataclass
 class SlotPool:
-    # Bases: [num_slots, M, rank, kv_width] views (M = plan.num_modalities, rank = the
-    # record's, plan.layout), each plane holding its own rank's rows (`_planes`).
-    basis_k: torch.Tensor
-    basis_v: torch.Tensor
-    window_k: torch.Tensor            # [num_slots, exact_rows, kv_width]: sinks, then window
-    window_v: torch.Tensor            # [num_slots, exact_rows, kv_width]
+    rows: SlotRows                    # the layer's arena and the (shared) maps into it
     window_importance: torch.Tensor   # [num_slots, exact_rows] float32
-    # int8 storage: name in ROW_TENSORS -> float32 scales [..rows.., num_kv_heads]; else empty.
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, plan: CompressionPlan, num_slots: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> "SlotPool":
-        width, window = plan.kv_width, plan.exact_rows
-        row_dtype = torch.int8 if plan.int8 else dtype
-        zeros = lambda *shape, dt=row_dtype: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
-        planes = lambda ranks, rows, columns, dt=row_dtype: _planes(  # noqa: E731
-            num_slots, ranks, rows, columns, dt, device)
-        ranks_k, ranks_v = plan.ranks_k[:plan.num_modalities], plan.ranks_v[:plan.num_modalities]
-        layout = plan.layout
-        pool = cls(
-            basis_k=planes(ranks_k, layout.rank_k, width),
-            basis_v=planes(ranks_v, layout.rank_v, width),
-            window_k=zeros(num_slots, window, width),
-            window_v=zeros(num_slots, window, width),
-            window_importance=zeros(num_slots, window, dt=torch.float32),
-        )
-        if plan.int8:
-            heads = plan.num_kv_heads
-            pool.scales = {"basis_k": planes(ranks_k, layout.rank_k, heads, torch.float32),
-                           "basis_v": planes(ranks_v, layout.rank_v, heads, torch.float32),
-                           "window_k": zeros(num_slots, window, heads, dt=torch.float32),
-                           "window_v": zeros(num_slots, window, heads, dt=torch.float32)}
-        return pool
+                 device: torch.device | str = "cpu", maps: "SlotMaps | None" = None) -> "SlotPool":
+        """A zeroed pool; `maps` (`slot_pool_maps`) may be shared by the layers of a plan."""
+        num_rows, index = maps if maps is not None else slot_pool_maps(plan, num_slots, device)
+        arena = torch.zeros(num_rows, plan.kv_width, dtype=torch.int8 if plan.int8 else dtype, device=device)
+        scales = (torch.zeros(num_rows, plan.num_kv_heads, dtype=torch.float32, device=device)
+                  if plan.int8 else None)
+        return cls(rows=SlotRows(arena, scales, **index),
+                   window_importance=torch.zeros(num_slots, plan.exact_rows, dtype=torch.float32,
+                                                 device=device))
+
+    @property
+    def _zero_row(self) -> torch.Tensor:
+        return torch.zeros(1, dtype=torch.int64, device=self.rows.arena.device)
 
     @property
     def num_slots(self) -> int:
-        return self.basis_k.shape[0]
+        return self.rows.num_slots
+
+    @property
+    def scales(self) -> torch.Tensor | None:
+        return self.rows.scales
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.basis_k, self.basis_v, self.window_k, self.window_v, self.window_importance,
-                *self.scales.values())
+        """The tensors this layer owns (the maps are shared)."""
+        own = (self.rows.arena, self.window_importance)
+        return own if self.rows.scales is None else (*own, self.rows.scales)
 
     def nbytes(self) -> int:
-        """Bytes actually allocated by this pool (each tensor's whole buffer, the basis
-        views' spare rows included)."""
+        """Bytes this layer's pool allocated (arena with its zero row, scales, window scores)."""
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
+    def arena_rows(self, name: str, index) -> torch.Tensor:
+        """The arena rows of logical rows `getattr(maps, name)[index]` (`name` in ROW_TENSORS)."""
+        return _read_rows(self.rows.map(name), index)
+
     def read(self, name: str, index) -> torch.Tensor:
-        """Rows `getattr(self, name)[index]` as float32 (`name` in ROW_TENSORS; `index`
-        selects whole rows)."""
-        rows = _read_rows(getattr(self, name), index)
-        scale = self.scales.get(name)
-        return rows.float() if scale is None else dequantize(rows, _read_rows(scale, index))
+        """Rows `name[index]` as float32 (`index` selects whole logical rows: slots, then
+        planes and rows)."""
+        at = self.arena_rows(name, index)
+        rows = take_rows(self.rows.arena, at)
+        return rows.float() if self.rows.scales is None else dequantize(rows, take_rows(self.rows.scales, at))
 
     def write(self, name: str, index, rows: torch.Tensor) -> None:
-        """Store float rows [..., kv_width] at `getattr(self, name)[index]`."""
-        target = getattr(self, name)
-        scale = self.scales.get(name)
-        if scale is None:
-            target[index] = rows.to(target.dtype)
-            return
-        q, s = quantize(rows, scale.shape[-1])
-        target[index] = q
-        scale[index] = s
+        """Store float rows [..., kv_width] at `name[index]`. Logical rows with no arena row of
+        their own (on the zero row: a basis plane's rows past what its request holds) take
+        nothing: a basis never has more directions than tokens, so those rows are zero."""
+        self._store(self.arena_rows(name, index), rows)
+        self.clear_rows(self._zero_row)
 
     def write_window(self, index, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store float key and value rows [..., kv_width] at `window_k[index]` and
         `window_v[index]` (int8: one quantize for both, the decode step's append)."""
-        if not self.scales:
-            self.write("window_k", index, keys)
-            self.write("window_v", index, values)
+        at = torch.stack([self.arena_rows("window_k", index), self.arena_rows("window_v", index)])
+        self._store(at, torch.stack([keys, values]))
+
+    def clear_rows(self, at: torch.Tensor) -> None:
+        """Zero arena rows `at` ([N] int64; rows a request was just handed)."""
+        self.rows.arena.index_fill_(0, at, 0)
+        if self.rows.scales is not None:
+            self.rows.scales.index_fill_(0, at, 0)
+
+    def _store(self, at: torch.Tensor, rows: torch.Tensor) -> None:
+        arena, scales = self.rows.arena, self.rows.scales
+        at = at.reshape(-1)
+        rows = rows.reshape(-1, arena.shape[-1])
+        if scales is None:
+            arena.index_copy_(0, at, rows.to(arena.dtype))
             return
-        q, s = quantize(torch.stack([keys, values]), self.scales["window_k"].shape[-1])
-        for i, name in enumerate(("window_k", "window_v")):
-            getattr(self, name)[index] = q[i]
-            self.scales[name][index] = s[i]
+        q, s = quantize(rows, scales.shape[-1])
+        arena.index_copy_(0, at, q)
+        scales.index_copy_(0, at, s)
 
     @staticmethod
     def slot_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
@@ -113,19 +115,39 @@ class SlotPool:
         return rows * _row_bytes(plan, dtype) + plan.exact_rows * 4
 
     @staticmethod
+    def row_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
+        """Bytes of one arena row (with its scales in int8 storage)."""
+        return _row_bytes(plan, dtype)
+
+    @staticmethod
+    def slot_fixed_bytes(plan: CompressionPlan) -> int:
+        """Bytes every slot holds beside the arena: its exact rows' importance scores."""
+        return plan.exact_rows * 4
+
+    @staticmethod
     def spare_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
-        """Bytes a pool holds beyond its slots: the spare rows at the end of the basis
-        buffers when the last plane is narrower than a record's rank (see `_planes`)."""
-        last = plan.num_modalities - 1
-        rows = (plan.layout.rank_k - plan.ranks_k[last]) + (plan.layout.rank_v - plan.ranks_v[last])
-        return rows * _row_bytes(plan, dtype)
+        """Bytes a pool holds beyond its slots: the arena's zero row."""
+        return _row_bytes(plan, dtype)
 
     def reset(self, slot: int) -> None:
-        """Forget everything about the slot's previous request: the elements the slot owns in
-        every tensor, `stride(0)` of them from its first (a basis plane's rows past its rank
-        belong to the next plane or slot and are left alone)."""
-        for t in self.tensors():
-            t.as_strided((t.stride(0),), (1,), t.storage_offset() + slot * t.stride(0)).zero_()
+        """Forget everything about the slot's previous request: zero its rows and window scores."""
+        at = torch.cat([self.rows.map(name)[slot].reshape(-1) for name in MAP_NAMES])
+        at = at[at != ZERO_ROW]  # the shared zero row stays as it is
+        self.rows.arena.index_fill_(0, at, 0)
+        if self.rows.scales is not None:
+            self.rows.scales.index_fill_(0, at, 0)
+        self.window_importance[slot] = 0
+
+
+SlotMaps = tuple[int, dict[str, torch.Tensor]]  # (arena rows, maps by name)
+
+
+def slot_pool_maps(plan: CompressionPlan, num_slots: int, device: torch.device | str = "cpu") -> SlotMaps:
+    """Slot-major maps for `plan` (`kernels.slot_rows.slot_major_maps`): each plane only its
+    own rank's rows, the rest on the zero row."""
+    layout, planes = plan.layout, plan.num_modalities
+    return slot_major_maps(num_slots, plan.ranks_k[:planes], plan.ranks_v[:planes], layout.rank_k,
+                           layout.rank_v, plan.exact_rows, device)
 
 
 def _row_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
@@ -134,23 +156,6 @@ def _row_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
     if plan.int8:
         return plan.kv_width + plan.num_kv_heads * 4
     return plan.kv_width * torch.empty((), dtype=dtype).element_size()
-
-
-def _planes(num_slots: int, ranks: tuple[int, ...], widest: int, columns: int, dtype: torch.dtype,
-            device) -> torch.Tensor:
-    """A [num_slots, len(ranks), widest, columns] view of per-modality basis planes over
-    one zeroed buffer, in which each plane takes only its own rank's rows (`widest`: the
-    record's rank, at least every plane's; the rows the decode reads).
-
-    Plane m of a slot starts right after plane m - 1's own rows, so the view's rows past a
-    plane's rank are the next plane's (or the next slot's) first rows, not zeros. Nothing
-    takes them for that plane's data: every record's factor columns past its modality's
-    rank are zero, and stores and folds touch a plane's own rows only. The buffer ends
-    with widest - ranks[-1] spare rows, so the last slot's view stays inside it.
-    """
-    rows = sum(ranks)
-    buffer = torch.zeros(num_slots * rows + widest - ranks[-1], columns, dtype=dtype, device=device)
-    return buffer.as_strided((num_slots, len(ranks), widest, columns), (rows * columns, ranks[0] * columns, columns, 1))
 
 
 def _read_rows(t: torch.Tensor, index) -> torch.Tensor:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 FALLBACK_NAME = "_attentionpack_kernels"
 INSTALLED_NAME = "attentionpack_vllm.kernels"
-MODULES = ("layout", "decode_inputs", "latent_decode_torch", "latent_decode_triton", "dense_paged_triton")
+MODULES = ("layout", "slot_rows", "decode_inputs", "latent_decode_torch", "latent_decode_triton", "dense_paged_triton")
 REPO = KERNELS_DIR.parent
 
 

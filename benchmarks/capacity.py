@@ -4,9 +4,14 @@ For LLaVA-1.5-7B's shapes (32 layers, 32 KV heads x 128, fp16; a sample is 576 i
 tokens plus text) and Qwen2-VL-7B's (28 layers, 4 KV heads x 128), across ranks and
 request lengths, from the project's own byte accounting (`MemoryReport`, which the
 tests check against the tensors actually allocated). Both parts are reported: the
-per-token records and the fixed per-request slot (bases of both modalities and the
-full-rank sink tokens and window, at their defaults), in the model's dtype and with
-int8 storage (`storage: int8`). With `--check-vllm`, vLLM itself is started on random-weight
+per-token records and the request's rows in the row pool (`row_pool`: each basis plane
+only as many rows as the request has tokens of its modality, up to the plane's rank,
+and the sink tokens and window as far as they are filled), in the model's dtype and with
+int8 storage (`storage: int8`). A request is counted right after its prefill (its window
+empty) and, as `..._decoding`, with a full window, the most it holds while decoding; the
+paper sample is 576 image and 50 text tokens, the other lengths text only. The
+`full_slot_bytes_per_request` column is what a slot of every plane at full rank with a
+full window takes, the most any request holds. With `--check-vllm`, vLLM itself is started on random-weight
 models of LLaVA-1.5-7B's and Qwen2-VL-7B's attention geometry (2 layers each) dense
 and with AttentionPack, and the KV cache tokens it reports are set beside the
 accounting.
@@ -32,6 +37,7 @@ from _environment import environment
 from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.memory import MemoryReport
 from attentionpack_vllm.plan import CompressionPlan
+from attentionpack_vllm.row_pool import request_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
@@ -41,6 +47,7 @@ MODELS = {
     "llava-1.5-7b": (32, 32, 128, 576 + 50),
     "qwen2-vl-7b": (28, 4, 128, 576 + 50),
 }
+SAMPLE_IMAGE_TOKENS = 576
 # Attention geometry of each model for the vLLM check: (query heads, KV heads, head size),
 # and the folder its random-weight stand-in is built in (the tests share LLaVA's).
 GEOMETRY = {"llava-1.5-7b": ((32, 32, 128), "llava7b-geometry"),
@@ -54,18 +61,33 @@ CHECK_SETTINGS = ((32, "auto"), (64, "auto"), (128, "auto"), (64, "int8"), (80, 
 LENGTHS = (64, 128, 256, 626, 1024, 2048, 4096, 8192)
 
 
-def per_request(model: str, rank: int, tokens: int, storage: str = "auto") -> dict:
-    """Bytes of one request at `rank` and `storage` with every other setting at its default."""
+def per_request(model: str, rank: int, tokens: int, storage: str = "auto", image_tokens: int = 0) -> dict:
+    """Bytes of one request of `tokens` (`image_tokens` of them image tokens) at `rank` and
+    `storage` with every other setting at its default."""
     layers, kv_heads, head_size, _ = MODELS[model]
     config = AttentionPackConfig.from_dict({"rank": rank, "storage": storage})
-    report = MemoryReport.of(CompressionPlan.build(config, kv_heads, head_size), torch.float16)
-    dense, packed = report.request_bytes(tokens, layers)
-    return {"model": model, "rank": rank, "storage": storage, "tokens": tokens, "dense_bytes": dense,
-            "attentionpack_bytes": packed, "record_bytes_per_token_layer": report.record_bytes,
+    plan = CompressionPlan.build(config, kv_heads, head_size)
+    report = MemoryReport.of(plan, torch.float16)
+
+    def packed(n: int, exact: int) -> int:
+        image = min(image_tokens, n)
+        rows = request_rows(plan, n - image, image, exact)
+        return n * report.record_bytes * layers + report.request_rows_bytes(rows, layers)
+
+    dense = tokens * report.dense_token_bytes * layers
+    after_prefill = packed(tokens, min(plan.sink_tokens, tokens))
+    decoding = packed(tokens, min(plan.exact_rows, tokens))
+    crossover = next((n for n in range(1, 1 << 16)
+                      if packed(n, min(plan.exact_rows, n)) < n * report.dense_token_bytes * layers), None)
+    return {"model": model, "rank": rank, "storage": storage, "tokens": tokens, "image_tokens": image_tokens,
+            "dense_bytes": dense, "attentionpack_bytes": after_prefill, "attentionpack_bytes_decoding": decoding,
+            "record_bytes_per_token_layer": report.record_bytes,
             "dense_bytes_per_token_layer": report.dense_token_bytes,
-            "slot_bytes_per_request": report.slot_bytes * layers,
-            "token_ratio": report.token_ratio, "reduction": dense / packed,
-            "crossover_tokens": report.crossover_tokens()}
+            "rows_bytes_per_request": after_prefill - tokens * report.record_bytes * layers,
+            "rows_bytes_per_request_decoding": decoding - tokens * report.record_bytes * layers,
+            "full_slot_bytes_per_request": report.slot_bytes * layers,
+            "token_ratio": report.token_ratio, "reduction": dense / after_prefill,
+            "reduction_decoding": dense / decoding, "crossover_tokens": crossover}
 
 
 def check_vllm(model_dir: Path, kv_bytes: int, settings: tuple[tuple[int, str], ...]) -> list[dict]:
@@ -167,14 +189,15 @@ def main(argv=None) -> int:
         print(f"{r['model']:14} {r['rank']:>4} {r['storage']:>5} {r['tokens']:>6} {r['dense_bytes'] / MIB:>10.1f} "
               f"{r['attentionpack_bytes'] / MIB:>8.1f} {r['reduction']:>8.2f}x {r['crossover_tokens']:>9}")
     # The paper's rank (64) and the default rank, in both storages.
-    samples = [per_request(model, rank, sample_tokens, storage)
+    samples = [per_request(model, rank, sample_tokens, storage, SAMPLE_IMAGE_TOKENS)
                for model, (_, _, _, sample_tokens) in MODELS.items() for rank in (64, DEFAULT_RANK)
                for storage in STORAGES]
     for s in samples:
         print(f"[capacity] {s['model']}, one paper sample ({s['tokens']} tokens), rank {s['rank']}, storage "
               f"{s['storage']}: dense {s['dense_bytes'] / 1e6:.1f} MB, AttentionPack "
-              f"{s['attentionpack_bytes'] / 1e6:.1f} MB (of which fixed "
-              f"{s['slot_bytes_per_request'] / 1e6:.1f} MB), {s['reduction']:.2f}x")
+              f"{s['attentionpack_bytes'] / 1e6:.1f} MB after prefill (rows {s['rows_bytes_per_request'] / 1e6:.1f} MB), "
+              f"{s['reduction']:.2f}x; with a full window {s['attentionpack_bytes_decoding'] / 1e6:.1f} MB, "
+              f"{s['reduction_decoding']:.2f}x")
 
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),

@@ -160,10 +160,11 @@ def main(argv=None) -> int:
             meta(case.block_table), case.slot_ids, [1000] * 2, [16, 1], window_size=32, block_size=16,
             with_index=False)
         calls.clear()
-        scales = case.scales and {name: t.to("meta") for name, t in case.scales.items()}  # stay float32
-        LX._latent_decode(meta(case.query), meta(case.pages), meta(case.basis_k), meta(case.basis_v),
-                          meta(case.window_k), meta(case.window_v), batch, case.spec, case.scale,
-                          cfg.get("probs", False), scales=scales)
+        rows = case.rows   # int8 rows and float32 scales keep their dtypes
+        meta_rows = type(rows)(meta(rows.arena), None if rows.scales is None else rows.scales.to("meta"),
+                               *(rows.map(n).to("meta") for n in ("basis_k", "basis_v", "window_k", "window_v")))
+        LX._latent_decode(meta(case.query), meta(case.pages), meta_rows, batch, case.spec, case.scale,
+                          cfg.get("probs", False))
         jobs += [(cfg["name"], c) for c in calls]
     DX._interpreted = lambda: False
     DX._sm_count = lambda device: 132

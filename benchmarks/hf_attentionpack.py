@@ -128,7 +128,7 @@ class PackedCache:
         """Mean over layers of the text basis rows in use (K and V): below the text rank
         only with `rank_text_energy`, or while a request has fewer tokens than its rank."""
         kept = lambda name: sum(  # noqa: E731
-            int(directions_in_use(getattr(p, name)[self.slot, TEXT])) for p in self.pools) / len(self.pools)
+            int(directions_in_use(p.read(name, (self.slot, TEXT)))) for p in self.pools) / len(self.pools)
         return {"key": kept("basis_k"), "value": kept("basis_v")}
 
     def attend(self, layer, query, keys, values, scale, is_image=None):

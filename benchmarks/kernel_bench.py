@@ -230,14 +230,10 @@ class ApCache:
     slot_ids: list
     seq_lens: list
     window_lens: list
-    basis_k: object          # [num_slots, 2, rank, width]
-    basis_v: object
-    window_k: object         # [num_slots, WINDOW_SIZE, width]
-    window_v: object
+    rows: object             # SlotRows: bases [num_slots, 2, rank] and windows [num_slots, WINDOW_SIZE] of rows
     flags: object            # [batch, compressed_len] int64 (for byte counts)
     compressed_len: int
     window_len: int
-    scales: dict | None = None  # int8: the slot rows' float32 scales by name ([..rows.., num_kv_heads])
 
 
 def orthonormal_bases(torch, count: int, rank: int, width: int, device):
@@ -287,8 +283,9 @@ def build_ap(torch, K, geom: Geometry, batch: int, context: int, rank: int, bloc
         rows = {name: t.to(dtype) for name, t in rows.items()}
     return ApCache(
         layout=layout, pages=pages, block_table=block_table.to(torch.int32), slot_ids=slot_ids,
-        seq_lens=[context] * batch, window_lens=[window_len] * batch, **rows,
-        flags=flags, compressed_len=clen, window_len=window_len, scales=scales)
+        seq_lens=[context] * batch, window_lens=[window_len] * batch,
+        rows=K.slot_rows.slot_major_rows(**rows, scales=scales),
+        flags=flags, compressed_len=clen, window_len=window_len)
 
 
 def latent_spec(K, layout, rank: int, partial: bool):
@@ -317,13 +314,13 @@ def ap_bytes(torch, ap: ApCache, spec, need_probs: bool, item: int) -> int:
     int8 = ap.layout.int8
     element, flag = (1, 1) if int8 else (item, item)
     factor_scale = 4 if int8 else 0                                    # per token, K' and V' each
-    row_scales = 4 * ap.scales["window_k"].shape[-1] if int8 else 0   # per basis / window row
+    row_scales = 4 * ap.rows.scales.shape[-1] if int8 else 0   # per basis / window row
     records = (read_k + read_v) * element + tokens * (2 * factor_scale + flag)  # K', V' per group, flags
     if need_probs:  # K' (and its scale) and flags again, fp32 probs out
         records += read_k * element + tokens * (factor_scale + flag) + tokens * 4
     batch = len(ap.slot_ids)
-    _, planes, rank_k, width = ap.basis_k.shape
-    rank_v = ap.basis_v.shape[2]
+    _, planes, rank_k = ap.rows.basis_k.shape
+    rank_v, width = ap.rows.basis_v.shape[2], ap.rows.kv_width
     bases = batch * planes * (rank_k + rank_v) * (width * element + row_scales)
     window = batch * 2 * ap.window_len * (width * element + row_scales)
     return records + bases + window
@@ -470,8 +467,7 @@ def check_ap(torch, K, latent_ref, ap: ApCache, query, spec, scale, need_probs, 
     for start in range(0, batch, REFERENCE_CHUNK):
         rows = slice(start, min(batch, start + REFERENCE_CHUNK))
         sub = decode_batch(K, ap, block_size, rows, with_index=True)
-        ref = latent_ref(query[rows], ap.pages, ap.basis_k, ap.basis_v, ap.window_k, ap.window_v, sub, spec,
-                         scale, need_probs=need_probs, scales=ap.scales)
+        ref = latent_ref(query[rows], ap.pages, ap.rows, sub, spec, scale, need_probs=need_probs)
         err, good = close(torch, got[0][rows], ref[0], tol)
         errors.append(err)
         ok = ok and good
@@ -717,8 +713,8 @@ def run(args) -> int:
             step_batch = decode_batch(K, ap, args.block_size)   # once per step, outside the timing
             for partial in (False, True):
                 spec = latent_spec(K, ap.layout, rank, partial)
-                ap_fn = lambda: latent(query, ap.pages, ap.basis_k, ap.basis_v, ap.window_k,  # noqa: E731
-                                       ap.window_v, step_batch, spec, scale, need_probs=partial, scales=ap.scales)
+                ap_fn = lambda: latent(query, ap.pages, ap.rows, step_batch, spec, scale,  # noqa: E731
+                                       need_probs=partial)
                 got = ap_fn()
                 ap_err, ap_ok = None, None
                 if not args.no_check:
@@ -766,8 +762,7 @@ def run(args) -> int:
             if args.sweep and (geom.name, batch, context) in sweep_points:
                 progress(f"{where}: tuning sweep")
                 spec = latent_spec(K, ap.layout, rank, False)
-                ap_fn = lambda: latent(query, ap.pages, ap.basis_k, ap.basis_v, ap.window_k,  # noqa: E731
-                                       ap.window_v, step_batch, spec, scale, scales=ap.scales)
+                ap_fn = lambda: latent(query, ap.pages, ap.rows, step_batch, spec, scale)  # noqa: E731
                 result = sweep_point(torch, K, make_timer(torch, args, args.sweep_rep_ms), graphs, variants_ap,
                                      variants_dense, ap_fn, dense_fn)
                 sweeps.append(dict(geometry=geom.name, batch=batch, context=context, rank=rank, **result))

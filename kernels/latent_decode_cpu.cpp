@@ -46,24 +46,21 @@ struct Args {
     int64_t k_offset, v_offset, k_scale_offset, v_scale_offset, flags_offset;
     const int64_t* cols_k_by_flag;  // nullptr: every token reads every column
     const int64_t* cols_v_by_flag;
-    // bases [slot, plane, row, kv_width] and their int8 scales [slot, plane, row, kv_heads]
-    const void* basis_k;
-    int64_t basis_k_strides[3];
-    const float* basis_k_scale;
-    int64_t basis_k_scale_strides[3];
-    const void* basis_v;
-    int64_t basis_v_strides[3];
-    const float* basis_v_scale;
-    int64_t basis_v_scale_strides[3];
-    // exact rows [slot, row, kv_width] and their int8 scales [slot, row, kv_heads]
-    void* window_k;
-    int64_t window_k_strides[2];
-    float* window_k_scale;
-    int64_t window_k_scale_strides[2];
-    void* window_v;
-    int64_t window_v_strides[2];
-    float* window_v_scale;
-    int64_t window_v_scale_strides[2];
+    // slot rows (kernels/slot_rows.py): one arena [row, kv_width] with int8 scales
+    // [row, kv_heads], and the arena row of each logical row: bases [slot, plane, row],
+    // exact rows (sinks, then window) [slot, row]
+    void* rows;
+    int64_t row_stride;
+    float* row_scales;
+    int64_t row_scale_stride;
+    const int64_t* basis_k_rows;
+    int64_t basis_k_rows_strides[2];
+    const int64_t* basis_v_rows;
+    int64_t basis_v_rows_strides[2];
+    const int64_t* window_k_rows;
+    int64_t window_k_rows_stride;
+    const int64_t* window_v_rows;
+    int64_t window_v_rows_stride;
     // float32 inputs and outputs, contiguous
     const float* query;       // [B, H, D]
     const float* new_keys;    // [B, KV * D], or nullptr: the window append is done already
@@ -141,18 +138,15 @@ struct Kernel {
         : a(args), D(args.head_size), G(args.num_heads / args.kv_heads), M(args.num_planes),
           Dp(padded(args.head_size)), Rk(padded(args.rank_k)), Rv(padded(args.rank_v)) {}
 
-    // Row `row` of plane `plane` of a slot's basis, KV head g's columns, into `out` (Dp floats).
-    void basis_row(const void* base, const int64_t* st, const float* scale, const int64_t* sst,
-                   int64_t slot, int64_t plane, int64_t row, int64_t g, float* out) const {
-        const T* p = static_cast<const T*>(base) + slot * st[0] + plane * st[1] + row * st[2] + g * D;
-        load(p, scale ? scale[slot * sst[0] + plane * sst[1] + row * sst[2] + g] : 1.f, out, D, Dp);
+    // Arena row `at`, KV head g's columns, into `out` (Dp floats).
+    void arena_row(int64_t at, int64_t g, float* out) const {
+        const T* p = static_cast<const T*>(a.rows) + at * a.row_stride + g * D;
+        load(p, a.row_scales ? a.row_scales[at * a.row_scale_stride + g] : 1.f, out, D, Dp);
     }
 
-    // Exact row `row` of a slot's window, KV head g's columns, into `out` (Dp floats).
-    void window_row(const void* base, const int64_t* st, const float* scale, const int64_t* sst,
-                    int64_t slot, int64_t row, int64_t g, float* out) const {
-        const T* p = static_cast<const T*>(base) + slot * st[0] + row * st[1] + g * D;
-        load(p, scale ? scale[slot * sst[0] + row * sst[1] + g] : 1.f, out, D, Dp);
+    // The arena row of row `row` of plane `plane` of a slot's basis (`rows`: basis_k_rows or basis_v_rows).
+    static int64_t basis_at(const int64_t* rows, const int64_t* st, int64_t slot, int64_t plane, int64_t row) {
+        return rows[slot * st[0] + plane * st[1] + row];
     }
 
     float record_scale(const T* rec, int64_t offset) const {
@@ -160,12 +154,11 @@ struct Kernel {
         return 1.f;
     }
 
-    // The new token's row of KV head g into the window (int8: absmax / 127 per row and head,
-    // as storage.quantize).
-    void append(const float* x, void* base, const int64_t* st, float* scale, const int64_t* sst,
-                int64_t slot, int64_t row, int64_t g) const {
-        T* dst = static_cast<T*>(base) + slot * st[0] + row * st[1] + g * D;
-        store_row(x, D, dst, scale ? &scale[slot * sst[0] + row * sst[1] + g] : nullptr);
+    // The new token's row of KV head g into arena row `at` (int8: absmax / 127 per row and
+    // head, as storage.quantize).
+    void append(const float* x, int64_t at, int64_t g) const {
+        T* dst = static_cast<T*>(a.rows) + at * a.row_stride + g * D;
+        store_row(x, D, dst, a.row_scales ? &a.row_scales[at * a.row_scale_stride + g] : nullptr);
     }
 
     // Scratch of one work item, reused across the items a thread runs.
@@ -220,11 +213,11 @@ struct Kernel {
 
         if (a.new_keys) {
             const int64_t w = a.new_window_rows[b];
+            const int64_t at_k = a.window_k_rows[slot * a.window_k_rows_stride + w];
+            const int64_t at_v = a.window_v_rows[slot * a.window_v_rows_stride + w];
             for (int64_t g = g0; g < g1; ++g) {
-                append(a.new_keys + (b * KV + g) * D, a.window_k, a.window_k_strides, a.window_k_scale,
-                       a.window_k_scale_strides, slot, w, g);
-                append(a.new_values + (b * KV + g) * D, a.window_v, a.window_v_strides, a.window_v_scale,
-                       a.window_v_scale_strides, slot, w, g);
+                append(a.new_keys + (b * KV + g) * D, at_k, g);
+                append(a.new_values + (b * KV + g) * D, at_v, g);
             }
         }
         // Scaled queries, and each modality's latent queries q_lat[m][j] = D_k[m][:, g] q_j
@@ -236,7 +229,7 @@ struct Kernel {
         for (int64_t m = 0; m < M; ++m)
             for (int64_t r = 0; r < a.rank_k; ++r)
                 for (int64_t g = g0; g < g1; ++g) {
-                    basis_row(a.basis_k, a.basis_k_strides, a.basis_k_scale, a.basis_k_scale_strides, slot, m, r, g, row);
+                    arena_row(basis_at(a.basis_k_rows, a.basis_k_rows_strides, slot, m, r), g, row);
                     for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
                         s.q_lat[(m * N + j) * Rk + r] = dot(row, &s.q[j * Dp], Dp);
                 }
@@ -303,7 +296,7 @@ struct Kernel {
         // Window rows join the same softmax; their values are summed directly.
         for (int64_t w = 0; w < wl; ++w)
             for (int64_t g = g0; g < g1; ++g) {
-                window_row(a.window_k, a.window_k_strides, a.window_k_scale, a.window_k_scale_strides, slot, w, g, row);
+                arena_row(a.window_k_rows[slot * a.window_k_rows_stride + w], g, row);
                 for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
                     s.scores[j * L + c + w] = dot(&s.q[j * Dp], row, Dp);
             }
@@ -314,13 +307,13 @@ struct Kernel {
         for (int64_t m = 0; m < M; ++m)
             for (int64_t r = 0; r < a.rank_v; ++r)
                 for (int64_t g = g0; g < g1; ++g) {
-                    basis_row(a.basis_v, a.basis_v_strides, a.basis_v_scale, a.basis_v_scale_strides, slot, m, r, g, row);
+                    arena_row(basis_at(a.basis_v_rows, a.basis_v_rows_strides, slot, m, r), g, row);
                     for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
                         axpy(s.acc[(m * N + j) * Rv + r], row, &s.out[j * Dp], Dp);
                 }
         for (int64_t w = 0; w < wl; ++w)
             for (int64_t g = g0; g < g1; ++g) {
-                window_row(a.window_v, a.window_v_strides, a.window_v_scale, a.window_v_scale_strides, slot, w, g, row);
+                arena_row(a.window_v_rows[slot * a.window_v_rows_stride + w], g, row);
                 for (int64_t j = (g - g0) * G; j < (g - g0 + 1) * G; ++j)
                     axpy(s.scores[j * L + c + w], row, &s.out[j * Dp], Dp);
             }

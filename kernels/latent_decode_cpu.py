@@ -5,7 +5,7 @@
 window in the same call (`new_keys`, `new_values`; the function's `fuses_window_append`).
 The work is in `latent_decode_cpu.cpp` (built by `cpu_library`): each request (or, when
 there are too few for the threads, each (request, KV head) pair) reads its records once
-through the block table and its bases and window rows by slot,
+through the block table and its bases and window rows through the slot-row maps,
 where they are stored, and runs the whole attention in float32 without a gathered copy
 or a chain of PyTorch ops. The PyTorch path takes about 50 ops per layer and call; this
 takes one, plus the output's dtype conversion.
@@ -20,6 +20,7 @@ import torch
 from . import cpu_library
 from .cpu_library import STORAGE_CODES, pointer as _ptr
 from .decode_inputs import DecodeBatch, LatentSpec
+from .slot_rows import MAP_NAMES, SlotRows
 
 _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
@@ -35,10 +36,9 @@ class _Args(ctypes.Structure):
         ("pages", _P), ("page_stride_block", _I64), ("page_stride_row", _I64),
         ("k_offset", _I64), ("v_offset", _I64), ("k_scale_offset", _I64), ("v_scale_offset", _I64),
         ("flags_offset", _I64), ("cols_k_by_flag", _P), ("cols_v_by_flag", _P),
-        ("basis_k", _P), ("basis_k_strides", _I64 * 3), ("basis_k_scale", _P), ("basis_k_scale_strides", _I64 * 3),
-        ("basis_v", _P), ("basis_v_strides", _I64 * 3), ("basis_v_scale", _P), ("basis_v_scale_strides", _I64 * 3),
-        ("window_k", _P), ("window_k_strides", _I64 * 2), ("window_k_scale", _P), ("window_k_scale_strides", _I64 * 2),
-        ("window_v", _P), ("window_v_strides", _I64 * 2), ("window_v_scale", _P), ("window_v_scale_strides", _I64 * 2),
+        ("rows", _P), ("row_stride", _I64), ("row_scales", _P), ("row_scale_stride", _I64),
+        ("basis_k_rows", _P), ("basis_k_rows_strides", _I64 * 2), ("basis_v_rows", _P), ("basis_v_rows_strides", _I64 * 2),
+        ("window_k_rows", _P), ("window_k_rows_stride", _I64), ("window_v_rows", _P), ("window_v_rows_stride", _I64),
         ("query", _P), ("new_keys", _P), ("new_values", _P), ("out", _P),
         ("probs_compressed", _P), ("probs_len", _I64), ("probs_window", _P),
     ]
@@ -59,38 +59,38 @@ _LAYER_FIELDS: dict[tuple, tuple[_Args, LatentSpec, tuple]] = {}
 _LAYER_FIELDS_MAX = 256
 
 
-def _layer_fields(pages: torch.Tensor, rows: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
-                  spec: LatentSpec, num_heads: int, head_size: int) -> _Args:
-    key = (id(spec), num_heads, head_size,
-           *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in (pages, *rows.values(), *scales.values())))
+def _layer_fields(pages: torch.Tensor, rows: SlotRows, spec: LatentSpec, num_heads: int, head_size: int) -> _Args:
+    maps = [rows.map(name) for name in MAP_NAMES]
+    tensors = (pages, rows.arena, *maps) + (() if rows.scales is None else (rows.scales,))
+    key = (id(spec), num_heads, head_size, *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors))
     cached = _LAYER_FIELDS.get(key)
     if cached is not None:
         return cached[0]
     layout = spec.layout
     storage = STORAGE_CODES.get(pages.dtype)
-    if storage is None or any(t.dtype != pages.dtype for t in rows.values()):
+    if storage is None or rows.arena.dtype != pages.dtype:
         raise ValueError(f"the CPU decode kernel stores int8, float32 or bfloat16 rows, got pages "
-                         f"{pages.dtype}, bases {rows['basis_k'].dtype}, windows {rows['window_k'].dtype}")
-    if pages.stride(-1) != 1:
-        raise ValueError("pages: the CPU decode kernel needs unit stride along a row")
+                         f"{pages.dtype}, slot rows {rows.arena.dtype}")
+    if pages.stride(-1) != 1 or rows.arena.stride(-1) != 1:
+        raise ValueError("pages and slot rows: the CPU decode kernel needs unit stride along a row")
+    if any(m.dtype != torch.int64 or m.stride(-1) != 1 for m in maps):
+        raise ValueError("slot-row maps: the CPU decode kernel needs int64 maps with unit stride along a row")
     cols = {which: spec.cols_by_flag(which, "cpu") if getattr(spec, f"partial_{which}") else None
             for which in ("k", "v")}
     args = _Args(
-        num_heads=num_heads, kv_heads=rows["basis_k"].shape[-1] // head_size, head_size=head_size,
+        num_heads=num_heads, kv_heads=rows.kv_width // head_size, head_size=head_size,
         num_planes=spec.num_modalities, rank_k=layout.rank_k, rank_v=layout.rank_v, storage=storage,
         block_size=pages.shape[1], pages=_ptr(pages), page_stride_block=pages.stride(0),
         page_stride_row=pages.stride(1), k_offset=layout.k_offset, v_offset=layout.v_offset,
         k_scale_offset=layout.k_scale_offset if layout.int8 else 0,
         v_scale_offset=layout.v_scale_offset if layout.int8 else 0,
-        flags_offset=layout.flags_offset, cols_k_by_flag=_ptr(cols["k"]), cols_v_by_flag=_ptr(cols["v"]))
-    for name, t in rows.items():
-        dims = t.dim() - 1
-        setattr(args, name, _ptr(t))
-        setattr(args, f"{name}_strides", cpu_library.strides(t, dims, name, _I64))
-        scale_rows = scales.get(name)
-        if scale_rows is not None:
-            setattr(args, f"{name}_scale", _ptr(scale_rows))
-            setattr(args, f"{name}_scale_strides", cpu_library.strides(scale_rows, dims, f"{name} scales", _I64))
+        flags_offset=layout.flags_offset, cols_k_by_flag=_ptr(cols["k"]), cols_v_by_flag=_ptr(cols["v"]),
+        rows=_ptr(rows.arena), row_stride=rows.arena.stride(0), row_scales=_ptr(rows.scales),
+        row_scale_stride=0 if rows.scales is None else rows.scales.stride(0),
+        basis_k_rows=_ptr(rows.basis_k), basis_k_rows_strides=(_I64 * 2)(*rows.basis_k.stride()[:2]),
+        basis_v_rows=_ptr(rows.basis_v), basis_v_rows_strides=(_I64 * 2)(*rows.basis_v.stride()[:2]),
+        window_k_rows=_ptr(rows.window_k), window_k_rows_stride=rows.window_k.stride(0),
+        window_v_rows=_ptr(rows.window_v), window_v_rows_stride=rows.window_v.stride(0))
     if len(_LAYER_FIELDS) >= _LAYER_FIELDS_MAX:
         _LAYER_FIELDS.clear()
     _LAYER_FIELDS[key] = (args, spec, tuple(cols.values()))
@@ -100,15 +100,11 @@ def _layer_fields(pages: torch.Tensor, rows: dict[str, torch.Tensor], scales: di
 def latent_decode_attention_cpu(
     query: torch.Tensor,      # [B, num_heads, head_size]
     pages: torch.Tensor,      # [num_blocks, block_size, width] records
-    basis_k: torch.Tensor,    # [num_slots, M, rank_k, kv_width]
-    basis_v: torch.Tensor,    # [num_slots, M, rank_v, kv_width]
-    window_k: torch.Tensor,   # [num_slots, window, kv_width]
-    window_v: torch.Tensor,   # [num_slots, window, kv_width]
+    rows: SlotRows,           # the slots' bases and exact rows (arena and maps)
     batch: DecodeBatch,
     spec: LatentSpec,
     scale: float,
     need_probs: bool = False,
-    scales: dict[str, torch.Tensor] | None = None,
     new_keys: torch.Tensor | None = None,    # [B, kv_width]: written to window row new_window_rows first
     new_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -120,8 +116,7 @@ def latent_decode_attention_cpu(
     lengths (the PyTorch path's index tensors may be None). Reads no device value.
     """
     bsz, num_heads, head_size = query.shape
-    rows = {"basis_k": basis_k, "basis_v": basis_v, "window_k": window_k, "window_v": window_v}
-    args = _Args.from_buffer_copy(_layer_fields(pages, rows, scales or {}, spec, num_heads, head_size))
+    args = _Args.from_buffer_copy(_layer_fields(pages, rows, spec, num_heads, head_size))
     kv_heads = args.kv_heads
     q = query.float().contiguous()
     out = torch.empty(bsz, num_heads, head_size, dtype=torch.float32)

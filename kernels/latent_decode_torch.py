@@ -23,7 +23,8 @@ import torch
 
 from .decode_inputs import DecodeBatch, LatentSpec
 from .layout import IMAGE, TEXT, decode_flags
-from .storage import dequantize, record_factor_parts, record_flags, take_rows
+from .slot_rows import SlotRows, gather_rows
+from .storage import record_factor_parts, record_flags
 
 
 def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int) -> torch.Tensor:
@@ -31,12 +32,6 @@ def factor_column_mask(flags: torch.Tensor, group_cols: torch.Tensor, rank: int)
     modality, group = decode_flags(flags)
     cols = group_cols[modality, group]  # [...]
     return torch.arange(rank, device=flags.device) < cols.unsqueeze(-1)
-
-
-def _slot_rows(stored: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """The batch's slot rows of a basis or window as float32 (int8 ones with their scales)."""
-    rows = take_rows(stored, slots)
-    return rows.float() if scale is None else dequantize(rows, take_rows(scale, slots))
 
 
 def _project(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,20 +61,16 @@ def _banded_product(weights: torch.Tensor, factors: torch.Tensor, token_cols: to
 def latent_decode_attention(
     query: torch.Tensor,      # [B, num_heads, head_size]
     pages: torch.Tensor,      # [num_blocks, block_size, width] records
-    basis_k: torch.Tensor,    # [num_slots, M, rank_k, kv_width]
-    basis_v: torch.Tensor,    # [num_slots, M, rank_v, kv_width]
-    window_k: torch.Tensor,   # [num_slots, window, kv_width]
-    window_v: torch.Tensor,   # [num_slots, window, kv_width]
+    rows: SlotRows,           # the slots' bases and exact rows (arena and maps)
     batch: DecodeBatch,
     spec: LatentSpec,
     scale: float,
     need_probs: bool = False,
-    scales: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decode step for a batch of requests (one query token each).
 
-    With int8 storage (`spec.layout.int8`) the bases and windows are int8 and `scales`
-    holds their float32 scales by name ("basis_k", "basis_v", "window_k", "window_v").
+    With int8 storage (`spec.layout.int8`) the slot rows are int8 with their float32
+    scales in `rows.scales`.
 
     Returns (output [B, num_heads, head_size] in query dtype,
              compressed_probs [B, T] float32, window_probs [B, window] float32),
@@ -87,7 +78,7 @@ def latent_decode_attention(
     without `need_probs`). Needs `batch` built with its index tensors.
     """
     bsz, num_heads, head_size = query.shape
-    kv_heads = basis_k.shape[-1] // head_size
+    kv_heads = rows.kv_width // head_size
     group = num_heads // kv_heads
     layout, t_max = spec.layout, batch.max_compressed_len
     f32 = torch.float32
@@ -108,9 +99,8 @@ def latent_decode_attention(
     # per head and token), not the factors (a value per column and token).
     k_fac, k_scale, v_fac, v_scale = record_factor_parts(records, layout)  # float32
 
-    scales = scales or {}
-    rows = lambda name, t: _slot_rows(t, slots, scales.get(name))  # noqa: E731
-    q_lat = _project(rows("basis_k", basis_k), q)                           # [B, M, H, Rk]
+    slot_rows = lambda name: gather_rows(rows, name, slots, spec.num_modalities if name.startswith("basis") else None)  # noqa: E731,E501
+    q_lat = _project(slot_rows("basis_k"), q)                          # [B, M, H, Rk]
     k_cols = spec.cols_by_flag("k", query.device)[flag_index] if spec.partial_k else None
     if spec.partial_k:
         # Columns a token does not read contribute nothing to its score.
@@ -125,7 +115,7 @@ def latent_decode_attention(
 
     # Window tokens: ordinary full-rank K/V (rows past a window's length are finite
     # leftovers of the same slot; their scores are masked).
-    w_keys = rows("window_k", window_k).view(bsz, -1, kv_heads, head_size)  # [B, W, KV, D]
+    w_keys = slot_rows("window_k").view(bsz, -1, kv_heads, head_size)  # [B, W, KV, D]
     w_scores = torch.matmul(q, w_keys.permute(0, 2, 3, 1)).view(bsz, num_heads, -1)
     w_scores = w_scores.masked_fill(batch.window_pad[:, None, :], float("-inf"))
 
@@ -143,9 +133,9 @@ def latent_decode_attention(
         per_modality = per_modality * v_scale[:, None, :]
     acc = _banded_product(per_modality, v_fac, v_cols, spec.column_bands("v"))  # [B, M*H, Rv]
     acc = acc.view(bsz, spec.num_modalities, kv_heads, group, layout.rank_v)
-    b_v = rows("basis_v", basis_v).view(bsz, spec.num_modalities, layout.rank_v, kv_heads, head_size)
+    b_v = slot_rows("basis_v").view(bsz, spec.num_modalities, layout.rank_v, kv_heads, head_size)
     out = torch.einsum("bmkgr,bmrkd->bkgd", acc, b_v)
-    w_values = rows("window_v", window_v).view(bsz, -1, kv_heads, head_size)
+    w_values = slot_rows("window_v").view(bsz, -1, kv_heads, head_size)
     out = out + torch.matmul(p_w.view(bsz, kv_heads, group, -1), w_values.transpose(1, 2))
     out = out.reshape(bsz, num_heads, head_size).to(query.dtype)
     if not need_probs:

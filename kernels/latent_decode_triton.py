@@ -2,7 +2,8 @@
 
 Same contract and results as `latent_decode_torch.latent_decode_attention` (see there
 for the math). Everything a kernel needs is read by index inside the kernel: the
-request's bases and window by slot id, its records through the block table, its
+request's bases and window rows through the slot-row maps (`kernels/slot_rows.py`),
+its records through the block table, its
 lengths from `DecodeBatch`'s device tensors. The host only computes grid sizes from
 Python values (batch size, `max_compressed_len`, the `LatentSpec`), so the whole call
 is a fixed sequence of launches that a `torch.cuda.CUDAGraph` can capture:
@@ -32,11 +33,11 @@ is a fixed sequence of launches that a `torch.cuda.CUDAGraph` can capture:
 Launches per call: 3, or 4 with need_probs; the host allocates one float32 workspace,
 the output, and the two probability tensors with need_probs.
 
-int8 storage (`spec.layout.int8`, `scales` given): the same launches, switched at compile
+int8 storage (`spec.layout.int8`): the same launches, switched at compile
 time (INT8; the 16-bit kernels are unchanged). Records are bytes: K' and V' int8 with a
 float32 scale each, loaded as float32 from their 4-byte aligned offsets (the host
 asserts the alignment), and a one-byte flags field; bases and window rows are int8 with
-a float32 scale per row and KV head. Every int8 tile is scaled in float32 right after
+a float32 scale per row and KV head (`rows.scales`). Every int8 tile is scaled in float32 right after
 its load (`_load_factors`, `_load_rows`), then multiplied like a 16-bit one: in float32
 under the interpreter (the PyTorch path's math on the same stored values), in the
 model's dtype on a GPU.
@@ -55,6 +56,7 @@ import triton.language as tl
 
 from .decode_inputs import DecodeBatch, LatentSpec
 from .layout import FLOAT32_BYTES, IMAGE, TEXT
+from .slot_rows import MAP_NAMES, SlotRows
 from .triton_common import interpreted as _interpreted, mm as _mm, pow2 as _pow2, sm_count as _sm_count
 
 # Tuning knobs (plain Python values, read at every call; benchmarks may change them).
@@ -70,7 +72,6 @@ INTERPRETER_SPLITS = 3       # splits per request under the interpreter (exercis
 
 TEXT_PLANE = tl.constexpr(TEXT)
 IMAGE_PLANE = tl.constexpr(IMAGE)
-ROW_TENSORS = ("basis_k", "basis_v", "window_k", "window_v")   # the int8 slot rows `scales` names
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}  # DOT_DTYPE
 
 
@@ -102,6 +103,17 @@ def _load_rows(at, mask, scale_at, row_mask, INT8: tl.constexpr, DOT_DTYPE: tl.c
     if INT8:
         x = _dequantize(x, tl.load(scale_at, mask=row_mask, other=0.0)[:, None], DOT_DTYPE)
     return x
+
+
+@triton.jit
+def _mapped_rows(rows_ptr, row_scales_ptr, map_at, idx, idx_mask, d, d_mask, kvh, stride_row, stride_srow,
+                 HEAD_SIZE: tl.constexpr, INT8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A tile [len(idx), DP] of KV head kvh's columns of the logical slot rows `idx`, found
+    through the map row at `map_at` (their arena rows; masked ones read the zero row)."""
+    at = tl.load(map_at + idx, mask=idx_mask, other=0)
+    return _load_rows(rows_ptr + at[:, None] * stride_row + kvh * HEAD_SIZE + d[None, :],
+                      idx_mask[:, None] & d_mask[None, :], row_scales_ptr + at * stride_srow + kvh, idx_mask,
+                      INT8, DOT_DTYPE)
 
 
 @triton.jit
@@ -202,8 +214,8 @@ def _rescale(m_old, m_new):
 
 @triton.jit
 def _project_queries(
-    query_ptr, basis_ptr, basis_scales_ptr, slots_ptr, q_lat_ptr,
-    stride_qb, stride_qh, stride_bs, stride_bm, stride_br, stride_ss, stride_sm, stride_sr, scale,
+    query_ptr, rows_ptr, row_scales_ptr, basis_map_ptr, slots_ptr, q_lat_ptr,
+    stride_qb, stride_qh, stride_row, stride_srow, stride_ms, stride_mm, scale,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK_K: tl.constexpr,
     M: tl.constexpr, NUM_KV: tl.constexpr,
     GP: tl.constexpr, DP: tl.constexpr, RKP: tl.constexpr,
@@ -222,10 +234,8 @@ def _project_queries(
     d_mask = d < HEAD_SIZE
     q = tl.load(query_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)                    # [GP, DP]
-    basis = _load_rows(basis_ptr + slot * stride_bs + plane * stride_bm + r[:, None] * stride_br
-                       + kvh * HEAD_SIZE + d[None, :], (r[:, None] < RANK_K) & d_mask[None, :],
-                       basis_scales_ptr + slot * stride_ss + plane * stride_sm + r * stride_sr + kvh,
-                       r < RANK_K, INT8, DOT_DTYPE)                                   # [RKP, DP]
+    basis = _mapped_rows(rows_ptr, row_scales_ptr, basis_map_ptr + slot * stride_ms + plane * stride_mm, r,
+                         r < RANK_K, d, d_mask, kvh, stride_row, stride_srow, HEAD_SIZE, INT8, DOT_DTYPE)  # [RKP, DP]
     q_lat = _mm(_operand(q, basis, DOT_FP32), tl.trans(basis), DOT_FP32) * scale       # [GP, RKP]
     out = q_lat_ptr + ((b.to(tl.int64) * M + plane) * NUM_HEADS + heads[:, None]) * RANK_K + r[None, :]
     tl.store(out, q_lat, mask=g_mask[:, None] & (r[None, :] < RANK_K))
@@ -294,11 +304,10 @@ def _latent_pass(
 
 @triton.jit
 def _combine(
-    query_ptr, basis_ptr, window_k_ptr, window_v_ptr, basis_scales_ptr, wk_scales_ptr, wv_scales_ptr,
+    query_ptr, rows_ptr, row_scales_ptr, basis_map_ptr, wk_map_ptr, wv_map_ptr,
     slots_ptr, wlens_ptr, ws_ptr, out_ptr,
     off_m, off_l, off_acc, off_stats, off_wp, num_splits, batch,
-    stride_qb, stride_qh, stride_bs, stride_bm, stride_br, stride_ws, stride_wr, stride_vs, stride_vr,
-    stride_ss, stride_sm, stride_sr, stride_wks, stride_wkr, stride_wvs, stride_wvr,
+    stride_qb, stride_qh, stride_row, stride_srow, stride_ms, stride_mm, stride_wks, stride_wvs,
     stride_ob, stride_oh, scale,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_SIZE: tl.constexpr, RANK_V: tl.constexpr,
     M: tl.constexpr, NUM_KV: tl.constexpr, WINDOW: tl.constexpr,
@@ -346,10 +355,8 @@ def _combine(
     # The window's full-rank tokens join the same softmax.
     q = tl.load(query_ptr + b64 * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)                    # [GP, DP]
-    kv_mask = w_mask[:, None] & d_mask[None, :]
-    w_keys = _load_rows(window_k_ptr + slot * stride_ws + w[:, None] * stride_wr + kvh * HEAD_SIZE + d[None, :],
-                        kv_mask, wk_scales_ptr + slot * stride_wks + w * stride_wkr + kvh, w_mask,
-                        INT8, DOT_DTYPE)                                               # [WP, DP]
+    w_keys = _mapped_rows(rows_ptr, row_scales_ptr, wk_map_ptr + slot * stride_wks, w, w_mask, d, d_mask, kvh,
+                          stride_row, stride_srow, HEAD_SIZE, INT8, DOT_DTYPE)        # [WP, DP]
     w_scores = _mm(_operand(q, w_keys, DOT_FP32), tl.trans(w_keys), DOT_FP32) * scale  # [GP, WP]
     w_scores = tl.where(w_mask[None, :], w_scores, float("-inf"))
     m_fin = tl.maximum(m_run, tl.max(w_scores, axis=1))
@@ -358,22 +365,19 @@ def _combine(
     l_fin = l_run * a_run + tl.sum(p_w, axis=1)
     inv = tl.where(l_fin > 0.0, 1.0 / tl.where(l_fin > 0.0, l_fin, 1.0), 0.0)
     p_w = p_w * inv[:, None]
-    w_values = _load_rows(window_v_ptr + slot * stride_vs + w[:, None] * stride_vr + kvh * HEAD_SIZE + d[None, :],
-                          kv_mask, wv_scales_ptr + slot * stride_wvs + w * stride_wvr + kvh, w_mask,
-                          INT8, DOT_DTYPE)
+    w_values = _mapped_rows(rows_ptr, row_scales_ptr, wv_map_ptr + slot * stride_wvs, w, w_mask, d, d_mask, kvh,
+                            stride_row, stride_srow, HEAD_SIZE, INT8, DOT_DTYPE)
     out = _mm(_operand(p_w, w_values, DOT_FP32), w_values, DOT_FP32)                   # [GP, DP]
 
     # Rank space -> head space: one D_v product per modality (accumulators normalised first).
     coef = (a_run * inv)[:, None]
-    basis_at = basis_ptr + slot * stride_bs + rv[:, None] * stride_br + kvh * HEAD_SIZE + d[None, :]
-    basis_mask = rv_mask[:, None] & d_mask[None, :]
-    scales_at = basis_scales_ptr + slot * stride_ss + rv * stride_sr + kvh
-    basis = _load_rows(basis_at + TEXT_PLANE * stride_bm, basis_mask, scales_at + TEXT_PLANE * stride_sm, rv_mask,
-                       INT8, DOT_DTYPE)                                                # [RVP, DP]
+    plane_at = basis_map_ptr + slot * stride_ms
+    basis = _mapped_rows(rows_ptr, row_scales_ptr, plane_at + TEXT_PLANE * stride_mm, rv, rv_mask, d, d_mask, kvh,
+                         stride_row, stride_srow, HEAD_SIZE, INT8, DOT_DTYPE)         # [RVP, DP]
     out += _mm(_operand(acc_txt * coef, basis, DOT_FP32), basis, DOT_FP32)
     if HAS_IMAGE:
-        basis = _load_rows(basis_at + IMAGE_PLANE * stride_bm, basis_mask, scales_at + IMAGE_PLANE * stride_sm,
-                           rv_mask, INT8, DOT_DTYPE)
+        basis = _mapped_rows(rows_ptr, row_scales_ptr, plane_at + IMAGE_PLANE * stride_mm, rv, rv_mask, d, d_mask,
+                             kvh, stride_row, stride_srow, HEAD_SIZE, INT8, DOT_DTYPE)
         out += _mm(_operand(acc_img * coef, basis, DOT_FP32), basis, DOT_FP32)
     tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -491,26 +495,30 @@ def _record_alignment(pages: torch.Tensor, layout) -> int:
     return align
 
 
-def _check_int8(query, pages, rows: dict, scales, layout, num_kv: int) -> None:
-    """int8 storage: int8 pages and slot rows, each row tensor with float32 scales
-    [..rows.., num_kv_heads], and records whose float32 scales are 4-byte aligned."""
-    assert scales is not None and set(ROW_TENSORS) <= set(scales), f"int8 storage needs scales for {ROW_TENSORS}"
+def _check_rows(query, pages, rows: SlotRows, layout, planes: int, num_kv: int) -> None:
+    """The slot rows: an arena [rows, kv_width] with unit stride along a row, int64 maps of
+    the plan's shape, and with int8 storage int8 pages and arena, float32 scales
+    [rows, num_kv_heads], and records whose float32 scales are 4-byte aligned."""
+    assert rows.arena.dim() == 2 and rows.arena.stride(-1) == 1, "slot rows: an arena [rows, kv_width]"
+    assert rows.basis_k.shape[1] >= planes and rows.basis_k.shape[2] == layout.rank_k, \
+        "basis_k map: [slots, M, rank_k]"
+    assert rows.basis_v.shape[1] >= planes and rows.basis_v.shape[2] == layout.rank_v, \
+        "basis_v map: [slots, M, rank_v]"
+    assert rows.window_k.shape == rows.window_v.shape, "window maps: [slots, exact_rows] both"
+    assert all(rows.map(n).dtype == torch.int64 and rows.map(n).stride(-1) == 1 for n in MAP_NAMES), \
+        "slot-row maps: int64, unit stride along a row"
+    if not layout.int8:
+        assert rows.scales is None, "scales are for int8 storage only"
+        return
     assert query.dtype in _TL_DTYPES, f"query dtype {query.dtype}: float16, bfloat16 or float32"
-    assert pages.dtype == torch.int8 and all(t.dtype == torch.int8 for t in rows.values()), \
-        "int8 storage: int8 pages, bases and windows"
-    for name, t in rows.items():
-        s = scales[name]
-        assert s.dtype == torch.float32 and s.shape == (*t.shape[:-1], num_kv) and s.stride(-1) == 1, \
-            f"scales[{name!r}]: float32 [{', '.join(map(str, t.shape[:-1]))}, {num_kv}], last dim contiguous"
+    assert pages.dtype == torch.int8 and rows.arena.dtype == torch.int8, "int8 storage: int8 pages and slot rows"
+    s = rows.scales
+    assert s is not None and s.dtype == torch.float32 and s.shape == (rows.arena.shape[0], num_kv) \
+        and s.stride(-1) == 1, f"slot-row scales: float32 [{rows.arena.shape[0]}, {num_kv}], last dim contiguous"
     # The kernels load a record's scales as float32 at row address + offset: every term a multiple of 4.
     assert all(n % FLOAT32_BYTES == 0 for n in (pages.data_ptr(), pages.stride(0), pages.stride(1),
                                                 layout.k_scale_offset, layout.v_scale_offset)), \
         "int8 pages: rows and scale offsets must be 4-byte aligned"
-
-
-def _scale_strides(scales, name: str, ndim: int) -> tuple[int, ...]:
-    """The leading `ndim` strides of scales[name] (zeros without scales: never read)."""
-    return tuple(scales[name].stride()[:ndim]) if scales else (0,) * ndim
 
 
 class _Plan:
@@ -518,32 +526,21 @@ class _Plan:
     grids, workspace layout, scalar arguments and compile-time constants. Cached, so that a
     steady decode step spends its host time on the launches only."""
 
-    def __init__(self, query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale,
-                 need_probs, splits, tile, scales):
+    def __init__(self, query, pages, rows: SlotRows, batch, spec, scale, need_probs, splits, tile):
         bsz, num_heads, head_size = query.shape
         layout = spec.layout
         planes = spec.num_modalities
-        kv_width = basis_k.shape[-1]
+        kv_width = rows.kv_width
         num_kv = kv_width // head_size
         group = num_heads // max(1, num_kv)
-        window = window_k.shape[1]
+        window = rows.window_k.shape[1]
         max_len = batch.max_compressed_len
         device = query.device
         assert num_kv * head_size == kv_width and num_kv * group == num_heads, "heads do not divide"
-        assert basis_k.shape[1] >= planes and basis_k.shape[2] == layout.rank_k, \
-            "basis_k: [slots, M, rank_k, kv_width]"
-        assert basis_v.shape[1] >= planes and basis_v.shape[2] == layout.rank_v, \
-            "basis_v: [slots, M, rank_v, kv_width]"
-        assert basis_v.shape[-1] == window_k.shape[-1] == window_v.shape[-1] == kv_width, "KV widths differ"
         assert pages.shape[-1] == layout.width, "pages: [num_blocks, block_size, record width]"
-        assert (query.stride(-1) == pages.stride(-1) == basis_k.stride(-1) == basis_v.stride(-1)
-                == window_k.stride(-1) == window_v.stride(-1) == 1), "last dims must be contiguous"
+        assert query.stride(-1) == pages.stride(-1) == 1, "last dims must be contiguous"
+        _check_rows(query, pages, rows, layout, planes, num_kv)
         int8 = layout.int8
-        if int8:
-            rows = dict(basis_k=basis_k, basis_v=basis_v, window_k=window_k, window_v=window_v)
-            _check_int8(query, pages, rows, scales, layout, num_kv)
-        else:
-            assert not scales, "scales are for int8 storage only"
         interpreted = _interpreted()
         if tile is None:
             tile = INTERPRETER_TILE if interpreted else TUNING["tile"]
@@ -571,14 +568,13 @@ class _Plan:
         dot = dict(INT8=int8, DOT_DTYPE=tl.float32 if dot_fp32 else _TL_DTYPES[dot_dtype], DOT_FP32=dot_fp32)
         gp, dp = _pow2(group), _pow2(head_size)
         hp, rkp, rvp, wp = _pow2(num_heads), _pow2(layout.rank_k), _pow2(layout.rank_v), _pow2(window)
-        q_stride, bk_stride, bv_stride = query.stride(), basis_k.stride(), basis_v.stride()
-        wk_stride, wv_stride, p_stride = window_k.stride(), window_v.stride(), pages.stride()
+        q_stride, p_stride = query.stride(), pages.stride()
+        row_strides = (rows.arena.stride(0), 0 if rows.scales is None else rows.scales.stride(0))
         bt_stride = batch.block_table.stride(0)
         self.grid_project = (bsz, planes * num_kv)
         self.grid_pass = (bsz, splits)
         self.grid_combine = (bsz, num_kv)
-        self.project_args = (q_stride[0], q_stride[1], bk_stride[0], bk_stride[1], bk_stride[2],
-                             *_scale_strides(scales, "basis_k", 3), scale)
+        self.project_args = (q_stride[0], q_stride[1], *row_strides, *rows.basis_k.stride()[:2], scale)
         self.project_const = dict(
             NUM_HEADS=num_heads, G=group, HEAD_SIZE=head_size, RANK_K=layout.rank_k, M=planes, NUM_KV=num_kv,
             GP=gp, DP=dp, RKP=rkp, **dot, num_warps=TUNING["project_warps"])
@@ -594,10 +590,8 @@ class _Plan:
                                V_SCALE_OFF=layout.v_scale_offset if int8 else 0)
         self.combine_args = (
             off_m, off_l, off_acc, off_stats, off_wp, splits, bsz,
-            q_stride[0], q_stride[1], bv_stride[0], bv_stride[1], bv_stride[2],
-            wk_stride[0], wk_stride[1], wv_stride[0], wv_stride[1],
-            *_scale_strides(scales, "basis_v", 3), *_scale_strides(scales, "window_k", 2),
-            *_scale_strides(scales, "window_v", 2), num_heads * head_size, head_size, scale)
+            q_stride[0], q_stride[1], *row_strides, *rows.basis_v.stride()[:2], rows.window_k.stride(0),
+            rows.window_v.stride(0), num_heads * head_size, head_size, scale)
         self.combine_const = dict(
             NUM_HEADS=num_heads, G=group, HEAD_SIZE=head_size, RANK_V=layout.rank_v, M=planes, NUM_KV=num_kv,
             WINDOW=window, GP=gp, DP=dp, RVP=rvp, WP=wp, HAS_IMAGE=has_image, NEED_PROBS=need_probs,
@@ -607,52 +601,41 @@ class _Plan:
         self.probs_const = dict(records, NUM_KV=num_kv, WINDOW=window, KVP=_pow2(num_kv, 1), WP=wp)
 
 
-def _plan_key(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs, splits, tile,
-              scales):
+def _plan_key(query, pages, rows: SlotRows, batch, spec, scale, need_probs, splits, tile):
+    row_tensors = (rows.arena, *(rows.map(n) for n in MAP_NAMES)) + (() if rows.scales is None else (rows.scales,))
     return (spec, query.shape, query.stride(), query.dtype, query.device, pages.shape, pages.stride(), pages.dtype,
-            basis_k.shape, basis_k.stride(), basis_v.shape, basis_v.stride(), window_k.shape, window_k.stride(),
-            window_v.shape, window_v.stride(), pages.data_ptr() % 16, batch.block_table.stride(0),
-            batch.max_compressed_len, scale,
-            need_probs, splits, tile, _interpreted(), PROGRAMS_PER_SM, tuple(TUNING.values()),
-            tuple((n, t.shape, t.stride(), t.dtype) for n, t in sorted(scales.items())) if scales else None)
+            tuple((t.shape, t.stride(), t.dtype) for t in row_tensors), rows.scales is None,
+            pages.data_ptr() % 16, batch.block_table.stride(0), batch.max_compressed_len, scale,
+            need_probs, splits, tile, _interpreted(), PROGRAMS_PER_SM, tuple(TUNING.values()))
 
 
 def latent_decode_attention_triton(
     query: torch.Tensor,      # [B, num_heads, head_size]
     pages: torch.Tensor,      # [num_blocks, block_size, width] records
-    basis_k: torch.Tensor,    # [num_slots, M, rank_k, kv_width]
-    basis_v: torch.Tensor,    # [num_slots, M, rank_v, kv_width]
-    window_k: torch.Tensor,   # [num_slots, window, kv_width]
-    window_v: torch.Tensor,   # [num_slots, window, kv_width]
+    rows: SlotRows,           # the slots' bases and exact rows (arena and maps)
     batch: DecodeBatch,
     spec: LatentSpec,
     scale: float,
     need_probs: bool = False,
-    scales: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decode step; same contract and results as `latent_decode_attention`.
 
-    With int8 storage (`spec.layout.int8`) the pages, bases and windows are int8 and
-    `scales` holds the slot rows' float32 scales by name ("basis_k", "basis_v",
-    "window_k", "window_v"); without it, `scales` is None.
+    With int8 storage (`spec.layout.int8`) the pages and slot rows are int8, with the rows'
+    float32 scales in `rows.scales`.
 
     Needs only the batch's block table, slot ids, compressed and window lengths and
     `max_compressed_len` (the index tensors may be None). Reads no device value, makes
     no gathered copy: capturable in a CUDA graph (after one warm-up call).
     """
-    return _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
-                          scales=scales)
+    return _latent_decode(query, pages, rows, batch, spec, scale, need_probs)
 
 
-def _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale,
-                   need_probs=False, splits=None, tile=None, scales=None):
+def _latent_decode(query, pages, rows: SlotRows, batch, spec, scale, need_probs=False, splits=None, tile=None):
     """`latent_decode_attention_triton` with the split count and tile size open (tests)."""
-    key = _plan_key(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
-                    splits, tile, scales)
+    key = _plan_key(query, pages, rows, batch, spec, scale, need_probs, splits, tile)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _Plan(query, pages, basis_k, basis_v, window_k, window_v, batch, spec, scale, need_probs,
-                     splits, tile, scales)
+        plan = _Plan(query, pages, rows, batch, spec, scale, need_probs, splits, tile)
         if len(_PLANS) > 256:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -672,14 +655,13 @@ def _latent_decode(query, pages, basis_k, basis_v, window_k, window_v, batch, sp
     cols = column_table(spec, device) if plan.needs_cols else batch.compressed_lens
     block_table, clens = batch.block_table, batch.compressed_lens
     slots = batch.slot_ids
-    if plan.int8:
-        s_bk, s_bv, s_wk, s_wv = (scales[name] for name in ROW_TENSORS)
-    else:  # 16-bit storage: the rows stand in for the scales (never read)
-        s_bk, s_bv, s_wk, s_wv = basis_k, basis_v, window_k, window_v
-    _project_queries[plan.grid_project](query, basis_k, s_bk, slots, ws, *plan.project_args, **plan.project_const)
+    # 16-bit storage: the arena stands in for the scales (never read)
+    row_scales = rows.scales if plan.int8 else rows.arena
+    _project_queries[plan.grid_project](query, rows.arena, row_scales, rows.basis_k, slots, ws, *plan.project_args,
+                                        **plan.project_const)
     _latent_pass[plan.grid_pass](ws, pages, block_table, clens, cols, ws, *plan.pass_args, **plan.pass_const)
-    _combine[plan.grid_combine](query, basis_v, window_k, window_v, s_bv, s_wk, s_wv, slots, batch.window_lens, ws,
-                                out, *plan.combine_args, **plan.combine_const)
+    _combine[plan.grid_combine](query, rows.arena, row_scales, rows.basis_v, rows.window_k, rows.window_v, slots,
+                                batch.window_lens, ws, out, *plan.combine_args, **plan.combine_const)
     if need_probs:
         _probs_pass[plan.grid_pass](ws, pages, block_table, clens, cols, ws, probs, w_probs,
                                     *plan.probs_args, **plan.probs_const)

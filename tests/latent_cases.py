@@ -5,9 +5,12 @@ rest of the project. Pages start as NaN (stale bytes) and only the requests' own
 are written; block tables are shuffled and their unused entries point at other
 requests' blocks; slots are a random subset of a larger pool.
 
+The slots' bases and window rows go into one row arena in shuffled order
+(`kernels/slot_rows.py`), so a kernel that ignored the maps would read the wrong rows.
+
 With `int8=True` the same values are stored in the int8 format (`kernels/storage.py`):
 records packed as bytes, bases and windows quantized with a scale per row and KV head
-(`LatentCase.scales`); stale page rows are random bytes whose K' and V' scales are NaN
+(`LatentCase.rows.scales`); stale page rows are random bytes whose K' and V' scales are NaN
 and inf.
 """
 from __future__ import annotations
@@ -25,10 +28,7 @@ class LatentCase:
     spec: object
     query: torch.Tensor
     pages: torch.Tensor
-    basis_k: torch.Tensor
-    basis_v: torch.Tensor
-    window_k: torch.Tensor
-    window_v: torch.Tensor
+    rows: object                # SlotRows: the slots' bases and exact rows
     block_table: torch.Tensor   # [B, max_blocks] int32
     slot_ids: list[int]
     seq_lens: list[int]
@@ -36,7 +36,6 @@ class LatentCase:
     block_size: int
     window: int
     scale: float
-    scales: dict | None = None  # int8 storage: the slot rows' float32 scales by name; else None
 
     def batch(self, kernels, with_index: bool = True, max_compressed_len: int | None = None):
         """The step's DecodeBatch (optionally with a larger padded length, as for a captured graph)."""
@@ -56,6 +55,19 @@ def column_tables(rank_k: int, rank_v: int, partial_k: bool, partial_v: bool, nu
         image = [rank] + [max(1, math.ceil(rank / 2 ** g)) for g in range(1, num_groups)]
         return (tuple(text), tuple(image))  # rows: TEXT (0), IMAGE (1)
     return table(rank_k, partial_k), table(rank_v, partial_v)
+
+
+def shuffled_rows(slot_rows, rows, gen: torch.Generator):
+    """`rows` (a SlotRows) with its arena rows past the zero row in random order, maps to match."""
+    count = rows.arena.shape[0]
+    order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(count - 1, generator=gen)])
+    new_at = torch.empty_like(order)
+    new_at[order] = torch.arange(count)          # old arena row -> new arena row
+    new_at = new_at.to(rows.arena.device)
+    maps = {name: new_at[rows.map(name)] for name in slot_rows.MAP_NAMES}
+    order = order.to(rows.arena.device)
+    scales = None if rows.scales is None else rows.scales[order]
+    return slot_rows.SlotRows(rows.arena[order], scales, **maps)
 
 
 def _stale_int8_pages(shape, layout, gen: torch.Generator) -> torch.Tensor:
@@ -81,6 +93,7 @@ def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_he
     """
     K = kernels
     storage = importlib.import_module(K.layout.__package__ + ".storage")  # `kernels` may be a namespace
+    slot_rows = importlib.import_module(K.layout.__package__ + ".slot_rows")
     gen = torch.Generator().manual_seed(seed)
     layout = K.layout.RecordLayout(rank_k=rank_k, rank_v=rank_v, int8=int8)
     cols_k, cols_v = column_tables(rank_k, rank_v, partial_k, partial_v, num_groups)
@@ -121,12 +134,12 @@ def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_he
     basis_v = torch.randn(num_slots, planes, rank_v, kv_width, generator=gen) / head_size ** 0.5
     window_k = torch.randn(num_slots, window, kv_width, generator=gen)
     window_v = torch.randn(num_slots, window, kv_width, generator=gen)
-    slot_rows = dict(basis_k=basis_k, basis_v=basis_v, window_k=window_k, window_v=window_v)
+    by_name = dict(basis_k=basis_k, basis_v=basis_v, window_k=window_k, window_v=window_v)
     scales = None
     if int8:
-        quantized = {name: storage.quantize(t, num_kv_heads) for name, t in slot_rows.items()}
-        slot_rows = {name: q for name, (q, _) in quantized.items()}
-        scales = {name: s.to(device) for name, (_, s) in quantized.items()}
+        quantized = {name: storage.quantize(t, num_kv_heads) for name, t in by_name.items()}
+        by_name = {name: q for name, (q, _) in quantized.items()}
+        scales = {name: s for name, (_, s) in quantized.items()}
         stale = (scales["window_k"], scales["window_v"])   # a stale row's scale makes it stale
     else:
         stale = (window_k, window_v)
@@ -136,28 +149,44 @@ def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_he
     query = torch.randn(batch, num_heads, head_size, generator=gen)
     to = dict(dtype=dtype, device=device)
     stored = dict(device=device) if int8 else to   # int8 rows and pages keep their dtype
+    rows = shuffled_rows(slot_rows, slot_rows.slot_major_rows(**by_name, scales=scales), gen)
+    rows = slot_rows.SlotRows(rows.arena.to(**stored), None if rows.scales is None else rows.scales.to(device),
+                              **{name: rows.map(name).to(device) for name in slot_rows.MAP_NAMES})
     return LatentCase(
-        spec=spec, query=query.to(**to), pages=pages.to(**stored),
-        **{name: t.to(**stored) for name, t in slot_rows.items()},
+        spec=spec, query=query.to(**to), pages=pages.to(**stored), rows=rows,
         block_table=block_table.to(device), slot_ids=slot_ids,
         seq_lens=[c + w for c, w in zip(compressed_lens, window_lens)], window_lens=list(window_lens),
-        block_size=block_size, window=window, scale=head_size ** -0.5, scales=scales)
+        block_size=block_size, window=window, scale=head_size ** -0.5)
 
 
 # --------------------------------------------------------------------------- CUDA graph replay
 
-STATIC_FIELDS = ("query", "pages", "basis_k", "basis_v", "window_k", "window_v")
+STATIC_FIELDS = ("query", "pages")
 BATCH_FIELDS = ("block_table", "slot_ids", "seq_lens", "compressed_lens", "window_lens", "new_window_rows")
 
 
 def decode_step(kernels, case: LatentCase, batch, k_new, v_new, need_probs: bool):
     """The part of a decode step a CUDA graph captures: write the new token's K/V into its
     window row, then attend (window lengths in `batch` already count it)."""
-    case.window_k.index_put_((batch.slot_ids, batch.new_window_rows), k_new)
-    case.window_v.index_put_((batch.slot_ids, batch.new_window_rows), v_new)
+    rows = case.rows
+    rows.arena[rows.window_k[batch.slot_ids, batch.new_window_rows]] = k_new
+    rows.arena[rows.window_v[batch.slot_ids, batch.new_window_rows]] = v_new
     return kernels.latent_decode_triton.latent_decode_attention_triton(
-        case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch, case.spec,
-        case.scale, need_probs)
+        case.query, case.pages, rows, batch, case.spec, case.scale, need_probs)
+
+
+def _copy_rows(rows):
+    """A SlotRows with its own copies of every tensor."""
+    clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    return type(rows)(clone(rows.arena), clone(rows.scales), clone(rows.basis_k), clone(rows.basis_v),
+                      clone(rows.window_k), clone(rows.window_v))
+
+
+def _copy_rows_into(target, source) -> None:
+    for a, b in zip((target.arena, target.scales, target.basis_k, target.basis_v, target.window_k, target.window_v),
+                    (source.arena, source.scales, source.basis_k, source.basis_v, source.window_k, source.window_v)):
+        if a is not None:
+            a.copy_(b)
 
 
 def capture(fn):
@@ -185,7 +214,8 @@ def replay_against_eager(kernels, cases: list[LatentCase], new_kv, bound: int, n
     path after the same append), window_equal (the appended windows agree).
     """
     first = cases[0]
-    static = dataclasses.replace(first, **{f: getattr(first, f).clone() for f in STATIC_FIELDS})
+    static = dataclasses.replace(first, rows=_copy_rows(first.rows),
+                                 **{f: getattr(first, f).clone() for f in STATIC_FIELDS})
     batch0 = first.batch(kernels, with_index=False, max_compressed_len=bound)
     static_batch = dataclasses.replace(batch0, **{f: getattr(batch0, f).clone() for f in BATCH_FIELDS})
     static_kv = [t.clone() for t in new_kv[0]]
@@ -196,11 +226,12 @@ def replay_against_eager(kernels, cases: list[LatentCase], new_kv, bound: int, n
     graph, outputs = capture(run) if use_graph else (None, None)
     results = []
     for case, (k_new, v_new) in zip(cases, new_kv):
-        eager_case = dataclasses.replace(case, window_k=case.window_k.clone(), window_v=case.window_v.clone())
+        eager_case = dataclasses.replace(case, rows=_copy_rows(case.rows))
         eager_batch = case.batch(kernels, with_index=False, max_compressed_len=bound)
         eager = decode_step(kernels, eager_case, eager_batch, k_new, v_new, need_probs)
         for f in STATIC_FIELDS:
             getattr(static, f).copy_(getattr(case, f))
+        _copy_rows_into(static.rows, case.rows)
         for f in BATCH_FIELDS:
             getattr(static_batch, f).copy_(getattr(eager_batch, f))
         static_kv[0].copy_(k_new)
@@ -212,11 +243,9 @@ def replay_against_eager(kernels, cases: list[LatentCase], new_kv, bound: int, n
         else:
             replayed = run()
         reference = kernels.latent_decode_torch.latent_decode_attention(
-            eager_case.query, eager_case.pages, eager_case.basis_k, eager_case.basis_v, eager_case.window_k,
-            eager_case.window_v, eager_case.batch(kernels, max_compressed_len=bound), eager_case.spec,
-            eager_case.scale, need_probs=need_probs)
-        window_equal = (torch.equal(static.window_k, eager_case.window_k)
-                        and torch.equal(static.window_v, eager_case.window_v))
+            eager_case.query, eager_case.pages, eager_case.rows, eager_case.batch(kernels, max_compressed_len=bound),
+            eager_case.spec, eager_case.scale, need_probs=need_probs)
+        window_equal = torch.equal(static.rows.arena, eager_case.rows.arena)
         results.append(dict(graph=replayed, eager=eager, reference=reference, window_equal=window_equal))
     return results
 

@@ -138,6 +138,4 @@ def attend_now(sc: Scenario, query: torch.Tensor, scale: float, attention=latent
     (no token appended, no fold)."""
     batch = make_decode_batch(sc.block_table, sc.slot_ids.tolist(), sc.seq_lens, sc.exact_lens(),
                               window_size=sc.plan.exact_rows, block_size=sc.pages.shape[1])
-    int8 = {"scales": sc.pool.scales} if sc.plan.int8 else {}
-    return attention(query, sc.pages, sc.pool.basis_k, sc.pool.basis_v, sc.pool.window_k,
-                     sc.pool.window_v, batch, sc.plan.spec, scale, need_probs=need_probs, **int8)
+    return attention(query, sc.pages, sc.pool.rows, batch, sc.plan.spec, scale, need_probs=need_probs)

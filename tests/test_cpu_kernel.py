@@ -39,11 +39,10 @@ def case_for(name: str, dtype_override=None):
 
 
 def run_both(case, need_probs):
-    args = (case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v)
+    args = (case.query, case.pages, case.rows)
     ref = latent_decode_torch.latent_decode_attention(*args, case.batch(K), case.spec, case.scale,
-                                                      need_probs=need_probs, scales=case.scales)
-    got = cpu_attention(*args, case.batch(K, with_index=False), case.spec, case.scale, need_probs=need_probs,
-                        scales=case.scales)
+                                                      need_probs=need_probs)
+    got = cpu_attention(*args, case.batch(K, with_index=False), case.spec, case.scale, need_probs=need_probs)
     return ref, got
 
 
@@ -102,12 +101,10 @@ def test_fused_append_writes_what_write_window_writes(storage, dtype):
     query = torch.randn(3, 6, 32, generator=gen).to(dtype)
     pages = torch.zeros(2, 16, plan.layout.width, dtype=plan.page_dtype(dtype))
     pool = pools[1]
-    scales = {"scales": pool.scales} if plan.int8 else {}
-    cpu_attention(query, pages, pool.basis_k, pool.basis_v, pool.window_k, pool.window_v, batch, plan.spec,
-                  0.2, new_keys=keys, new_values=values, **scales)
+    cpu_attention(query, pages, pool.rows, batch, plan.spec, 0.2, new_keys=keys, new_values=values)
     for a, b in zip(pools[0].tensors(), pools[1].tensors()):
         assert torch.equal(a, b)
-    assert pools[1].window_k.abs().sum() > 0
+    assert pools[1].rows.arena.float().abs().sum() > 0
 
 
 def test_layers_called_in_turn_each_read_their_own_cache():
@@ -201,6 +198,13 @@ def test_the_backend_picks_the_kernel(monkeypatch):
     assert runtime.decode_attention_for(pick("auto")) is cpu_attention
     with pytest.raises(ValueError, match="decode_kernel 'cpu' runs on the CPU only"):
         pick("cpu", "cuda:0")
+    # A float16 cache in 16-bit storage is not the kernel's format: the PyTorch path decodes it.
+    half = lambda kernel, storage: runtime.decode_kernel_name(  # noqa: E731
+        AttentionPackConfig.from_dict({"decode_kernel": kernel, "storage": storage}), "cpu", torch.float16)
+    assert half("auto", "auto") == "torch" and half("auto", "int8") == "cpu"
+    with pytest.raises(ValueError, match="decode_kernel 'cpu' is unavailable here: it stores int8, float32 or "
+                                         "bfloat16 rows, not torch.float16"):
+        half("cpu", "auto")
     monkeypatch.setattr(cpu_library, "unavailable_reason", lambda: "no C++ compiler found")
     assert pick("auto") == "torch"
     with pytest.raises(ValueError, match="decode_kernel 'cpu' is unavailable here: no C\\+\\+ compiler found"):

@@ -48,8 +48,9 @@ def test_window_append_of_keys_and_values_equals_separate_writes():
         assert torch.equal(a, b)
     # Reads through index_select equal plain indexing, for every index form the callers use.
     for index in (torch.tensor([2, 0]), (torch.tensor([2, 0]), slice(1, None)), (1, slice(None, 3)), 2):
+        at = together.rows.window_k[index]
         torch.testing.assert_close(together.read("window_k", index),
-                                   dequantize(together.window_k[index], together.scales["window_k"][index]))
+                                   dequantize(together.rows.arena[at], together.rows.scales[at]))
 
 
 def test_quantize_zero_rows_stay_zero():
@@ -90,13 +91,13 @@ def test_slot_pool_int8_rows_round_trip_and_report_their_bytes():
     config = AttentionPackConfig.from_dict({"rank": 8, "storage": "int8", "window_size": 4, "sink_tokens": 2})
     plan = CompressionPlan.build(config, num_kv_heads=2, head_size=16)
     pool = SlotPool.allocate(plan, 3, torch.bfloat16)
-    assert pool.basis_k.dtype == torch.int8 and pool.scales["window_v"].shape == (3, 6, 2)
+    assert pool.rows.arena.dtype == torch.int8 and pool.scales.shape == (pool.rows.arena.shape[0], 2)
     rows = torch.randn(6, 32)
     pool.write("window_k", 1, rows)
     got = pool.read("window_k", 1)
     assert ((got - rows).abs().view(6, 2, 16) <= rows.abs().view(6, 2, 16).amax(-1, keepdim=True)
             * HALF_STEP * 1.0001).all()
-    assert pool.nbytes() == 3 * SlotPool.slot_bytes(plan, torch.bfloat16)
+    assert pool.nbytes() == 3 * SlotPool.slot_bytes(plan, torch.bfloat16) + SlotPool.spare_bytes(plan, torch.bfloat16)
     pool.reset(1)
     assert not pool.read("window_k", 1).any()
 

@@ -8,6 +8,7 @@ from attentionpack_vllm.config import AttentionPackConfig
 from attentionpack_vllm.kernels.latent_decode_torch import latent_decode_attention
 from attentionpack_vllm.kernels.latent_decode_triton import latent_decode_attention_triton
 from attentionpack_vllm.kernels.reference import dense_attention, reconstruct_request_kv
+from attentionpack_vllm.kernels.slot_rows import ZERO_ROW
 from scenario import SIXTEEN_BIT, attend_now, build_scenario, run_decode
 
 # (num_heads, num_kv_heads, head_size): MHA and GQA, several head sizes.
@@ -75,8 +76,8 @@ def test_partial_rank_equals_oracle_on_truncated_factors(partial_keys):
     for b in range(sc.batch):
         slot = int(sc.slot_ids[b])
         keys, values = reconstruct_request_kv(
-            sc.pages, sc.block_table[b], int(c_lens[b]), sc.pool.basis_k[slot], sc.pool.basis_v[slot],
-            sc.pool.window_k[slot], sc.pool.window_v[slot], w_lens[b],
+            sc.pages, sc.block_table[b], int(c_lens[b]), sc.pool.read("basis_k", slot), sc.pool.read("basis_v", slot),
+            sc.pool.read("window_k", slot), sc.pool.read("window_v", slot), w_lens[b],
             sc.plan.layout, group_cols_k, group_cols_v)
         expected, _ = dense_attention(q[b:b + 1], keys, values, 32 ** -0.5)
         torch.testing.assert_close(out[b], expected[0], rtol=1e-4, atol=1e-5)
@@ -128,17 +129,17 @@ def test_unequal_modality_ranks_over_stale_pages_match_oracle():
     for b in range(sc.batch):
         slot = int(sc.slot_ids[b])
         keys, values = reconstruct_request_kv(
-            sc.pages, sc.block_table[b], int(c_lens[b]), sc.pool.basis_k[slot], sc.pool.basis_v[slot],
-            sc.pool.window_k[slot], sc.pool.window_v[slot], w_lens[b], sc.plan.layout)
+            sc.pages, sc.block_table[b], int(c_lens[b]), sc.pool.read("basis_k", slot), sc.pool.read("basis_v", slot),
+            sc.pool.read("window_k", slot), sc.pool.read("window_v", slot), w_lens[b], sc.plan.layout)
         expected, _ = dense_attention(q[b:b + 1], keys, values, 0.25)
         torch.testing.assert_close(out[b], expected[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["torch", "triton"])
 def test_planes_of_their_own_rank_read_no_neighbour_rows(attention):
-    """Each modality's basis plane takes only its own rank's rows (`slot_pool._planes`): with
-    text ranks above image ranks a slot's image plane, viewed at the widest rank, runs into the
-    next slot's text rows. Attention must equal the oracle built from each plane's own rows."""
+    """Each modality's basis plane takes only its own rank's rows (`slot_pool.slot_pool_maps`):
+    with text ranks above image ranks the image plane's rows past its rank map to the arena's
+    zero row. Attention must equal the oracle built from each plane's own rows."""
     if attention == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("the scenario's tensors are on CPU: Triton runs them under TRITON_INTERPRET=1 only")
     config = AttentionPackConfig.from_dict(
@@ -148,9 +149,9 @@ def test_planes_of_their_own_rank_read_no_neighbour_rows(attention):
                         image_spans=[[(4, 30)], [(0, 9)], [(10, 20)]])
     for _ in run_decode(sc, 4, steps=4, oracle=False):  # one fold
         pass
-    view, own = sc.pool.basis_k, sc.plan.ranks_k
-    assert view.shape[2] == 20
-    assert view[int(sc.slot_ids[0]), 1, own[1]:].abs().sum() > 0   # past the image rank: neighbour rows
+    maps, own = sc.pool.rows.basis_k, sc.plan.ranks_k
+    assert maps.shape[2] == 20
+    assert (maps[int(sc.slot_ids[0]), 1, own[1]:] == ZERO_ROW).all()   # past the image rank: the zero row
     q = torch.randn(sc.batch, 4, 16, generator=torch.Generator().manual_seed(3))
     fn = latent_decode_attention if attention == "torch" else latent_decode_attention_triton
     out, _, _ = attend_now(sc, q, 0.25, attention=fn)
@@ -189,8 +190,8 @@ def test_a_span_shorter_than_its_rank_is_stored_exactly():
     sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[72], image_spans=[[(30, 41)]])
     slot = int(sc.slot_ids[0])
     keys, values = reconstruct_request_kv(
-        sc.pages, sc.block_table[0], 72, sc.pool.basis_k[slot], sc.pool.basis_v[slot],
-        sc.pool.window_k[slot], sc.pool.window_v[slot], 0, sc.plan.layout)
+        sc.pages, sc.block_table[0], 72, sc.pool.read("basis_k", slot), sc.pool.read("basis_v", slot),
+        sc.pool.read("window_k", slot), sc.pool.read("window_v", slot), 0, sc.plan.layout)
     image = sc.is_image[0]
     torch.testing.assert_close(keys[image], sc.keys[0][image], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values[image], sc.values[0][image], rtol=1e-5, atol=1e-5)

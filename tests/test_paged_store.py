@@ -114,7 +114,7 @@ def test_images_and_text_get_separate_bases():
     flags = read_records(sc.pages, page_slots(sc.block_table[0], 0, 20, 16))[:, sc.plan.layout.flags_offset]
     modality, _ = decode_flags(flags.long())
     assert modality.tolist() == [TEXT] * 5 + [IMAGE] * 10 + [TEXT] * 5
-    b_img, b_txt = sc.pool.basis_k[slot, IMAGE], sc.pool.basis_k[slot, TEXT]
+    b_img, b_txt = sc.pool.read("basis_k", (slot, IMAGE)), sc.pool.read("basis_k", (slot, TEXT))
     assert b_img.abs().sum() > 0 and b_txt.abs().sum() > 0
     assert not torch.allclose(b_img, b_txt)
 
@@ -126,7 +126,7 @@ def test_energy_rank_trims_text_bases_only():
         sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[60],
                             image_spans=[[(10, 39)]], data_rank=32)
         slot = int(sc.slot_ids[0])
-        return [int(directions_in_use(sc.pool.basis_k[slot, m])) for m in (TEXT, IMAGE)], sc.plan
+        return [int(directions_in_use(sc.pool.read("basis_k", (slot, m)))) for m in (TEXT, IMAGE)], sc.plan
     (text_full, image_full), plan = bases({})
     (text_trim, image_trim), trimmed = bases({"rank_text_energy": 0.5})
     assert plan.text_energy is None and trimmed.text_energy == 0.5
@@ -143,11 +143,10 @@ def test_byte_accounting_matches_allocated_tensors(dtype, ranks):
     pool = SlotPool.allocate(plan, num_slots=3, dtype=dtype)
     item = torch.empty((), dtype=dtype).element_size()
     # Each modality's basis plane takes its own rank's rows (text 80 and image 32 key rows in
-    # the unequal case), plus spare rows at the end of the buffer when text is the wider.
+    # the unequal case); the arena adds one zero row.
     rows = sum(plan.ranks_k) + sum(plan.ranks_v) + 2 * plan.exact_rows
     assert report.slot_bytes == rows * plan.kv_width * item + plan.exact_rows * 4
-    spare = sum(max(r) - r[1] for r in (plan.ranks_k, plan.ranks_v))
-    assert report.pool_spare_bytes == spare * plan.kv_width * item
+    assert report.pool_spare_bytes == plan.kv_width * item
     assert pool.nbytes() == 3 * report.slot_bytes + report.pool_spare_bytes
     pages = torch.empty(5, 16, plan.layout.width, dtype=dtype)
     assert pages.numel() * pages.element_size() == 5 * 16 * report.record_bytes
@@ -179,7 +178,7 @@ def test_request_token_bounds_shrink_the_planes_not_the_records():
     pool = SlotPool.allocate(bounded, num_slots=3, dtype=torch.float32)
     report = MemoryReport.of(bounded, torch.float32)
     assert pool.nbytes() == 3 * report.slot_bytes + report.pool_spare_bytes
-    assert pool.basis_k.shape == (3, 2, 80, 192)
+    assert pool.rows.basis_k.shape == (3, 2, 80) and pool.rows.arena.shape[-1] == 192
     short_text = CompressionPlan.build(config, 3, 64, request_tokens=RequestTokens(text=48, image=0))
     assert short_text.ranks_k[TEXT] == 48 and not short_text.has_image and short_text.layout == full.layout
 
@@ -218,7 +217,7 @@ def test_text_only_plan_with_larger_image_ranks_reads_planes_at_the_record_rank(
     for attention in (None, latent_decode_attention_cpu):
         sc = build_scenario(config, num_kv_heads=2, head_size=16, prompt_lens=[40, 21], has_image=False)
         outputs.append(torch.stack([out for out, _ in run_decode(sc, 4, steps=4, attention=attention, oracle=False)]))
-    assert sc.plan.layout.rank_k == 16 and sc.pool.basis_k.shape == (3, 1, 16, 32)
+    assert sc.plan.layout.rank_k == 16 and sc.pool.rows.basis_k.shape == (3, 1, 16)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
 
 

@@ -98,14 +98,15 @@ def test_sink_tokens_stay_exact_through_prefill_decode_and_folds(chunks):
         out = decode_and_fold(q[t:t + 1], k[t:t + 1], v[t:t + 1], pages, pool, plan, batch, folds, scale)
         exact = tracker.length(1) if folds is None else batch.window_lens.tolist()[0]
         held = min(t + 1, sinks)
-        assert torch.equal(pool.window_k[1, :held], k[:held]) and torch.equal(pool.window_v[1, :held], v[:held])
+        assert torch.equal(pool.read("window_k", (1, slice(None, held))), k[:held]) and torch.equal(pool.read("window_v", (1, slice(None, held))), v[:held])
         # Oracle: dense attention over the sinks and window as they are and the factor
         # records rebuilt, in the state the step attended to (before its fold).
         records = t + 1 - exact
         num_folds += folds is not None
         if folds is None:
-            keys, values = reconstruct_request_kv(pages, block_table[0], records, pool.basis_k[1],
-                                                  pool.basis_v[1], pool.window_k[1], pool.window_v[1],
+            keys, values = reconstruct_request_kv(pages, block_table[0], records, pool.read("basis_k", 1),
+                                                  pool.read("basis_v", 1), pool.read("window_k", 1),
+                                                  pool.read("window_v", 1),
                                                   exact, plan.layout)
             torch.testing.assert_close(out, dense_attention(q[t:t + 1], keys, values, scale)[0],
                                        rtol=1e-4, atol=1e-4)

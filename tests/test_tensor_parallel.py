@@ -125,7 +125,7 @@ def test_worker_shape_totals_count_every_worker_once():
     # A per-worker, per-layer figure, over 2 shards x (1 + 2) layers.
     assert shape.total(10) == 10 * 2 * 3
     report = type("Report", (), {"record_bytes": 10, "dense_token_bytes": 40, "slot_bytes": 100})
-    line = shape.describe_capacity(report, tokens=5, max_num_seqs=2)
+    line = shape.describe_capacity(report, tokens=5, pool_bytes_per_layer=200)
     assert "5 tokens in 300 bytes of records plus 1200 bytes of slot pools (1500 bytes" in line
     plan = type("Plan", (), {"kv_width": 128})
     first, second = WorkerShape.of(FakeModelConfig(1, 3), parallel(2)).describe(report, plan)

@@ -41,17 +41,15 @@ def tolerances(device: str, dtype) -> tuple[float, float]:
 def call_torch(case, batch=None, need_probs=True):
     batch = batch or case.batch(K)
     return latent_decode_torch.latent_decode_attention(
-        case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch,
-        case.spec, case.scale, need_probs=need_probs, scales=case.scales)
+        case.query, case.pages, case.rows, batch, case.spec, case.scale, need_probs=need_probs)
 
 
 def call_triton(case, batch=None, need_probs=True, **kwargs):
     batch = batch or case.batch(K, with_index=False)
-    args = (case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch,
-            case.spec, case.scale, need_probs)
+    args = (case.query, case.pages, case.rows, batch, case.spec, case.scale, need_probs)
     if kwargs:
-        return latent_decode_triton._latent_decode(*args, scales=case.scales, **kwargs)
-    return latent_decode_triton.latent_decode_attention_triton(*args, scales=case.scales)
+        return latent_decode_triton._latent_decode(*args, **kwargs)
+    return latent_decode_triton.latent_decode_attention_triton(*args)
 
 
 def assert_same(ref, got, device, dtype, need_probs=True):
@@ -118,7 +116,7 @@ def test_stale_window_rows_are_never_read(device):
                   partial_v=True, device=device)
     stale = random_case(K, window_stale=float("nan"), **kwargs)
     clean = random_case(K, window_stale=0.0, **kwargs)
-    assert torch.isnan(stale.window_k).any()
+    assert torch.isnan(stale.rows.arena).any()
     assert_same(call_torch(clean), call_triton(stale), device, F32)
 
 
@@ -158,7 +156,7 @@ def test_int8_stale_bytes_never_leak(device):
     clean.pages = _zero_stale_rows(clean)
     offset = stale.spec.layout.k_scale_offset
     k_scales = stale.pages[..., offset:offset + 4].contiguous().view(torch.float32)
-    assert torch.isnan(k_scales).any() and torch.isnan(stale.scales["window_k"]).any()
+    assert torch.isnan(k_scales).any() and torch.isnan(stale.rows.scales).any()
     got = call_triton(stale)
     assert all(torch.equal(a, b) for a, b in zip(got, call_triton(clean)))
     assert_same(call_torch(clean), got, device, F32)
@@ -168,15 +166,15 @@ def test_int8_refuses_missing_scales_and_misaligned_pages():
     """The record scales are loaded as float32: pages whose rows are not 4-byte aligned are
     refused on the host, before any launch."""
     case = random_case(K, compressed_lens=[5], window_lens=[1], int8=True)
-    args = [case.query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v,
+    args = [case.query, case.pages, case.rows.with_arena(case.rows.arena, None),
             case.batch(K, with_index=False), case.spec, case.scale]
-    with pytest.raises(AssertionError, match="needs scales"):
+    with pytest.raises(AssertionError, match="slot-row scales"):
         latent_decode_triton.latent_decode_attention_triton(*args)
     shifted = torch.empty(case.pages.numel() + 1, dtype=torch.int8)[1:].view(case.pages.shape)
     shifted.copy_(case.pages)
-    args[1] = shifted   # one byte past an aligned allocation
+    args[1], args[2] = shifted, case.rows   # one byte past an aligned allocation
     with pytest.raises(AssertionError, match="4-byte aligned"):
-        latent_decode_triton.latent_decode_attention_triton(*args, scales=case.scales)
+        latent_decode_triton.latent_decode_attention_triton(*args)
 
 
 @pytest.mark.skipif(not interpreted(), reason="the scenario's state is on the CPU (the CUDA tests use random_case)")
@@ -230,8 +228,7 @@ def test_empty_batch(device):
                                 slot_ids=torch.zeros(0, dtype=torch.int64, device=device))
     query = case.query[:0]
     out, probs, w_probs = latent_decode_triton.latent_decode_attention_triton(
-        query, case.pages, case.basis_k, case.basis_v, case.window_k, case.window_v, batch, case.spec,
-        case.scale, need_probs=True)
+        query, case.pages, case.rows, batch, case.spec, case.scale, need_probs=True)
     assert out.shape == (0, 4, 16) and probs.shape == (0, 4) and w_probs.shape == (0, 4)
 
 
@@ -320,10 +317,11 @@ def test_the_host_side_reads_no_tensor_value(image, int8, monkeypatch):
     batch = decode_inputs.make_decode_batch(
         meta(case.block_table), case.slot_ids, case.seq_lens, case.window_lens,
         window_size=case.window, block_size=case.block_size, with_index=False)
+    rows = case.rows
+    meta_rows = type(rows)(meta(rows.arena), None if rows.scales is None else meta(rows.scales),
+                           *(meta(rows.map(n)) for n in ("basis_k", "basis_v", "window_k", "window_v")))
     out, probs, w_probs = latent_decode_triton.latent_decode_attention_triton(
-        meta(case.query), meta(case.pages), meta(case.basis_k), meta(case.basis_v), meta(case.window_k),
-        meta(case.window_v), batch, case.spec, case.scale, need_probs=True,
-        scales=case.scales and {name: meta(t) for name, t in case.scales.items()})
+        meta(case.query), meta(case.pages), meta_rows, batch, case.spec, case.scale, need_probs=True)
     assert out.device.type == "meta" and probs.shape == (4, 40) and w_probs.shape == (4, 4)
     grids = dict(launches.calls)
     assert len(launches.calls) == 4
