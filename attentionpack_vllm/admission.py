@@ -33,8 +33,10 @@ class Admission:
         text, image = tokens - fewest, most
         if not self.rows.plan.has_image:
             text, image = tokens, 0
+        max_tokens = getattr(request, "max_tokens", None)
+        left = None if max_tokens is None else max(0, max_tokens - request.num_output_tokens)
         if self.rows.reserve(request.request_id, text, image, single_token=num_new_tokens == 1 and computed > 0,
-                             tokens=tokens):
+                             tokens=tokens, decode_tokens_left=left):
             return True
         logger.info_once("AttentionPack: the row pool is full (%d of %d rows reserved): requests wait, or "
                          "running ones are preempted, until rows are free", self.rows.capacity - self.rows.free_rows,

@@ -14,7 +14,9 @@ Two parties count the same rows with the same rules (`exact_rows_during`,
   the slot-row maps (host tensors, copied to the device once per step when they
   changed) and names the rows it handed out fresh, which every layer zeroes before use.
 * `RowReservations`, in the scheduler: how many rows each running request may hold
-  in this step. A request is admitted (or a running one keeps going) only while the
+  in this step, its window counted as full as its remaining decode steps can fill it
+  (a window fills within `window_size` steps: admitting a request for less would soon
+  preempt it). A request is admitted (or a running one keeps going) only while the
   rows it needs fit; otherwise vLLM's scheduler does what it does when pages run out
   (waits, or preempts a running request).
 
@@ -190,14 +192,19 @@ class RowReservations:
         return self.capacity - self._reserved
 
     def reserve(self, request_id: str, text_tokens: int, image_tokens: int, single_token: bool,
-                tokens: int | None = None) -> bool:
+                tokens: int | None = None, decode_tokens_left: int | None = None) -> bool:
         """Reserve what the request's next step needs (tokens counted after the step; `tokens`
-        the request's, when the modality counts are bounds that add up to more). False, and
-        nothing changes, when the rows do not fit."""
+        the request's, when the modality counts are bounds that add up to more), and the
+        window its remaining decode steps will fill (`decode_tokens_left`; None: a full
+        window), so that a running request is not preempted for the window it grows into.
+        False, and nothing changes, when the rows do not fit."""
         current = self._by_request.get(request_id, _Reservation())
         tokens = text_tokens + image_tokens if tokens is None else tokens
         during, after = exact_rows_during(self.plan, current.exact_held, tokens, single_token)
-        rows = request_rows(self.plan, text_tokens, image_tokens, during)
+        ahead = self.plan.window_size if decode_tokens_left is None else min(self.plan.window_size,
+                                                                             decode_tokens_left)
+        exact = max(during, min(self.plan.exact_rows, min(self.plan.sink_tokens, tokens) + ahead))
+        rows = request_rows(self.plan, text_tokens, image_tokens, exact)
         if rows - current.rows > self.free_rows:
             return False
         self._last = (request_id, self._by_request.get(request_id))

@@ -56,15 +56,22 @@ def test_allocator_refuses_to_hand_out_rows_it_has_not_got():
 
 def test_reservations_refuse_what_does_not_fit_and_undo():
     res = RowReservations(PLAN, capacity=30)
-    assert res.reserve("a", 10, 10, single_token=False)           # 6+5+4+3 bases + 2*2 sinks = 22
+    assert res.reserve("a", 10, 10, single_token=False, decode_tokens_left=0)  # 6+5+4+3 bases + 2*2 sinks = 22
     assert res.free_rows == 8
-    assert not res.reserve("b", 10, 0, single_token=False)         # 6+5+4 = 15 > 8
+    assert not res.reserve("b", 10, 0, single_token=False, decode_tokens_left=0)  # 6+5 + 2*2 = 15 > 8
     assert res.free_rows == 8
-    assert res.reserve("b", 1, 0, single_token=False)              # 1+1 + 2*1 sink = 4
+    assert res.reserve("b", 1, 0, single_token=False, decode_tokens_left=0)   # 1+1 + 2*1 sink = 4
     res.undo_last()
     assert res.free_rows == 8
     res.release("a")
     assert res.free_rows == 30
+
+
+def test_reservations_hold_the_window_the_request_will_fill():
+    res = RowReservations(PLAN, capacity=100)
+    assert res.reserve("short", 1, 0, single_token=False, decode_tokens_left=1)   # 1+1 + 2*(1 sink + 1)
+    assert res.reserve("long", 1, 0, single_token=False)                          # 1+1 + 2*min(5, 1 + 3)
+    assert res.free_rows == 100 - 6 - 10
 
 
 def test_exact_rows_follow_the_window_tracker():
