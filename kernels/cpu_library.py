@@ -146,10 +146,3 @@ def available() -> bool:
 
 def pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def strides(t: torch.Tensor, dims: int, name: str, array_type) -> ctypes.Array:
-    """The first `dims` strides of t (elements), for a kernel that needs unit stride last."""
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name}: the CPU kernels need unit stride along the last dimension")
-    return (array_type * dims)(*t.stride()[:dims])
