@@ -3,8 +3,11 @@
 vLLM builds the backend's pieces in several places (spec customisation, the layer
 impls, the metadata builder) without a common object to hang state on. What they
 share is one `ProcessState` per process (`STATE`): the validated settings, the model
-runner whose requests name the batch rows, and the bytes the slot pools took. Each
-runner's request-to-slot map hangs on the runner itself.
+runner whose requests name the batch rows, the bytes the slot pools took, and the row
+allocator that the layers' pools and the metadata builder share (`row_pool`). Each
+runner's request-to-slot map hangs on the runner itself. The start-up's measurements
+(request-token bounds, the row pool's size) travel to the engine core and the workers
+inside `additional_config`.
 """
 from __future__ import annotations
 
