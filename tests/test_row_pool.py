@@ -100,7 +100,7 @@ def test_the_worker_never_holds_more_than_the_scheduler_reserved(seed):
     rows = RowAllocator.empty(PLAN, num_slots=6, num_rows=1 + capacity)
     tracker = WindowTracker.for_plan(6, PLAN)
     state = {}   # slot -> [request id, text, image, prompt left]
-    next_id = 0
+    next_id, refused = 0, 0
     for _ in range(200):
         free_slots = [s for s in range(6) if s not in state]
         if free_slots and rng.random() < 0.3:
@@ -114,6 +114,8 @@ def test_the_worker_never_holds_more_than_the_scheduler_reserved(seed):
             if res.reserve(rid, text + chunk - image_part, image + image_part, single):
                 state[slot] = [rid, text + chunk - image_part, image + image_part, left - chunk if left else 0]
                 step.append((slot, single, text + image))
+            else:
+                refused += 1
         held = {slot: tracker.length(slot) if context else 0 for slot, _, context in step}
         for slot, _, _ in step:
             rows.fit(slot, state[slot][1], state[slot][2], held[slot], grow=False)
@@ -133,3 +135,4 @@ def test_the_worker_never_holds_more_than_the_scheduler_reserved(seed):
             res.release(state.pop(slot)[0])
             rows.release(slot)
             tracker.clear([slot])
+    assert refused > 0, "the pool never ran short: the run checked nothing"
