@@ -153,11 +153,13 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         decode_set = set(decode_rows)
         md.prefill_rows = [i for i in range(num_reqs) if query_lens[i] > 0 and i not in decode_set]
         ranges = cm.mm_req_doc_ranges or {}
-        md.fresh_rows = self._hand_out_rows(slots, decode_rows, md.prefill_rows, ranges, context_lens,
+        # Exact rows each scheduled request holds before this step (none for a new one).
+        held = {row: self.windows.length(slots[row]) if context_lens[row] else 0
+                for row in decode_rows + md.prefill_rows}
+        md.fresh_rows = self._hand_out_rows(slots, held, decode_set, md.prefill_rows, ranges, context_lens,
                                             seq_lens_host)
         # Prefill chunks fold what is left in their window first; then only sinks remain.
-        md.prefill_exact_lens = {row: self.windows.length(slots[row]) if context_lens[row] else 0
-                                 for row in md.prefill_rows}
+        md.prefill_exact_lens = {row: held[row] for row in md.prefill_rows}
         self.windows.prefilled([slots[row] for row in md.prefill_rows],
                                [seq_lens_host[row] for row in md.prefill_rows])
         if decode_rows:
@@ -169,20 +171,20 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         md.image_masks = self._image_masks(ranges, md.prefill_rows, context_lens, seq_lens_host)
         return md
 
-    def _hand_out_rows(self, slots: list[int], decode_rows: list[int], prefill_rows: list[int], ranges: dict,
-                       context_lens: list[int], seq_lens: list[int]) -> torch.Tensor | None:
+    def _hand_out_rows(self, slots: list[int], held: dict[int, int], decoding: set[int], prefill_rows: list[int],
+                       ranges: dict, context_lens: list[int], seq_lens: list[int]) -> torch.Tensor | None:
         """Fit every scheduled request's arena rows to what this step uses (`row_pool`): first
-        the windows that folded give rows back, then the step's rows are taken. Returns the
-        rows handed out fresh (device), or None."""
-        sinks, decoding = self.plan.sink_tokens, set(decode_rows)
-        held = {row: self.windows.length(slots[row]) if context_lens[row] else 0 for row in decode_rows + prefill_rows}
+        the windows that folded give rows back, then the step's rows are taken. `held`: each
+        scheduled row's exact rows before the step. Returns the rows handed out fresh
+        (device), or None."""
+        sinks = self.plan.sink_tokens
         for row in prefill_rows:
             slot = slots[row]
             if not context_lens[row]:
                 self.tokens[slot] = 0
             image = _count_in_spans(ranges.get(row), context_lens[row], seq_lens[row])
             self.tokens[slot] += (seq_lens[row] - context_lens[row] - image, image)
-        for row in decode_rows:
+        for row in decoding:
             self.tokens[slots[row], 0] += 1
         for row, exact in held.items():
             text, image = self.tokens[slots[row]]

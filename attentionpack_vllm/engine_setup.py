@@ -162,7 +162,7 @@ def log_capacity(vllm_config) -> None:
     report, plan, layers = memory_report(runtime.active_config(vllm_config), vllm_config.model_config,
                                          vllm_config.parallel_config, runtime.shipped_request_tokens(vllm_config))
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
-    arena_rows = runtime.shipped_row_pool(vllm_config) or 1 + max_num_seqs * full_request_rows(plan)
+    arena_rows = runtime.arena_rows(vllm_config, plan, max_num_seqs)
     pool_layer_bytes = arena_rows * report.row_bytes + max_num_seqs * report.slot_fixed_bytes
     pool_bytes = pool_layer_bytes * layers
     budget = tokens * report.record_bytes * layers + pool_bytes

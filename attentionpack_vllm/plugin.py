@@ -227,19 +227,19 @@ def _patch_scheduler() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
+    from .admission import admission_of, attach
+
     def make_init(original):
         @functools.wraps(original)
         def __init__(self, vllm_config, *args, **kwargs):
             original(self, vllm_config, *args, **kwargs)
             if is_selected(vllm_config.attention_config.backend):
-                from .admission import attach
                 attach(self)
         return __init__
 
     def make_allocate(original):
         @functools.wraps(original)
         def allocate_slots(self, request, num_new_tokens, num_new_computed_tokens=0, *args, **kwargs):
-            from .admission import admission_of
             admission = admission_of(self)
             if admission is None:
                 return original(self, request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
@@ -255,7 +255,6 @@ def _patch_scheduler() -> None:
     def make_free(original):
         @functools.wraps(original)
         def free(self, request):
-            from .admission import admission_of
             admission = admission_of(self)
             if admission is not None:
                 admission.rows.release(request.request_id)

@@ -166,16 +166,20 @@ def pool_bytes() -> int:
     return STATE.pool_bytes
 
 
+def arena_rows(vllm_config: Any | None, plan: CompressionPlan, num_slots: int) -> int:
+    """Rows of each layer's arena, the zero row included: what the start-up shipped, else
+    every slot's full rows."""
+    from .row_pool import full_request_rows
+    return shipped_row_pool(vllm_config) or 1 + num_slots * full_request_rows(plan)
+
+
 def row_allocator(plan: CompressionPlan, num_slots: int, device: Any, vllm_config: Any | None):
     """The `row_pool.RowAllocator` of `plan`'s layers in this process (made once, shared by
-    the layers and the metadata builder): the arena rows the start-up shipped, else every
-    slot's full rows."""
-    from .row_pool import RowAllocator, full_request_rows
+    the layers and the metadata builder), over `arena_rows` rows."""
+    from .row_pool import RowAllocator
     key = (plan, num_slots)   # one device per process
     if key not in STATE.row_allocators:
-        rows = shipped_row_pool(vllm_config)
-        if rows is None:
-            rows = 1 + num_slots * full_request_rows(plan)
+        rows = arena_rows(vllm_config, plan, num_slots)
         STATE.row_allocators[key] = RowAllocator.empty(plan, num_slots, rows, device)
     return STATE.row_allocators[key]
 

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.slot_rows import MAP_NAMES, ZERO_ROW, SlotRows, slot_major_maps
-from .kernels.storage import dequantize, quantize, take_rows
+from .kernels.slot_rows import MAP_NAMES, ZERO_ROW, SlotRows, read_arena, slot_major_maps
+from .kernels.storage import quantize, take_rows
 from .plan import CompressionPlan
-
-ROW_TENSORS = MAP_NAMES
+from .row_pool import full_request_rows
 
 
 @dataclass
@@ -46,10 +45,6 @@ class SlotPool:
                                                  device=device))
 
     @property
-    def _zero_row(self) -> torch.Tensor:
-        return torch.zeros(1, dtype=torch.int64, device=self.rows.arena.device)
-
-    @property
     def num_slots(self) -> int:
         return self.rows.num_slots
 
@@ -67,22 +62,22 @@ class SlotPool:
         return sum(t.untyped_storage().nbytes() for t in self.tensors())
 
     def arena_rows(self, name: str, index) -> torch.Tensor:
-        """The arena rows of logical rows `getattr(maps, name)[index]` (`name` in ROW_TENSORS)."""
+        """The arena rows of logical rows `getattr(maps, name)[index]` (`name` in MAP_NAMES)."""
         return _read_rows(self.rows.map(name), index)
 
     def read(self, name: str, index) -> torch.Tensor:
         """Rows `name[index]` as float32 (`index` selects whole logical rows: slots, then
         planes and rows)."""
-        at = self.arena_rows(name, index)
-        rows = take_rows(self.rows.arena, at)
-        return rows.float() if self.rows.scales is None else dequantize(rows, take_rows(self.rows.scales, at))
+        return read_arena(self.rows, self.arena_rows(name, index))
 
     def write(self, name: str, index, rows: torch.Tensor) -> None:
         """Store float rows [..., kv_width] at `name[index]`. Logical rows with no arena row of
         their own (on the zero row: a basis plane's rows past what its request holds) take
         nothing: a basis never has more directions than tokens, so those rows are zero."""
         self._store(self.arena_rows(name, index), rows)
-        self.clear_rows(self._zero_row)
+        self.rows.arena[ZERO_ROW] = 0
+        if self.rows.scales is not None:
+            self.rows.scales[ZERO_ROW] = 0
 
     def write_window(self, index, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store float key and value rows [..., kv_width] at `window_k[index]` and
@@ -110,9 +105,7 @@ class SlotPool:
     @staticmethod
     def slot_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
         """Bytes of one slot (what `allocate` takes per slot)."""
-        planes = range(plan.num_modalities)
-        rows = sum(plan.ranks_k[m] + plan.ranks_v[m] for m in planes) + 2 * plan.exact_rows
-        return rows * _row_bytes(plan, dtype) + plan.exact_rows * 4
+        return full_request_rows(plan) * _row_bytes(plan, dtype) + SlotPool.slot_fixed_bytes(plan)
 
     @staticmethod
     def row_bytes(plan: CompressionPlan, dtype: torch.dtype) -> int:
@@ -131,11 +124,8 @@ class SlotPool:
 
     def reset(self, slot: int) -> None:
         """Forget everything about the slot's previous request: zero its rows and window scores."""
-        at = torch.cat([self.rows.map(name)[slot].reshape(-1) for name in MAP_NAMES])
-        at = at[at != ZERO_ROW]  # the shared zero row stays as it is
-        self.rows.arena.index_fill_(0, at, 0)
-        if self.rows.scales is not None:
-            self.rows.scales.index_fill_(0, at, 0)
+        # (the slot's unheld rows name the zero row, which zeroing leaves as it is)
+        self.clear_rows(torch.cat([self.rows.map(name)[slot].reshape(-1) for name in MAP_NAMES]))
         self.window_importance[slot] = 0
 
 

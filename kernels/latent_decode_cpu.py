@@ -60,9 +60,8 @@ _LAYER_FIELDS_MAX = 256
 
 
 def _layer_fields(pages: torch.Tensor, rows: SlotRows, spec: LatentSpec, num_heads: int, head_size: int) -> _Args:
-    maps = [rows.map(name) for name in MAP_NAMES]
-    tensors = (pages, rows.arena, *maps) + (() if rows.scales is None else (rows.scales,))
-    key = (id(spec), num_heads, head_size, *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors))
+    key = (id(spec), num_heads, head_size,
+           *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in (pages, *rows.tensors())))
     cached = _LAYER_FIELDS.get(key)
     if cached is not None:
         return cached[0]
@@ -73,7 +72,7 @@ def _layer_fields(pages: torch.Tensor, rows: SlotRows, spec: LatentSpec, num_hea
                          f"{pages.dtype}, slot rows {rows.arena.dtype}")
     if pages.stride(-1) != 1 or rows.arena.stride(-1) != 1:
         raise ValueError("pages and slot rows: the CPU decode kernel needs unit stride along a row")
-    if any(m.dtype != torch.int64 or m.stride(-1) != 1 for m in maps):
+    if any(rows.map(n).dtype != torch.int64 or rows.map(n).stride(-1) != 1 for n in MAP_NAMES):
         raise ValueError("slot-row maps: the CPU decode kernel needs int64 maps with unit stride along a row")
     cols = {which: spec.cols_by_flag(which, "cpu") if getattr(spec, f"partial_{which}") else None
             for which in ("k", "v")}

@@ -99,7 +99,10 @@ def latent_decode_attention(
     # per head and token), not the factors (a value per column and token).
     k_fac, k_scale, v_fac, v_scale = record_factor_parts(records, layout)  # float32
 
-    slot_rows = lambda name: gather_rows(rows, name, slots, spec.num_modalities if name.startswith("basis") else None)  # noqa: E731,E501
+    def slot_rows(name: str) -> torch.Tensor:
+        """The batch's rows of `name` as float32 (a basis only the spec's planes)."""
+        return gather_rows(rows, name, slots, spec.num_modalities if name.startswith("basis") else None)
+
     q_lat = _project(slot_rows("basis_k"), q)                          # [B, M, H, Rk]
     k_cols = spec.cols_by_flag("k", query.device)[flag_index] if spec.partial_k else None
     if spec.partial_k:

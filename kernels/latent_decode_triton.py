@@ -602,9 +602,8 @@ class _Plan:
 
 
 def _plan_key(query, pages, rows: SlotRows, batch, spec, scale, need_probs, splits, tile):
-    row_tensors = (rows.arena, *(rows.map(n) for n in MAP_NAMES)) + (() if rows.scales is None else (rows.scales,))
     return (spec, query.shape, query.stride(), query.dtype, query.device, pages.shape, pages.stride(), pages.dtype,
-            tuple((t.shape, t.stride(), t.dtype) for t in row_tensors), rows.scales is None,
+            tuple((t.shape, t.stride(), t.dtype) for t in rows.tensors()), rows.scales is None,
             pages.data_ptr() % 16, batch.block_table.stride(0), batch.max_compressed_len, scale,
             need_probs, splits, tile, _interpreted(), PROGRAMS_PER_SM, tuple(TUNING.values()))
 

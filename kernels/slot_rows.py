@@ -58,6 +58,16 @@ class SlotRows:
         """The same maps over another layer's arena."""
         return SlotRows(arena, scales, self.basis_k, self.basis_v, self.window_k, self.window_v)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The arena, its scales where present, and the maps."""
+        scales = () if self.scales is None else (self.scales,)
+        return (self.arena, *scales, *(self.map(name) for name in MAP_NAMES))
+
+    def map_tensors(self, fn) -> "SlotRows":
+        """`fn` applied to every tensor (arena, scales where present, maps)."""
+        return SlotRows(fn(self.arena), None if self.scales is None else fn(self.scales),
+                        *(fn(self.map(name)) for name in MAP_NAMES))
+
 
 def slot_major_maps(num_slots: int, ranks_k: Sequence[int], ranks_v: Sequence[int], rank_k: int, rank_v: int,
                     exact_rows: int, device: torch.device | str = "cpu") -> tuple[int, dict[str, torch.Tensor]]:
@@ -115,8 +125,14 @@ def gather_rows(rows: SlotRows, name: str, slots: torch.Tensor, planes: int | No
     index = rows.map(name).index_select(0, slots)
     if planes is not None:
         index = index[:, :planes]
-    flat = index.reshape(-1)
+    return read_arena(rows, index)
+
+
+def read_arena(rows: SlotRows, at: torch.Tensor) -> torch.Tensor:
+    """Arena rows `at` (any shape of int64 rows) as float32, [*at.shape, kv_width] (int8
+    rows dequantised with their scales)."""
+    flat, shape = at.reshape(-1), (*at.shape, rows.kv_width)
     stored = rows.arena.index_select(0, flat)
     if rows.scales is None:
-        return stored.float().view(*index.shape, -1)
-    return dequantize(stored, rows.scales.index_select(0, flat)).view(*index.shape, -1)
+        return stored.float().view(shape)
+    return dequantize(stored, rows.scales.index_select(0, flat)).view(shape)

@@ -150,8 +150,8 @@ def random_case(kernels, *, compressed_lens, window_lens, num_heads=4, num_kv_he
     to = dict(dtype=dtype, device=device)
     stored = dict(device=device) if int8 else to   # int8 rows and pages keep their dtype
     rows = shuffled_rows(slot_rows, slot_rows.slot_major_rows(**by_name, scales=scales), gen)
-    rows = slot_rows.SlotRows(rows.arena.to(**stored), None if rows.scales is None else rows.scales.to(device),
-                              **{name: rows.map(name).to(device) for name in slot_rows.MAP_NAMES})
+    rows = rows.map_tensors(lambda t: t.to(device)).with_arena(rows.arena.to(**stored), None if rows.scales is None
+                                                                  else rows.scales.to(device))
     return LatentCase(
         spec=spec, query=query.to(**to), pages=pages.to(**stored), rows=rows,
         block_table=block_table.to(device), slot_ids=slot_ids,
@@ -177,16 +177,12 @@ def decode_step(kernels, case: LatentCase, batch, k_new, v_new, need_probs: bool
 
 def _copy_rows(rows):
     """A SlotRows with its own copies of every tensor."""
-    clone = lambda t: None if t is None else t.clone()  # noqa: E731
-    return type(rows)(clone(rows.arena), clone(rows.scales), clone(rows.basis_k), clone(rows.basis_v),
-                      clone(rows.window_k), clone(rows.window_v))
+    return rows.map_tensors(lambda t: t.clone())
 
 
 def _copy_rows_into(target, source) -> None:
-    for a, b in zip((target.arena, target.scales, target.basis_k, target.basis_v, target.window_k, target.window_v),
-                    (source.arena, source.scales, source.basis_k, source.basis_v, source.window_k, source.window_v)):
-        if a is not None:
-            a.copy_(b)
+    for a, b in zip(target.tensors(), source.tensors()):
+        a.copy_(b)
 
 
 def capture(fn):

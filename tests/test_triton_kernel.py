@@ -317,9 +317,7 @@ def test_the_host_side_reads_no_tensor_value(image, int8, monkeypatch):
     batch = decode_inputs.make_decode_batch(
         meta(case.block_table), case.slot_ids, case.seq_lens, case.window_lens,
         window_size=case.window, block_size=case.block_size, with_index=False)
-    rows = case.rows
-    meta_rows = type(rows)(meta(rows.arena), None if rows.scales is None else meta(rows.scales),
-                           *(meta(rows.map(n)) for n in ("basis_k", "basis_v", "window_k", "window_v")))
+    meta_rows = case.rows.map_tensors(meta)
     out, probs, w_probs = latent_decode_triton.latent_decode_attention_triton(
         meta(case.query), meta(case.pages), meta_rows, batch, case.spec, case.scale, need_probs=True)
     assert out.device.type == "meta" and probs.shape == (4, 40) and w_probs.shape == (4, 4)
