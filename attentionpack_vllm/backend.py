@@ -137,74 +137,76 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         num_reqs = cm.num_reqs
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
         seq_lens_host = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
-                         else cm.seq_lens)[:num_reqs].cpu().tolist()
-        query_lens = [qsl[i + 1] - qsl[i] for i in range(num_reqs)]
-        context_lens = [s - q for s, q in zip(seq_lens_host, query_lens)]
+                         else cm.seq_lens)[:num_reqs].cpu().numpy()
+        # Host arrays over the batch's rows (numpy: no Python loop over requests).
+        query_lens = np.diff(np.asarray(qsl, dtype=np.int64))
+        context_lens = seq_lens_host - query_lens
         slots = runtime.slots_for_rows(self.runner, cm.req_idx, num_reqs)
         block_table = cm.block_table_tensor[:num_reqs]
         md = AttentionPackMetadata(
-            num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl, context_lens=context_lens,
+            num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl, context_lens=context_lens.tolist(),
             block_table=block_table, slot_ids=slots or [], decode=None, decode_tokens=slice(0, 0),
             folds=None, prefill_rows=[], prefill_exact_lens={}, image_masks={},
             is_profiling=slots is None)
         if slots is None:
             return md
-        decode_rows = [i for i in range(num_reqs) if query_lens[i] == 1 and context_lens[i] > 0]
-        decode_set = set(decode_rows)
-        md.prefill_rows = [i for i in range(num_reqs) if query_lens[i] > 0 and i not in decode_set]
+        slot_of = np.asarray(slots, dtype=np.int64)
+        decoding = (query_lens == 1) & (context_lens > 0)
+        decode_rows = np.flatnonzero(decoding)
+        prefill_rows = np.flatnonzero((query_lens > 0) & ~decoding)
+        md.prefill_rows = prefill_rows.tolist()
         ranges = cm.mm_req_doc_ranges or {}
         # Exact rows each scheduled request holds before this step (none for a new one).
-        held = {row: self.windows.length(slots[row]) if context_lens[row] else 0
-                for row in decode_rows + md.prefill_rows}
-        md.fresh_rows = self._hand_out_rows(slots, held, decode_set, md.prefill_rows, ranges, context_lens,
+        held = np.where(context_lens > 0, self.windows.lengths[slot_of], 0)
+        md.fresh_rows = self._hand_out_rows(slot_of, held, decode_rows, prefill_rows, ranges, context_lens,
                                             seq_lens_host)
         # Prefill chunks fold what is left in their window first; then only sinks remain.
-        md.prefill_exact_lens = {row: held[row] for row in md.prefill_rows}
-        self.windows.prefilled([slots[row] for row in md.prefill_rows],
-                               [seq_lens_host[row] for row in md.prefill_rows])
-        if decode_rows:
-            md.decode, md.folds = self._decode_inputs(decode_rows, block_table, slots, seq_lens_host)
-            if decode_rows == list(range(len(decode_rows))) and qsl[:len(decode_rows)] == decode_rows:
-                md.decode_tokens = slice(0, len(decode_rows))
+        md.prefill_exact_lens = dict(zip(md.prefill_rows, held[prefill_rows].tolist()))
+        self.windows.prefilled(slot_of[prefill_rows], seq_lens_host[prefill_rows])
+        if decode_rows.size:
+            md.decode, md.folds = self._decode_inputs(decode_rows, block_table, slot_of, seq_lens_host)
+            if decode_rows[-1] == decode_rows.size - 1 and qsl[decode_rows.size - 1] == decode_rows.size - 1:
+                md.decode_tokens = slice(0, decode_rows.size)  # rows 0..n-1, one token each
             else:
-                md.decode_tokens = torch.tensor([qsl[i] for i in decode_rows], device=self.device)
-        md.image_masks = self._image_masks(ranges, md.prefill_rows, context_lens, seq_lens_host)
+                md.decode_tokens = torch.tensor([qsl[i] for i in decode_rows.tolist()], device=self.device)
+        md.image_masks = self._image_masks(ranges, md.prefill_rows, md.context_lens, seq_lens_host.tolist())
         return md
 
-    def _hand_out_rows(self, slots: list[int], held: dict[int, int], decoding: set[int], prefill_rows: list[int],
-                       ranges: dict, context_lens: list[int], seq_lens: list[int]) -> torch.Tensor | None:
+    def _hand_out_rows(self, slot_of: np.ndarray, held: np.ndarray, decode_rows: np.ndarray,
+                       prefill_rows: np.ndarray, ranges: dict, context_lens: np.ndarray,
+                       seq_lens: np.ndarray) -> torch.Tensor | None:
         """Fit every scheduled request's arena rows to what this step uses (`row_pool`): first
-        the windows that folded give rows back, then the step's rows are taken. `held`: each
-        scheduled row's exact rows before the step. Returns the rows handed out fresh
-        (device), or None."""
-        sinks = self.plan.sink_tokens
-        for row in prefill_rows:
-            slot = slots[row]
-            if not context_lens[row]:
-                self.tokens[slot] = 0
-            image = _count_in_spans(ranges.get(row), context_lens[row], seq_lens[row])
-            self.tokens[slot] += (seq_lens[row] - context_lens[row] - image, image)
-        for row in decoding:
-            self.tokens[slots[row], 0] += 1
-        for row, exact in held.items():
-            text, image = self.tokens[slots[row]]
-            self.rows.fit(slots[row], int(text), int(image), exact, grow=False)
-        for row, exact in held.items():
-            during = exact + 1 if row in decoding else max(exact, min(sinks, seq_lens[row]))
-            text, image = self.tokens[slots[row]]
-            self.rows.fit(slots[row], int(text), int(image), during, grow=True)
+        the windows that folded give rows back, then the step's rows are taken. Arrays over
+        the batch's rows; `held`: each row's exact rows before the step. Returns the rows
+        handed out fresh (device), or None."""
+        new = prefill_rows[context_lens[prefill_rows] == 0]
+        self.tokens[slot_of[new]] = 0
+        # Image tokens of each prefill chunk (vLLM's ranges are per row; prefill rows are few).
+        image = np.array([_count_in_spans(ranges.get(row), context_lens[row], seq_lens[row])
+                          for row in prefill_rows.tolist()], dtype=np.int64)
+        chunk = seq_lens[prefill_rows] - context_lens[prefill_rows]
+        self.tokens[slot_of[prefill_rows]] += np.stack([chunk - image, image], 1)
+        self.tokens[slot_of[decode_rows], 0] += 1
+        scheduled = np.concatenate([decode_rows, prefill_rows])
+        slots, exact = slot_of[scheduled], held[scheduled]
+        text, image = self.tokens[slots, 0], self.tokens[slots, 1]
+        self.rows.fit_many(slots, text, image, exact, grow=False)
+        decoding = np.arange(scheduled.size) < decode_rows.size
+        during = np.where(decoding, exact + 1,
+                          np.maximum(exact, np.minimum(self.plan.sink_tokens, seq_lens[scheduled])))
+        self.rows.fit_many(slots, text, image, during, grow=True)
         self.rows.sync()
         fresh = self.rows.take_fresh()
         return torch.tensor(fresh, dtype=torch.int64, device=self.device) if fresh else None
 
-    def _decode_inputs(self, rows: list[int], block_table: torch.Tensor, slots: list[int],
-                       seq_lens: list[int]) -> tuple[DecodeBatch, FoldBatch | None]:
-        if rows != list(range(len(rows))):
-            block_table = block_table[torch.tensor(rows, device=block_table.device)]
+    def _decode_inputs(self, rows: np.ndarray, block_table: torch.Tensor, slot_of: np.ndarray,
+                       seq_lens: np.ndarray) -> tuple[DecodeBatch, FoldBatch | None]:
+        if rows[-1] != rows.size - 1:  # not rows 0..n-1
+            block_table = block_table[torch.from_numpy(rows).to(block_table.device)]
         else:
-            block_table = block_table[:len(rows)]
-        return schedule_decode(self.windows, self.plan, block_table, [slots[i] for i in rows],
-                               [seq_lens[i] for i in rows], self.block_size, with_index=self.with_index)
+            block_table = block_table[:rows.size]
+        return schedule_decode(self.windows, self.plan, block_table, slot_of[rows].tolist(),
+                               seq_lens[rows].tolist(), self.block_size, with_index=self.with_index)
 
     def _image_masks(self, ranges: dict, rows: list[int], context_lens: list[int],
                      seq_lens: list[int]) -> dict[int, torch.Tensor]:

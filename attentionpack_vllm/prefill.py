@@ -4,7 +4,7 @@ A first chunk attends causally over its own exact keys and values. A later chunk
 attends over the earlier chunks (sinks exact, the rest rebuilt from their factors)
 plus its own exact rows. Then the chunk's first tokens fill the request's sink rows
 while any are free, the rest are folded into the request's per-modality bases, and
-each new token's importance starts from the chunk's last query.
+each new token's importance starts from the chunk's last query (with partial rank; else at zero).
 """
 from __future__ import annotations
 
@@ -112,7 +112,9 @@ def prefill_request(
     all_k = torch.cat([pool.read("window_k", sink_rows), prefix_k, keys.float()])
     all_v = torch.cat([pool.read("window_v", sink_rows), prefix_v, values.float()])
     out = attention(query, all_k, all_v, scale)
-    importance = last_token_importance(query[-1], all_k, scale)[context_len:]
+    # The scores decide partial-rank groups only; without partial rank they start at zero.
+    importance = (last_token_importance(query[-1], all_k, scale)[context_len:] if plan.tracks_importance
+                  else keys.new_zeros(keys.shape[0], dtype=torch.float32))
     store_tokens(pages, pool, plan, slot, block_table_row, sinks, num_records, keys, values, is_image,
                  importance)
     return out

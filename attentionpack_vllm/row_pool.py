@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .kernels.layout import IMAGE, TEXT
@@ -73,68 +74,90 @@ def full_request_rows(plan: CompressionPlan) -> int:
     return sum(plan.ranks_k[m] + plan.ranks_v[m] for m in planes) + 2 * plan.exact_rows
 
 
-@dataclass
 class RowAllocator:
     """Which arena rows every slot holds, and the maps that say so (worker side).
 
     `maps` are host tensors ([slots, M, rank] for the bases, [slots, exact_rows] for the
     windows), every logical row on the zero row until it is handed one; `device_maps`
-    their copies where the kernels run (the same tensors on CPU)."""
+    their copies where the kernels run (the same tensors on CPU). The bookkeeping is
+    numpy over whole steps (`fit_many`): a column per (map, plane), the rows each slot
+    holds in it, and a stack of free rows, so a step costs a few array operations
+    whatever its batch."""
 
-    plan: CompressionPlan
-    maps: dict[str, torch.Tensor]
-    num_rows: int                                      # arena rows, the zero row included
-    device_maps: dict[str, torch.Tensor] = field(default_factory=dict)
-    _free: list[int] = field(default_factory=list)
-    _held: dict[tuple[int, str, int], int] = field(default_factory=dict)  # (slot, name, plane) -> rows
-    _fresh: list[int] = field(default_factory=list)
-    _dirty: bool = False
+    def __init__(self, plan: CompressionPlan, num_slots: int, num_rows: int,
+                 device: torch.device | str = "cpu") -> None:
+        if num_rows < 1 + full_request_rows(plan):
+            raise ValueError(f"an arena of {num_rows} rows cannot hold one request's "
+                             f"{full_request_rows(plan)} rows (and the zero row)")
+        self.plan, self.num_rows = plan, num_rows
+        layout, planes = plan.layout, plan.num_modalities
+        zeros = lambda *shape: torch.full(shape, ZERO_ROW, dtype=torch.int64)  # noqa: E731
+        self.maps = {"basis_k": zeros(num_slots, planes, layout.rank_k), "basis_v": zeros(num_slots, planes, layout.rank_v),
+                     "window_k": zeros(num_slots, plan.exact_rows), "window_v": zeros(num_slots, plan.exact_rows)}
+        on_cpu = torch.device(device).type == "cpu"
+        self.device_maps = self.maps if on_cpu else {name: m.to(device) for name, m in self.maps.items()}
+        # Columns: (map, plane) for every basis plane, then the two windows (plane 0).
+        self._columns = ([("basis_k", m) for m in range(planes)] + [("basis_v", m) for m in range(planes)]
+                         + [("window_k", 0), ("window_v", 0)])
+        self._basis_columns = 2 * planes
+        self._column_rank = np.array([plan.ranks_k[m] for m in range(planes)]
+                                     + [plan.ranks_v[m] for m in range(planes)], dtype=np.int64)
+        self._column_plane = np.array([m for _, m in self._columns[:self._basis_columns]], dtype=np.int64)
+        self._held = np.zeros((num_slots, len(self._columns)), dtype=np.int64)
+        self._views = {name: m.numpy() for name, m in self.maps.items()}  # the host maps, as numpy
+        # Free rows as a stack: the top is handed out first (row 1 first, as rows come back on top).
+        self._free = np.arange(num_rows - 1, ZERO_ROW, -1, dtype=np.int64)
+        self._top = num_rows - 1
+        self._fresh: list[np.ndarray] = []
+        self._dirty = False
 
     @classmethod
     def empty(cls, plan: CompressionPlan, num_slots: int, num_rows: int,
               device: torch.device | str = "cpu") -> "RowAllocator":
         """Nothing held yet: every logical row of every slot on the zero row."""
-        if num_rows < 1 + full_request_rows(plan):
-            raise ValueError(f"an arena of {num_rows} rows cannot hold one request's "
-                             f"{full_request_rows(plan)} rows (and the zero row)")
-        layout, planes = plan.layout, plan.num_modalities
-        zeros = lambda *shape: torch.full(shape, ZERO_ROW, dtype=torch.int64)  # noqa: E731
-        maps = {"basis_k": zeros(num_slots, planes, layout.rank_k), "basis_v": zeros(num_slots, planes, layout.rank_v),
-                "window_k": zeros(num_slots, plan.exact_rows), "window_v": zeros(num_slots, plan.exact_rows)}
-        on_cpu = torch.device(device).type == "cpu"
-        device_maps = maps if on_cpu else {name: m.to(device) for name, m in maps.items()}
-        return cls(plan, maps, num_rows, device_maps, _free=list(range(num_rows - 1, ZERO_ROW, -1)))
+        return cls(plan, num_slots, num_rows, device)
 
     @property
     def free_rows(self) -> int:
-        return len(self._free)
+        return self._top
 
     def held(self, slot: int) -> int:
         """Arena rows the slot holds."""
-        return sum(n for (s, _, _), n in self._held.items() if s == slot)
+        return int(self._held[slot].sum())
 
     def fit(self, slot: int, text_tokens: int, image_tokens: int, exact_rows: int, grow: bool) -> None:
-        """Give back (grow=False) or take (grow=True) rows so that the slot holds what a request
-        of these tokens and exact rows uses; a shrinking call never takes, a growing one
-        never gives back."""
-        wanted = basis_rows(self.plan, text_tokens, image_tokens)
-        wanted["window_k", 0] = wanted["window_v", 0] = exact_rows
-        for (name, plane), rows in wanted.items():
-            held = self._held.get((slot, name, plane), 0)
-            if grow and rows > held:
-                self._take(slot, name, plane, held, rows)
-            elif not grow and rows < held and name.startswith("window"):
-                self._give_back(slot, name, plane, rows, held)
+        """`fit_many` for one slot."""
+        self.fit_many(np.array([slot]), np.array([text_tokens]), np.array([image_tokens]), np.array([exact_rows]),
+                      grow)
+
+    def fit_many(self, slots: np.ndarray, text_tokens: np.ndarray, image_tokens: np.ndarray,
+                 exact_rows: np.ndarray, grow: bool) -> None:
+        """Give back (grow=False) or take (grow=True) rows so that each of the distinct `slots`
+        holds what a request of these tokens and exact rows uses; a shrinking call never
+        takes, and gives back only window rows (bases never shrink while a request lives);
+        a growing one never gives back."""
+        slots = np.asarray(slots, dtype=np.int64)
+        tokens = np.stack([np.asarray(text_tokens, dtype=np.int64), np.asarray(image_tokens, dtype=np.int64)], 1)
+        wanted = np.empty((len(slots), len(self._columns)), dtype=np.int64)
+        wanted[:, :self._basis_columns] = np.minimum(self._column_rank, tokens[:, self._column_plane])
+        wanted[:, self._basis_columns:] = np.asarray(exact_rows, dtype=np.int64)[:, None]
+        held = self._held[slots]
+        if grow:
+            self._take(slots, held, np.maximum(wanted, held))
+        else:
+            wanted[:, :self._basis_columns] = held[:, :self._basis_columns]
+            self._give_back(slots, held, np.minimum(wanted, held))
 
     def release(self, slot: int) -> None:
         """A request ended: all of the slot's rows go back."""
-        for (s, name, plane), held in list(self._held.items()):
-            if s == slot:
-                self._give_back(slot, name, plane, 0, held)
+        slots = np.array([slot])
+        held = self._held[slots]
+        self._give_back(slots, held, np.zeros_like(held))
 
     def take_fresh(self) -> list[int]:
         """The rows handed out since the last call (to be zeroed before use)."""
-        fresh, self._fresh = self._fresh, []
+        fresh = np.concatenate(self._fresh).tolist() if self._fresh else []
+        self._fresh = []
         return fresh
 
     def sync(self) -> None:
@@ -144,30 +167,55 @@ class RowAllocator:
                 self.device_maps[name].copy_(m, non_blocking=True)
         self._dirty = False
 
-    def _index(self, slot: int, name: str, plane: int, lo: int, hi: int):
-        return (slot, plane, slice(lo, hi)) if name.startswith("basis") else (slot, slice(lo, hi))
+    def _positions(self, slots: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+        """Every logical row [lo, hi) of every (slot, column), flattened: (slot, column, position)."""
+        counts = (hi - lo).reshape(-1)
+        group = np.repeat(np.arange(counts.size), counts)
+        starts = np.cumsum(counts) - counts
+        position = lo.reshape(-1)[group] + np.arange(group.size) - starts[group]
+        columns = len(self._columns)
+        return slots[group // columns], group % columns, position
 
-    def _take(self, slot: int, name: str, plane: int, lo: int, hi: int) -> None:
-        count = hi - lo
-        if count > len(self._free):
+    def _each_map(self, slot: np.ndarray, column: np.ndarray, position: np.ndarray):
+        """(map view, index into it, which of the flattened rows) per map the rows fall in."""
+        for index, (name, plane) in enumerate(self._columns):
+            chosen = np.flatnonzero(column == index)
+            if chosen.size:
+                where = ((slot[chosen], plane, position[chosen]) if name.startswith("basis")
+                         else (slot[chosen], position[chosen]))
+                yield self._views[name], where, chosen
+
+    def _take(self, slots: np.ndarray, held: np.ndarray, target: np.ndarray) -> None:
+        count = int((target - held).sum())
+        if not count:
+            return
+        if count > self._top:
+            short = np.flatnonzero((target - held).sum(0))[0]
+            name, plane = self._columns[short]
             raise RowPoolExhaustedError(
-                f"AttentionPack's row pool has {len(self._free)} free rows, a request needs {count} more "
-                f"({name}, plane {plane}): the scheduler's row reservations should have prevented this")
-        rows = self._free[-count:]
-        del self._free[-count:]
-        self.maps[name][self._index(slot, name, plane, lo, hi)] = torch.tensor(rows, dtype=torch.int64)
-        self._held[slot, name, plane] = hi
-        self._fresh += rows
+                f"AttentionPack's row pool has {self._top} free rows, the step's requests need {count} more "
+                f"(first {name}, plane {plane}): the scheduler's row reservations should have prevented this")
+        rows = self._free[self._top - count:self._top][::-1].copy()   # the top of the stack first
+        self._top -= count
+        slot, column, position = self._positions(slots, held, target)
+        for view, where, chosen in self._each_map(slot, column, position):
+            view[where] = rows[chosen]
+        self._held[slots] = target
+        self._fresh.append(rows)
         self._dirty = True
 
-    def _give_back(self, slot: int, name: str, plane: int, lo: int, hi: int) -> None:
-        index = self._index(slot, name, plane, lo, hi)
-        self._free += self.maps[name][index].tolist()
-        self.maps[name][index] = ZERO_ROW
-        if lo:
-            self._held[slot, name, plane] = lo
-        else:
-            self._held.pop((slot, name, plane), None)
+    def _give_back(self, slots: np.ndarray, held: np.ndarray, target: np.ndarray) -> None:
+        count = int((held - target).sum())
+        if not count:
+            return
+        slot, column, position = self._positions(slots, target, held)
+        returned = np.empty(count, dtype=np.int64)
+        for view, where, chosen in self._each_map(slot, column, position):
+            returned[chosen] = view[where]
+            view[where] = ZERO_ROW
+        self._free[self._top:self._top + count] = returned[::-1]
+        self._top += count
+        self._held[slots] = target
         self._dirty = True
 
 

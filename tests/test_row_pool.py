@@ -2,6 +2,7 @@
 reservations, and that the two agree step by step (no vLLM)."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,42 @@ def test_allocator_hands_out_distinct_rows_and_takes_them_back():
     free = rows.free_rows
     rows.release(2)
     assert rows.free_rows == free + held2 and rows.held(2) == 0 and (rows.maps["basis_k"][2] == ZERO_ROW).all()
+
+
+def assert_maps_match(rows: RowAllocator) -> None:
+    """The maps name each slot's held rows, every arena row at most once, and the free rows
+    are the rest."""
+    named = torch.cat([m.reshape(-1) for m in rows.maps.values()])
+    named = named[named != ZERO_ROW]
+    assert len(set(named.tolist())) == len(named), "an arena row named twice"
+    for slot in range(rows.maps["window_k"].shape[0]):
+        in_maps = sum(int((m[slot] != ZERO_ROW).sum()) for m in rows.maps.values())
+        assert in_maps == rows.held(slot)
+    assert len(named) + rows.free_rows == rows.num_rows - 1
+
+
+def test_a_step_fitted_at_once_matches_slot_by_slot():
+    """`fit_many` over a step's slots holds what `fit` slot by slot holds, both ways."""
+    one, many = (RowAllocator.empty(PLAN, num_slots=5, num_rows=1 + 5 * full_request_rows(PLAN)) for _ in range(2))
+    rng = np.random.default_rng(0)
+    text, image = np.zeros(5, dtype=np.int64), np.zeros(5, dtype=np.int64)
+    for step in range(30):
+        slots = np.sort(rng.choice(5, size=rng.integers(1, 5), replace=False))
+        text[slots] += rng.integers(0, 4, slots.size)
+        image[slots] += rng.integers(0, 2, slots.size)
+        for grow in (False, True):
+            exact = rng.integers(0, PLAN.exact_rows + 1, slots.size)
+            for slot, e in zip(slots.tolist(), exact.tolist()):
+                one.fit(slot, int(text[slot]), int(image[slot]), e, grow=grow)
+            many.fit_many(slots, text[slots], image[slots], exact, grow=grow)
+            assert [one.held(s) for s in range(5)] == [many.held(s) for s in range(5)]
+            assert_maps_match(many)
+        assert len(one.take_fresh()) == len(many.take_fresh())  # the rows may differ (the order of returns)
+        if step % 7 == 6:
+            one.release(int(slots[0]))
+            many.release(int(slots[0]))
+            text[slots[0]] = image[slots[0]] = 0
+    assert_maps_match(one)
 
 
 def test_allocator_refuses_to_hand_out_rows_it_has_not_got():
@@ -130,7 +167,7 @@ def test_the_worker_never_holds_more_than_the_scheduler_reserved(seed):
         for slot, (rid, *_) in state.items():
             reserved = res._by_request.get(rid)
             assert rows.held(slot) <= (reserved.rows if reserved else 0)
-        assert capacity - rows.free_rows <= capacity
+        assert_maps_match(rows)
         for slot in [s for s in state if rng.random() < 0.1]:
             res.release(state.pop(slot)[0])
             rows.release(slot)
