@@ -137,7 +137,8 @@ class RowAllocator:
         takes, and gives back only window rows (bases never shrink while a request lives);
         a growing one never gives back."""
         slots = np.asarray(slots, dtype=np.int64)
-        tokens = np.stack([np.asarray(text_tokens, dtype=np.int64), np.asarray(image_tokens, dtype=np.int64)], 1)
+        tokens = np.empty((len(slots), 2), dtype=np.int64)       # per plane: TEXT, IMAGE
+        tokens[:, TEXT], tokens[:, IMAGE] = text_tokens, image_tokens
         wanted = np.empty((len(slots), len(self._columns)), dtype=np.int64)
         wanted[:, :self._basis_columns] = np.minimum(self._column_rank, tokens[:, self._column_plane])
         wanted[:, self._basis_columns:] = np.asarray(exact_rows, dtype=np.int64)[:, None]

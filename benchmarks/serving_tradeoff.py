@@ -33,8 +33,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The runs at today's defaults (serving_text.json has `{}` too, but then meant rank 64, 16-bit).
-RUNS = ("serving_text_seqs8.json", "serving_text_defaults.json", "serving_text_seqs24.json",
-        "serving_text_seqs24_rows.json")
+RUNS = ("serving_text_seqs8.json", "serving_text_seqs8_fit_many.json", "serving_text_defaults.json",
+        "serving_text_seqs24.json", "serving_text_seqs24_rows.json", "serving_text_seqs24_fit_many.json")
 SHAPE = {"mix": "text", "num_prompts": 24, "input_len": 768, "output_len": 128,
          "kv_cache_memory_bytes": 192 * 2**20, "attentionpack_settings": {}}
 TARGETS = {"request_throughput": 1.3, "mean_tpot_ms": 1.2}
@@ -78,12 +78,15 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.plot(xs, [corner / x for x in xs], ":", color="0.5", lw=1)
     ax.text(2.0, corner / 2.0 * 0.97, f"{corner:.2f}x dense's requests decoding at once", va="top",
             fontsize=8, color="0.4")
-    ax.plot([r["time_per_output_token_ratio"] for r in rows], [r["requests_per_second_ratio"] for r in rows],
-            "o", color="tab:blue")
-    for i, r in enumerate(rows):
-        ax.annotate(f"max_num_seqs {r['max_num_seqs']} ({r['commit']}):\n{r['decoding_at_once_ratio']:.2f}x at once",
-                    (r["time_per_output_token_ratio"], r["requests_per_second_ratio"]),
-                    textcoords="offset points", xytext=(-20, 8 if i % 2 else -26), fontsize=7)
+    colours = dict(zip(sorted({r["max_num_seqs"] for r in rows}), ("tab:blue", "tab:orange", "tab:red", "tab:purple")))
+    for seqs, colour in colours.items():
+        mine = [r for r in rows if r["max_num_seqs"] == seqs]
+        ax.plot([r["time_per_output_token_ratio"] for r in mine], [r["requests_per_second_ratio"] for r in mine],
+                "o", color=colour, label=f"max_num_seqs {seqs}")
+    for r in rows:  # each run's commit beside its point
+        ax.annotate(r["commit"], (r["time_per_output_token_ratio"], r["requests_per_second_ratio"]),
+                    textcoords="offset points", xytext=(5, 2), fontsize=7, color="0.3")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0.9, x_max)
     ax.set_ylim(0.5, y_max)
     ax.set_xlabel("time per output token, AttentionPack / dense")
