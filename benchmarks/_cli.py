@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def parse_settings(parser: argparse.ArgumentParser, text: str) -> dict:
@@ -23,3 +24,16 @@ def parse_choices(parser: argparse.ArgumentParser, option: str, text: str, choic
     if not picked or set(picked) - set(choices):
         parser.error(f"{option}: expected a comma-separated list of {', '.join(choices)}, got {text!r}")
     return picked
+
+
+def tagged(stem: str, tag: str) -> str:
+    """A results file's stem: `stem`, or `stem_tag` when `--tag` is given."""
+    return f"{stem}_{tag}" if tag else stem
+
+
+def save_json(results: Path, stem: str, tag: str, result: dict) -> Path:
+    """Write `result` to results/<stem>[_<tag>].json (creating the folder); returns the path."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{tagged(stem, tag)}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path

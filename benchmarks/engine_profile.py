@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _cli import parse_settings
+from _cli import parse_settings, save_json
 from _environment import environment
 from serving_throughput import MIX_DEFAULTS, MIXES, ONE_IMAGE
 
@@ -186,9 +186,7 @@ def main(argv=None) -> int:
     dense, packed = (result["backends"][b]["total_seconds"] for b in BACKENDS)
     result["requests_per_second_ratio"] = round(dense / packed, 3)
     print(f"[engine] AttentionPack / dense, requests/s: {dense / packed:.2f}x")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("engine_profile" + (f"_{args.tag}" if args.tag else "") + ".json")
-    path.write_text(json.dumps(result, indent=2))
+    path = save_json(RESULTS, "engine_profile", args.tag, result)
     print(f"[engine] saved {path.relative_to(RESULTS.parent.parent)}")
     return 0
 

@@ -16,7 +16,6 @@ Writes results/row_allocator_step[_<tag>].json (median and mean microseconds per
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _cli import save_json  # noqa: E402
 from _environment import environment  # noqa: E402
 from attentionpack_vllm.config import AttentionPackConfig  # noqa: E402
 from attentionpack_vllm.plan import CompressionPlan  # noqa: E402
@@ -92,9 +92,7 @@ def main(argv=None) -> int:
     result = {"command": shlex.join(["python", "benchmarks/row_allocator_step.py", *(argv or sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment(),
               "mode": "slot by slot" if args.slot_by_slot else "fit_many", "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("row_allocator_step" + (f"_{args.tag}" if args.tag else "") + ".json")
-    path.write_text(json.dumps(result, indent=2))
+    path = save_json(RESULTS, "row_allocator_step", args.tag, result)
     print(f"[row_allocator_step] saved {path.relative_to(REPO)}")
     return 0
 

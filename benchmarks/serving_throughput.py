@@ -37,7 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _cli import parse_settings
+from _cli import parse_settings, save_json, tagged
 from _environment import environment
 from attentionpack_vllm import models
 from attentionpack_vllm.local_server import vllm_server
@@ -218,8 +218,8 @@ def main(argv=None) -> int:
     result["ratios_attentionpack_over_dense"]["kv_cache_tokens"] = a["kv_cache_tokens"] / d["kv_cache_tokens"]
     for k, v in result["ratios_attentionpack_over_dense"].items():
         print(f"[serving] AttentionPack / dense, {k}: {v:.2f}x" if v is not None else f"{k}: n/a")
-    stem = f"serving_{args.mix}" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    stem = tagged(f"serving_{args.mix}", args.tag)
+    save_json(RESULTS, stem, "", result)
     plot(result, RESULTS / f"{stem}.png")
     print(f"[serving] saved benchmarks/results/{stem}.json and .png")
     return 0
