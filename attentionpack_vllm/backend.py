@@ -135,11 +135,13 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
               fast_build: bool = False) -> AttentionPackMetadata:
         cm = common_attn_metadata
         num_reqs = cm.num_reqs
-        qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        starts = cm.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+        qsl = starts.tolist()
+        # The runners give host sequence lengths; only a batch without them reads the device's.
         seq_lens_host = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                          else cm.seq_lens)[:num_reqs].cpu().numpy()
         # Host arrays over the batch's rows (numpy: no Python loop over requests).
-        query_lens = np.diff(np.asarray(qsl, dtype=np.int64))
+        query_lens = np.diff(starts)
         context_lens = seq_lens_host - query_lens
         slots = runtime.slots_for_rows(self.runner, cm.req_idx, num_reqs)
         block_table = cm.block_table_tensor[:num_reqs]
@@ -168,8 +170,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
             if decode_rows[-1] == decode_rows.size - 1 and qsl[decode_rows.size - 1] == decode_rows.size - 1:
                 md.decode_tokens = slice(0, decode_rows.size)  # rows 0..n-1, one token each
             else:
-                md.decode_tokens = torch.tensor([qsl[i] for i in decode_rows.tolist()], device=self.device)
-        md.image_masks = self._image_masks(ranges, md.prefill_rows, md.context_lens, seq_lens_host.tolist())
+                md.decode_tokens = torch.from_numpy(starts[decode_rows]).to(self.device)
+        md.image_masks = self._image_masks(ranges, md.prefill_rows, context_lens, seq_lens_host)
         return md
 
     def _hand_out_rows(self, slot_of: np.ndarray, held: np.ndarray, decode_rows: np.ndarray,
@@ -208,8 +210,8 @@ class AttentionPackMetadataBuilder(AttentionMetadataBuilder[AttentionPackMetadat
         return schedule_decode(self.windows, self.plan, block_table, slot_of[rows].tolist(),
                                seq_lens[rows].tolist(), self.block_size, with_index=self.with_index)
 
-    def _image_masks(self, ranges: dict, rows: list[int], context_lens: list[int],
-                     seq_lens: list[int]) -> dict[int, torch.Tensor]:
+    def _image_masks(self, ranges: dict, rows: list[int], context_lens: np.ndarray,
+                     seq_lens: np.ndarray) -> dict[int, torch.Tensor]:
         """Prefill row -> [query_len] bool, True at image tokens (vLLM's ranges are inclusive)."""
         masks = {}
         for row in rows:
